@@ -1,0 +1,307 @@
+"""Configuration: a YAML file, overridden by GATEWAYD_<SECTION>__<KEY> environment variables.
+
+Where the file comes from: `--config FILE`, else $GATEWAYD_CONFIG, else /etc/gatewayd/gatewayd.yaml,
+else built-in defaults (which run the simulator). Every error names the key path, the bad value
+and what was expected, as a ConfigError; the CLI turns that into exit status 78.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gatewayd.errors import ConfigError
+from gatewayd.roster import AthleteInfo, Roster
+
+DEFAULT_CONFIG_PATH = Path("/etc/gatewayd/gatewayd.yaml")
+ENV_CONFIG = "GATEWAYD_CONFIG"
+
+
+class Section(BaseModel):
+    """Every section refuses unknown keys, so a typo is an error rather than a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HubConfig(Section):
+    id: str = Field("hub", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    name: str = "gatewayd hub"
+    unknown_devices: Literal["track", "ignore"] = "track"
+    state_dir: Path | None = None  # default: $STATE_DIRECTORY, else /var/lib/gatewayd if writable
+
+
+class DeviceRef(Section):
+    source: Literal["ble", "ant"]
+    id: str = Field(min_length=1)  # BLE address, or ANT+ "<device type>:<device number>"
+    connect: bool = False  # BLE: connect even when the advert carries HR (e.g. for RR intervals)
+
+    @field_validator("id")
+    @classmethod
+    def _normalise(cls, value: str) -> str:
+        return value.strip().upper()
+
+
+class Athlete(Section):
+    id: str = Field(pattern=r"^[A-Za-z0-9_.:@-]{1,64}$")
+    name: str = ""
+    max_hr: int | None = Field(None, ge=100, le=250)
+    age: int | None = Field(None, ge=5, le=110)
+    wheel_circumference_m: float = Field(2.105, gt=0.5, lt=4.0)
+    devices: list[DeviceRef] = []
+
+
+class PipelineConfig(Section):
+    frame_queue: int = Field(10_000, ge=100)
+    sink_queue: int = Field(10_000, ge=10)
+    grace_s: float = Field(0.25, ge=0.0, lt=1.0)
+    lost_after_s: float = Field(5.0, gt=0.5)
+    hold_s: float = Field(3.0, gt=0.0)
+    max_gap_s: float = Field(60.0, gt=1.0)
+
+
+class SimulatorConfig(Section):
+    enabled: bool = False
+    athletes: int = Field(8, ge=0, le=1000)
+    devices: list[Literal["ble-hr", "ant-hr", "ant-power", "ant-sc", "ble-csc", "ble-power"]] = [
+        "ble-hr",
+        "ant-hr",
+        "ant-power",
+        "ant-sc",
+    ]
+    seed: int = 1
+    drop_device: str | None = None  # for demos and tests: "<device id>@<seconds>" goes silent
+
+
+class ReplayConfig(Section):
+    file: Path | None = None
+    speed: float = Field(1.0, gt=0.0)
+    loop: bool = False
+
+
+class BleConfig(Section):
+    enabled: bool = False
+    auto: bool = True  # take any fitness device, not only the roster's
+    slots_per_adapter: int = Field(5, ge=1, le=20)
+    adapters: dict[str, int] = {}  # per-adapter slot count override, e.g. {hci1: 7}
+    stale_adapter_s: float = Field(90.0, gt=5.0)
+    battery_interval_s: float = Field(600.0, gt=10.0)
+
+
+class AntConfig(Section):
+    enabled: bool = False
+    scan_mode: bool = True
+
+
+class SourcesConfig(Section):
+    simulator: SimulatorConfig = SimulatorConfig()
+    replay: ReplayConfig = ReplayConfig()
+    ble: BleConfig = BleConfig()
+    ant: AntConfig = AntConfig()
+
+
+class StdoutConfig(Section):
+    enabled: bool = False
+
+
+class ProducerToken(Section):
+    token: str = Field(min_length=8)
+    athletes: list[str] = []
+
+
+class LocalBrokerConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8787, ge=0, le=65535)
+    consumer_tokens: list[str] = []
+    producer_tokens: list[ProducerToken] = []
+    board_token: str | None = None
+    max_consumers: int = Field(200, ge=1)
+
+
+class UpstreamConfig(Section):
+    enabled: bool = False
+    mode: Literal["terra", "gatewayd"] = "gatewayd"
+    url: str = "wss://ws.tryterra.co/connect"
+    token: str | None = None
+
+
+class MqttConfig(Section):
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    prefix: str = "gatewayd"
+
+
+class OutputsConfig(Section):
+    stdout: StdoutConfig = StdoutConfig()
+    local_broker: LocalBrokerConfig = LocalBrokerConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    mqtt: MqttConfig = MqttConfig()
+
+
+class SpoolConfig(Section):
+    max_bytes: int = Field(1 << 30, ge=1 << 20)
+    max_age_days: float = Field(7.0, gt=0.0)
+
+
+class LoggingConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    rate_limit_s: float = Field(60.0, ge=0.0)
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return self._data
+
+
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAYD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    hub: HubConfig = HubConfig()
+    athletes: list[Athlete] = []
+    pipeline: PipelineConfig = PipelineConfig()
+    sources: SourcesConfig = SourcesConfig()
+    outputs: OutputsConfig = OutputsConfig()
+    spool: SpoolConfig = SpoolConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlSource(settings_cls, _PENDING_YAML))
+
+    @field_validator("athletes")
+    @classmethod
+    def _unique(cls, athletes: list[Athlete]) -> list[Athlete]:
+        seen_ids: set[str] = set()
+        seen_devices: dict[tuple[str, str], str] = {}
+        for athlete in athletes:
+            if athlete.id in seen_ids:
+                raise ValueError(f"athlete id {athlete.id!r} appears twice; ids must be unique")
+            seen_ids.add(athlete.id)
+            for device in athlete.devices:
+                key = (device.source, device.id)
+                if key in seen_devices:
+                    raise ValueError(
+                        f"device {device.source}:{device.id} is listed for both "
+                        f"{seen_devices[key]!r} and {athlete.id!r}; a device belongs to one athlete"
+                    )
+                seen_devices[key] = athlete.id
+        return athletes
+
+    def roster(self) -> Roster:
+        athletes = [
+            AthleteInfo(a.id, a.name or a.id, a.max_hr or _max_hr_from_age(a.age), a.wheel_circumference_m)
+            for a in self.athletes
+        ]
+        devices = {(d.source, d.id): a.id for a in self.athletes for d in a.devices}
+        return Roster(athletes, devices, track_unknown=self.hub.unknown_devices == "track")
+
+    def state_dir(self) -> Path:
+        if self.hub.state_dir is not None:
+            return self.hub.state_dir
+        from_systemd = os.environ.get("STATE_DIRECTORY")
+        if from_systemd:
+            return Path(from_systemd.split(":")[0])
+        system = Path("/var/lib/gatewayd")
+        if system.is_dir() and os.access(system, os.W_OK):
+            return system
+        return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "gatewayd"
+
+
+def _max_hr_from_age(age: int | None) -> int | None:
+    return 220 - age if age is not None else None
+
+
+# pydantic-settings builds its sources from the class, so the parsed YAML is handed over here;
+# load() is the only writer and holds it only for the duration of one construction.
+_PENDING_YAML: dict[str, Any] = {}
+
+
+def resolve_path(explicit: str | Path | None) -> Path | None:
+    """Which config file to read, or None for the built-in defaults."""
+    if explicit is not None:
+        return Path(explicit)
+    from_env = os.environ.get(ENV_CONFIG)
+    if from_env:
+        return Path(from_env)
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("", f"{path} is not valid YAML{where}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def load(path: str | Path | None = None, *, defaults_run_simulator: bool = True) -> Config:
+    """Load and validate the configuration; raise ConfigError naming the first bad key."""
+    resolved = resolve_path(path)
+    data = read_yaml(resolved) if resolved is not None else {}
+    if resolved is None and defaults_run_simulator:
+        data = {"sources": {"simulator": {"enabled": True}}}
+    _PENDING_YAML.clear()
+    _PENDING_YAML.update(data)
+    try:
+        return Config()
+    except ValidationError as exc:
+        raise _config_error(exc, resolved) from None
+    finally:
+        _PENDING_YAML.clear()
+
+
+def _config_error(exc: ValidationError, path: Path | None) -> ConfigError:
+    lines = []
+    first_key = ""
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"])
+        first_key = first_key or key
+        value = error.get("input")
+        if error["type"] == "extra_forbidden":
+            fix = "remove it or check its spelling against config/gatewayd.yaml"
+            lines.append(f"{key}: unknown key ({fix})")
+        elif error["type"] == "missing":
+            lines.append(f"{key}: required but missing")
+        else:
+            lines.append(f"{key}: {error['msg']} (got {value!r})")
+    where = f" in {path}" if path else ""
+    return ConfigError(first_key, f"invalid configuration{where}:\n  " + "\n  ".join(lines))

@@ -1,0 +1,105 @@
+"""Fan-out of Samples and device status events to every sink, never blocking the pipeline.
+
+Each subscriber has its own bounded queue. Publishing is synchronous and O(subscribers): when a
+subscriber's queue is full its oldest item is dropped and counted, so a slow sink loses data
+(which it can recover from the spool or REPLAY) but never slows the pipeline or its siblings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+
+from gatewayd.model import DeviceStatus, Sample
+
+log = logging.getLogger(__name__)
+
+Event = Sample | DeviceStatus
+
+
+class Subscription:
+    __slots__ = ("name", "maxsize", "dropped", "delivered", "_items", "_waiter", "_dropping")
+
+    def __init__(self, name: str, maxsize: int) -> None:
+        self.name = name
+        self.maxsize = maxsize
+        self.dropped = 0
+        self.delivered = 0
+        self._items: deque[Event] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._dropping = False
+
+    def push(self, event: Event) -> None:
+        items = self._items
+        if len(items) >= self.maxsize:
+            items.popleft()
+            self.dropped += 1
+            if not self._dropping:
+                self._dropping = True
+                log.warning(
+                    "output %s is not keeping up: dropping its oldest items (queue of %d full)",
+                    self.name,
+                    self.maxsize,
+                )
+        items.append(event)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    async def get_batch(self, limit: int = 1000) -> list[Event]:
+        """Wait for at least one item, then take up to `limit` of them."""
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items = self._items
+        batch = [items.popleft() for _ in range(min(limit, len(items)))]
+        self.delivered += len(batch)
+        if self._dropping and not items:
+            self._dropping = False
+            log.info("output %s caught up; %d items dropped so far", self.name, self.dropped)
+        return batch
+
+    def get_nowait(self) -> list[Event]:
+        batch = list(self._items)
+        self._items.clear()
+        self.delivered += len(batch)
+        return batch
+
+
+class Hub:
+    def __init__(self, default_maxsize: int = 10_000) -> None:
+        self.default_maxsize = default_maxsize
+        self._subscriptions: list[Subscription] = []
+        self._listeners: list[Callable[[Event], None]] = []
+        self.published = 0
+
+    def subscribe(self, name: str, maxsize: int | None = None) -> Subscription:
+        subscription = Subscription(name, maxsize or self.default_maxsize)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """A synchronous callback run for every event; it must be quick and must not raise."""
+        self._listeners.append(listener)
+
+    def publish(self, event: Event) -> None:
+        self.published += 1
+        for subscription in self._subscriptions:
+            subscription.push(event)
+        for listener in self._listeners:
+            listener(event)
+
+    def subscriptions(self) -> list[Subscription]:
+        return list(self._subscriptions)

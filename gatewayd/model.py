@@ -1,0 +1,140 @@
+"""The values that travel the data path: Frame -> Reading -> Sample (and device status)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+
+class DataType(enum.StrEnum):
+    """Terra's data type names (PROTOCOL.md), plus the BATTERY extension."""
+
+    HEART_RATE = "HEART_RATE"
+    RR_INTERVAL = "RR_INTERVAL"
+    POWER = "POWER"
+    BIKE_CADENCE = "BIKE_CADENCE"
+    SPEED = "SPEED"
+    DISTANCE = "DISTANCE"
+    STEPS = "STEPS"
+    STEPS_CADENCE = "STEPS_CADENCE"
+    CALORIES = "CALORIES"
+    BATTERY = "BATTERY"
+
+
+class Measure(enum.StrEnum):
+    """What one Reading measures.
+
+    Plain measures carry a finished value. Counter measures carry a cumulative count and/or an
+    event time exactly as the wire had them (with their moduli) so that rates are derived in one
+    place (decode/counters.py) from two consecutive readings.
+    """
+
+    # finished values
+    HEART_RATE = "heart_rate"  # bpm
+    RR_INTERVALS = "rr_intervals"  # values: ms, oldest first
+    POWER = "power"  # instantaneous W
+    CADENCE = "cadence"  # rpm as the device reported it
+    SPEED = "speed"  # m/s as the device reported it
+    DISTANCE = "distance"  # cumulative m, not wrapping
+    STEPS = "steps"  # cumulative, not wrapping
+    STEPS_CADENCE = "steps_cadence"  # steps per minute as the device reported it
+    ENERGY = "energy"  # cumulative kcal
+    BATTERY = "battery"  # percent
+    CONTACT = "contact"  # 1 skin contact, 0 none
+    BODY_LOCATION = "body_location"  # 0x2A38 code
+    EQUIPMENT = "equipment"  # ANT+ FE equipment type code
+    # counters (count/time as on the wire; moduli in count_mod/time_mod; tick_hz = time units)
+    CRANK_REVS = "crank_revs"  # -> BIKE_CADENCE
+    WHEEL_REVS = "wheel_revs"  # -> SPEED (needs the wheel circumference)
+    HEART_BEATS = "heart_beats"  # ANT+ beat count + beat time -> RR_INTERVAL
+    POWER_EVENTS = "power_events"  # event count + accumulated power (accum) -> POWER
+    TORQUE_EVENTS = "torque_events"  # event count + period (time) + accumulated torque (accum)
+    WRAPPED_DISTANCE = "wrapped_distance"  # value in m, wraps at count_mod (ANT+ SDM, FE)
+    WRAPPED_STRIDES = "wrapped_strides"  # count wraps at count_mod (ANT+ SDM)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """Raw bytes as a radio gave them, plus where and when. Sources never decode."""
+
+    source: str  # "ble" | "ant": the wire family, which picks the decoder
+    adapter: str  # "hci0", "ant0", "sim" ...
+    device_id: str  # BLE: "C0:FF:EE:00:00:01"; ANT+: "<device type>:<device number>"
+    kind: str  # what the bytes are: a GATT UUID ("2a37"), "mfr:006b", "ant:120" ...
+    payload: bytes
+    mono: float  # time.monotonic() at reception
+    wall: float  # time.time() at reception
+    rssi: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One decoded measurement. Most fields are used only by counter measures."""
+
+    measure: Measure
+    value: float = 0.0
+    values: tuple[float, ...] = ()
+    count: int = 0
+    count_mod: int = 0
+    time: int = 0
+    time_mod: int = 0
+    tick_hz: float = 0.0
+    accum: int = 0
+    accum_mod: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One normalized per-second value for one athlete and one data type."""
+
+    uid: str
+    t: DataType
+    ts: float  # unix seconds at the start of the second
+    val: float | None = None
+    d: tuple[float, ...] | None = None
+    device_id: str = ""
+    source: str = ""
+
+    def ts_text(self) -> str:
+        return format_ts(self.ts)
+
+    def payload(self) -> dict[str, object]:
+        """The `d` object of a DISPATCH / SUBMIT frame."""
+        if self.d is not None:
+            return {"ts": self.ts_text(), "d": list(self.d)}
+        return {"ts": self.ts_text(), "val": self.val}
+
+
+class DeviceState(enum.StrEnum):
+    CONNECTED = "connected"
+    LOST = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStatus:
+    """A device came alive or went silent; emitted by the aggregator, fanned out by the hub."""
+
+    uid: str
+    device_id: str
+    source: str
+    state: DeviceState
+    wall: float
+    reason: str = ""
+    battery: float | None = None
+    rssi: int | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def format_ts(unix_seconds: float) -> str:
+    """RFC 3339 UTC with milliseconds and Z (PROTOCOL.md, Timestamps)."""
+    moment = datetime.fromtimestamp(unix_seconds, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_ts(text: str) -> float:
+    """Inverse of format_ts; accepts any RFC 3339 timestamp with an offset or Z."""
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no UTC offset")
+    return moment.timestamp()

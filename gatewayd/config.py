@@ -214,10 +214,14 @@ class Config(BaseSettings):
 
     def roster(self) -> Roster:
         athletes = [
-            AthleteInfo(a.id, a.name or a.id, a.max_hr or _max_hr_from_age(a.age), a.wheel_circumference_m)
+            AthleteInfo(
+                a.id, a.name or a.id, a.max_hr or _max_hr_from_age(a.age), a.wheel_circumference_m
+            )
             for a in self.athletes
         ]
-        devices = {(d.source, d.id): a.id for a in self.athletes for d in a.devices}
+        devices: dict[tuple[str, str], str] = {
+            (d.source, d.id): a.id for a in self.athletes for d in a.devices
+        }
         return Roster(athletes, devices, track_unknown=self.hub.unknown_devices == "track")
 
     def state_dir(self) -> Path:

@@ -1,4 +1,4 @@
-"""The exception tree (DESIGN.md, Errors). Every error gatewayd raises on purpose is one of these."""
+"""The exception tree (DESIGN.md, Errors): every error gatewayd raises on purpose."""
 
 from __future__ import annotations
 

@@ -27,7 +27,9 @@ class Roster:
         track_unknown: bool = True,
     ) -> None:
         self._athletes = {athlete.uid: athlete for athlete in athletes}
-        self._devices = {(source, device_id.upper()): uid for (source, device_id), uid in devices.items()}
+        self._devices = {
+            (source, device_id.upper()): uid for (source, device_id), uid in devices.items()
+        }
         self.track_unknown = track_unknown
 
     def uid_for(self, source: str, device_id: str) -> str | None:

@@ -39,9 +39,7 @@ def heart_rate_measurement(data: bytes) -> list[Reading]:
         rest = len(data) - pos
         if rest % 2:
             raise DecodeError(profile, "RR intervals are not whole u16 values", data)
-        rr = tuple(
-            (data[i] | data[i + 1] << 8) * 1000.0 / 1024.0 for i in range(pos, len(data), 2)
-        )
+        rr = tuple((data[i] | data[i + 1] << 8) * 1000.0 / 1024.0 for i in range(pos, len(data), 2))
         if rr:
             readings.append(Reading(Measure.RR_INTERVALS, values=rr))
     elif len(data) != pos:

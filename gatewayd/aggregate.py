@@ -1,0 +1,244 @@
+"""PURE. Per-device values -> exactly one Sample per (athlete, data type, second).
+
+Time comes in as arguments: `mono` (monotonic seconds) for liveness and holds, because a hub
+without a real-time clock sees its wall clock jump at boot; `wall` (unix seconds) only to say
+which second a value belongs to and to stamp samples.
+
+Rules per data type (issue 3, and formats.md part D):
+- HEART_RATE, DISTANCE, STEPS, CALORIES: the latest value in the second, held while the device
+  is live.
+- POWER: the mean of the second's values; BIKE_CADENCE, SPEED, STEPS_CADENCE: the latest. All
+  four are held while events keep coming and fall to 0 `hold` seconds after the last event.
+- RR_INTERVAL: the intervals that ended in the second; a second with none emits nothing.
+- BATTERY: only in seconds when the device reported it.
+A device silent for `lost_after` seconds is lost: a status event, and no invented samples.
+When two live devices of one athlete give the same data type, the first one keeps it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
+
+_MEAN = frozenset({DataType.POWER})
+_CONCAT = frozenset({DataType.RR_INTERVAL})
+_FALLS_TO_ZERO = frozenset(
+    {DataType.POWER, DataType.BIKE_CADENCE, DataType.SPEED, DataType.STEPS_CADENCE}
+)
+_ONLY_WHEN_REPORTED = frozenset({DataType.RR_INTERVAL, DataType.BATTERY})
+
+# A wall-clock jump bigger than this (NTP at boot, a manual date change) restarts the timeline
+# instead of emitting (or waiting for) every second in between.
+MAX_CATCH_UP_S = 30
+
+
+@dataclass(slots=True)
+class _Device:
+    uid: str
+    source: str
+    device_id: str
+    last_mono: float
+    last_wall: float
+    live: bool = True
+    battery: float | None = None
+    rssi: int | None = None
+
+
+@dataclass(slots=True)
+class _Stream:
+    owner: str  # device key
+    t: DataType
+    last_val: float = 0.0
+    last_event_mono: float = 0.0
+    first_second: int | None = None
+    pending: dict[int, list[float]] = field(default_factory=dict)
+
+
+class Aggregator:
+    def __init__(self, *, grace: float = 0.25, lost_after: float = 5.0, hold: float = 3.0) -> None:
+        self.grace = grace
+        self.lost_after = lost_after
+        self.hold = hold
+        self._devices: dict[str, _Device] = {}
+        self._streams: dict[tuple[str, DataType], _Stream] = {}
+        self._next_second: int | None = None  # the oldest second not yet emitted
+        self.late_values = 0
+        self.shadowed_values = 0  # values dropped because another device owns the stream
+        self.timeline_resets = 0
+
+    # -- input --------------------------------------------------------------------------------
+
+    def frame(
+        self,
+        key: str,
+        uid: str,
+        source: str,
+        device_id: str,
+        mono: float,
+        wall: float,
+        rssi: int | None = None,
+    ) -> DeviceStatus | None:
+        """Note that a device was heard; returns a CONNECTED status when it (re)appears."""
+        device = self._devices.get(key)
+        if device is not None and device.live:
+            device.last_mono = mono
+            device.last_wall = wall
+            if rssi is not None:
+                device.rssi = rssi
+            return None
+        if device is None:
+            device = _Device(uid, source, device_id, mono, wall, rssi=rssi)
+            self._devices[key] = device
+            reason = "first heard"
+        else:
+            device.uid, device.last_mono, device.last_wall, device.live = uid, mono, wall, True
+            device.rssi = rssi if rssi is not None else device.rssi
+            reason = "heard again"
+        return self._status(device, DeviceState.CONNECTED, reason, wall)
+
+    def value(
+        self,
+        key: str,
+        t: DataType,
+        val: float | None,
+        d: tuple[float, ...] | None,
+        mono: float,
+        wall: float,
+        event: bool = True,
+    ) -> DeviceStatus | None:
+        """Add one derived value from device `key`. Returns a status when the battery changes."""
+        device = self._devices[key]
+        stream_key = (device.uid, t)
+        stream = self._streams.get(stream_key)
+        if stream is None or (stream.owner != key and not self._owner_live(stream)):
+            stream = _Stream(key, t)
+            self._streams[stream_key] = stream
+        elif stream.owner != key:
+            self.shadowed_values += 1
+            return None
+        second = math.floor(wall)
+        if self._next_second is not None and second < self._next_second:
+            self.late_values += 1
+            second = self._next_second
+        if stream.first_second is None:
+            stream.first_second = second
+        bucket = stream.pending.get(second)
+        if bucket is None:
+            bucket = stream.pending[second] = []
+        if d is not None:
+            bucket.extend(d)
+        elif val is not None:
+            bucket.append(val)
+            stream.last_val = val
+            if event:
+                stream.last_event_mono = mono
+        if t is DataType.BATTERY and val is not None and val != device.battery:
+            device.battery = val
+            return self._status(device, DeviceState.CONNECTED, "battery", wall)
+        return None
+
+    # -- output -------------------------------------------------------------------------------
+
+    def tick(self, mono: float, wall: float) -> tuple[list[Sample], list[DeviceStatus]]:
+        """Close every second whose grace has passed; detect lost devices."""
+        statuses = self._detect_lost(mono, wall)
+        closable = math.floor(wall - 1.0 - self.grace)
+        if self._next_second is None:
+            self._next_second = closable + 1
+            return [], statuses
+        if closable - self._next_second > MAX_CATCH_UP_S or closable < self._next_second - 2:
+            self.timeline_resets += 1
+            for stream in self._streams.values():
+                stream.pending.clear()
+            self._next_second = closable + 1
+            return [], statuses
+        samples: list[Sample] = []
+        while self._next_second <= closable:
+            self._emit_second(self._next_second, mono, samples)
+            self._next_second += 1
+        return samples, statuses
+
+    def flush(self, mono: float, wall: float) -> list[Sample]:
+        """Emit every second up to and including the current one (shutdown)."""
+        samples, _ = self.tick(mono, wall + 1.0 + self.grace)
+        return samples
+
+    def live_devices(self) -> int:
+        return sum(1 for device in self._devices.values() if device.live)
+
+    def devices(self) -> list[DeviceStatus]:
+        return [
+            self._status(
+                device,
+                DeviceState.CONNECTED if device.live else DeviceState.LOST,
+                "",
+                device.last_wall,
+            )
+            for device in self._devices.values()
+        ]
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _owner_live(self, stream: _Stream) -> bool:
+        owner = self._devices.get(stream.owner)
+        return owner is not None and owner.live
+
+    def _detect_lost(self, mono: float, wall: float) -> list[DeviceStatus]:
+        statuses = []
+        for key, device in self._devices.items():
+            if device.live and mono - device.last_mono > self.lost_after:
+                device.live = False
+                silent = mono - device.last_mono
+                reason = f"silent for {silent:.1f} s"
+                statuses.append(self._status(device, DeviceState.LOST, reason, wall))
+                for stream_key in [k for k, s in self._streams.items() if s.owner == key]:
+                    del self._streams[stream_key]
+        return statuses
+
+    def _emit_second(self, second: int, mono: float, out: list[Sample]) -> None:
+        ts = float(second)
+        for (uid, t), stream in self._streams.items():
+            if stream.first_second is None or second < stream.first_second:
+                continue  # a stream starts with the second of its first value
+            bucket = stream.pending.pop(second, None)
+            device = self._devices[stream.owner]
+            if t in _CONCAT:
+                if bucket:
+                    out.append(
+                        Sample(
+                            uid,
+                            t,
+                            ts,
+                            d=tuple(bucket),
+                            device_id=device.device_id,
+                            source=device.source,
+                        )
+                    )
+                continue
+            if bucket:
+                val = sum(bucket) / len(bucket) if t in _MEAN else bucket[-1]
+            elif t in _ONLY_WHEN_REPORTED:
+                continue
+            elif t in _FALLS_TO_ZERO and mono - stream.last_event_mono > self.hold:
+                val = 0.0
+            else:
+                val = stream.last_val
+            out.append(
+                Sample(uid, t, ts, val=val, device_id=device.device_id, source=device.source)
+            )
+
+    def _status(
+        self, device: _Device, state: DeviceState, reason: str, wall: float
+    ) -> DeviceStatus:
+        return DeviceStatus(
+            uid=device.uid,
+            device_id=device.device_id,
+            source=device.source,
+            state=state,
+            wall=wall,
+            reason=reason,
+            battery=device.battery,
+            rssi=device.rssi,
+        )

@@ -67,14 +67,13 @@ class PipelineConfig(Section):
 class SimulatorConfig(Section):
     enabled: bool = False
     athletes: int = Field(8, ge=0, le=1000)
-    devices: list[Literal["ble-hr", "ant-hr", "ant-power", "ant-sc", "ble-csc", "ble-power"]] = [
-        "ble-hr",
-        "ant-hr",
-        "ant-power",
-        "ant-sc",
-    ]
+    # Every athlete wears one HR strap: all BLE, all ANT+, or alternating.
+    hr_straps: Literal["ble", "ant", "mixed"] = "mixed"
+    # The share of athletes on a bike, with an ANT+ power meter and speed/cadence sensor.
+    bike_fraction: float = Field(0.5, ge=0.0, le=1.0)
     seed: int = 1
-    drop_device: str | None = None  # for demos and tests: "<device id>@<seconds>" goes silent
+    # Demos and tests: athletes whose devices go silent after so many seconds, e.g. {sim-03: 20}.
+    drop_after_s: dict[str, float] = {}
 
 
 class ReplayConfig(Section):
@@ -309,3 +308,19 @@ def _config_error(exc: ValidationError, path: Path | None) -> ConfigError:
             lines.append(f"{key}: {error['msg']} (got {value!r})")
     where = f" in {path}" if path else ""
     return ConfigError(first_key, f"invalid configuration{where}:\n  " + "\n  ".join(lines))
+
+
+def override(config: Config, changes: dict[str, Any]) -> Config:
+    """A copy of `config` with dotted keys replaced (`{"sources.simulator.athletes": 20}`),
+    validated like the file itself."""
+    data = config.model_dump(mode="python")
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        return Config(**data)
+    except ValidationError as exc:
+        raise _config_error(exc, None) from None

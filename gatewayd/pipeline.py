@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import math
+from collections import Counter, deque
 
-from gatewayd.model import Frame
+from gatewayd.aggregate import Aggregator
+from gatewayd.clock import Clock
+from gatewayd.config import PipelineConfig
+from gatewayd.decode import decode
+from gatewayd.decode.counters import Deriver
+from gatewayd.errors import DecodeError
+from gatewayd.hub import Hub
+from gatewayd.model import DeviceStatus, Frame, Sample
+from gatewayd.roster import Roster
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +74,139 @@ class FrameQueue:
             pass
         finally:
             self._waiter = None
+
+
+class RateLimitedLog:
+    """Logs a recurring problem once per `interval` seconds per key, with the count since."""
+
+    def __init__(self, logger: logging.Logger, interval: float) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._last: dict[object, tuple[float, int]] = {}
+
+    def warning(self, key: object, now: float, message: str, *args: object) -> None:
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self._interval:
+            self._last[key] = (last[0], last[1] + 1)
+            return
+        suppressed = last[1] if last else 0
+        suffix = f" ({suppressed} more since the last report)" if suppressed else ""
+        self._logger.warning(message + suffix, *args)
+        self._last[key] = (now, 0)
+
+
+class Pipeline:
+    """Drains the FrameQueue, decodes, derives, aggregates and publishes to the hub."""
+
+    def __init__(
+        self,
+        frames: FrameQueue,
+        hub: Hub,
+        roster: Roster,
+        config: PipelineConfig,
+        clock: Clock,
+        *,
+        log_interval: float = 60.0,
+    ) -> None:
+        self.frames = frames
+        self.hub = hub
+        self.roster = roster
+        self.config = config
+        self.clock = clock
+        self.aggregator = Aggregator(
+            grace=config.grace_s, lost_after=config.lost_after_s, hold=config.hold_s
+        )
+        self._derivers: dict[str, Deriver] = {}
+        self._keys: dict[tuple[str, str], tuple[str, str] | None] = {}
+        self.decode_errors: Counter[tuple[str, str]] = Counter()
+        self.ignored_frames = 0
+        self.processed = 0
+        self.samples = 0
+        self._decode_log = RateLimitedLog(log, log_interval)
+
+    def set_roster(self, roster: Roster) -> None:
+        """Swap the roster (SIGHUP); devices are re-mapped from their next frame on."""
+        self.roster = roster
+        self._keys.clear()
+        self._derivers.clear()
+
+    def process(self, frame: Frame) -> None:
+        ident = (frame.source, frame.device_id)
+        if ident in self._keys:
+            mapped = self._keys[ident]
+        else:
+            uid = self.roster.uid_for(frame.source, frame.device_id)
+            mapped = (f"{frame.source}/{frame.device_id}", uid) if uid is not None else None
+            self._keys[ident] = mapped
+        if mapped is None:
+            self.ignored_frames += 1
+            return
+        key, uid = mapped
+        self.processed += 1
+        try:
+            readings = decode(frame)
+        except DecodeError as exc:
+            self.decode_errors[(key, exc.profile)] += 1
+            self._decode_log.warning(
+                (key, exc.profile), frame.mono, "dropped a bad frame from %s: %s", key, exc
+            )
+            return
+        aggregator = self.aggregator
+        status = aggregator.frame(
+            key, uid, frame.source, frame.device_id, frame.mono, frame.wall, frame.rssi
+        )
+        if status is not None:
+            self.hub.publish(status)
+        deriver = self._derivers.get(key)
+        if deriver is None:
+            deriver = Deriver(self.roster.circumference(uid), self.config.max_gap_s)
+            self._derivers[key] = deriver
+        for reading in readings:
+            for derived in deriver.derive(reading, frame.mono):
+                status = aggregator.value(
+                    key, derived.t, derived.val, derived.d, frame.mono, frame.wall, derived.event
+                )
+                if status is not None:
+                    self.hub.publish(status)
+
+    def tick(self) -> None:
+        samples, statuses = self.aggregator.tick(self.clock.mono(), self.clock.wall())
+        self._publish(samples, statuses)
+
+    def flush(self) -> None:
+        """Emit the current second too (shutdown): nothing heard is left unsent."""
+        for frame in self.frames.take_all():
+            self.process(frame)
+        self._publish(self.aggregator.flush(self.clock.mono(), self.clock.wall()), [])
+
+    def _publish(self, samples: list[Sample], statuses: list[DeviceStatus]) -> None:
+        publish = self.hub.publish
+        for status in statuses:
+            log.warning(
+                "device %s %s of %s lost: %s",
+                status.source,
+                status.device_id,
+                status.uid,
+                status.reason,
+            )
+            publish(status)
+        for sample in samples:
+            publish(sample)
+        self.samples += len(samples)
+
+    def run_once(self) -> None:
+        for frame in self.frames.take_all():
+            self.process(frame)
+        self.tick()
+
+    async def run(self) -> None:
+        while True:
+            await self.frames.wait(self._until_next_tick())
+            self.run_once()
+
+    def _until_next_tick(self) -> float:
+        # Wake at the next second's close (plus grace) to emit on time, and at least twice a
+        # second so a silent device is noticed promptly.
+        wall = self.clock.wall()
+        next_close = math.floor(wall - self.config.grace_s) + 1 + self.config.grace_s
+        return max(0.005, min(0.5, next_close - wall))

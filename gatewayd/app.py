@@ -1,0 +1,254 @@
+"""Builds every part from the Config, runs them as named tasks, and shuts down cleanly.
+
+Only this module sees both sources and sinks. Shutdown (SIGTERM/SIGINT) stops the sources,
+finishes the current second, lets every sink drain and close, and returns exit status 0.
+SIGHUP re-reads the config file's roster without dropping a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from gatewayd import __version__
+from gatewayd import config as config_module
+from gatewayd.clock import Clock, SystemClock
+from gatewayd.config import Config
+from gatewayd.errors import GatewayError
+from gatewayd.hub import Hub
+from gatewayd.pipeline import FrameQueue, Pipeline
+from gatewayd.roster import Roster
+from gatewayd.sinks.stdout import StdoutSink
+from gatewayd.sources.replay import ReplaySource, frame_to_json
+from gatewayd.sources.simulator import SimulatorSource
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_BUDGET_S = 4.0  # systemd waits 5 s by our unit's TimeoutStopSec; leave a margin
+
+
+class Source(Protocol):
+    name: str
+
+    async def run(self, frames: FrameQueue) -> None: ...
+
+
+class Sink(Protocol):
+    name: str
+
+    async def run(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class App:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        config_path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.clock = clock or SystemClock()
+        self.hub = Hub(config.pipeline.sink_queue)
+        self.frames = FrameQueue(config.pipeline.frame_queue)
+        self.sources: list[Source] = self._build_sources()
+        self.pipeline = Pipeline(
+            self.frames,
+            self.hub,
+            self._build_roster(config),
+            config.pipeline,
+            self.clock,
+            log_interval=config.logging.rate_limit_s,
+        )
+        self.sinks: list[Sink] = self._build_sinks()
+        self.on_ready: list[Callable[[], None]] = []
+        self.on_stopping: list[Callable[[], None]] = []
+        self._stop: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- building -----------------------------------------------------------------------------
+
+    def _build_sources(self) -> list[Source]:
+        sources: list[Source] = []
+        settings = self.config.sources
+        if settings.simulator.enabled:
+            sources.append(SimulatorSource(settings.simulator, self.clock))
+        if settings.replay.file is not None:
+            sources.append(ReplaySource(settings.replay, self.clock))
+        return sources
+
+    def _build_sinks(self) -> list[Sink]:
+        sinks: list[Sink] = []
+        outputs = self.config.outputs
+        if outputs.stdout.enabled:
+            sinks.append(StdoutSink(self.hub.subscribe("stdout")))
+        return sinks
+
+    def _build_roster(self, config: Config) -> Roster:
+        roster = config.roster()
+        athletes = roster.athletes()
+        devices = roster.devices()
+        for source in self.sources:
+            if isinstance(source, SimulatorSource):
+                for info, owned in source.roster_entries():
+                    athletes.append(info)
+                    devices.update({ident: info.uid for ident in owned})
+        return Roster(athletes, devices, track_unknown=roster.track_unknown)
+
+    # -- state for health checks and sd_notify -------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "hub": self.config.hub.id,
+            "sources": [source.name for source in self.sources],
+            "devices_live": self.pipeline.aggregator.live_devices(),
+            "frames": self.pipeline.processed,
+            "samples": self.pipeline.samples,
+            "decode_errors": sum(self.pipeline.decode_errors.values()),
+            "frames_dropped": self.frames.dropped,
+            "outputs": {
+                sub.name: {"queued": len(sub), "dropped": sub.dropped}
+                for sub in self.hub.subscriptions()
+            },
+        }
+
+    def status_line(self) -> str:
+        health = self.health()
+        return (
+            f"{health['devices_live']} devices live, {health['samples']} samples, "
+            f"{health['decode_errors']} bad frames"
+        )
+
+    # -- running ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def reload_roster(self) -> None:
+        """SIGHUP: take the roster from the config file again; connections stay up."""
+        try:
+            fresh = config_module.load(self.config_path, defaults_run_simulator=False)
+        except GatewayError as exc:
+            log.error("SIGHUP: config not reloaded, keeping the running roster: %s", exc)
+            return
+        self.pipeline.set_roster(self._build_roster(fresh))
+        log.info("SIGHUP: roster reloaded (%d athletes)", len(fresh.athletes))
+
+    async def run(self, *, seconds: float | None = None) -> int:
+        loop = asyncio.get_running_loop()
+        self.frames.bind(loop)
+        self._stop = asyncio.Event()
+        for signum, handler in (
+            (signal.SIGTERM, self.stop),
+            (signal.SIGINT, self.stop),
+            (signal.SIGHUP, self.reload_roster),
+        ):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(signum, handler)
+        for sink in self.sinks:
+            self._spawn(f"sink:{sink.name}", sink.run)
+        pipeline_task = asyncio.create_task(self.pipeline.run(), name="pipeline")
+        for source in self.sources:
+            self._spawn(f"source:{source.name}", functools.partial(source.run, self.frames))
+        log.info(
+            "gatewayd %s running: hub %s, sources [%s], outputs [%s]",
+            __version__,
+            self.config.hub.id,
+            ", ".join(source.name for source in self.sources) or "none",
+            ", ".join(sink.name for sink in self.sinks) or "none",
+        )
+        for callback in self.on_ready:
+            callback()
+        stop_wait = asyncio.create_task(self._stop.wait())
+        waiters: set[asyncio.Future[Any]] = {stop_wait, pipeline_task}
+        done, _ = await asyncio.wait(waiters, timeout=seconds, return_when="FIRST_COMPLETED")
+        if pipeline_task in done:
+            # The pipeline never returns on its own; if it did, it crashed: let systemd restart.
+            stop_wait.cancel()
+            log.critical("the pipeline stopped: %r", pipeline_task.exception())
+            await self._shutdown(pipeline_task)
+            return 1
+        stop_wait.cancel()
+        await self._shutdown(pipeline_task)
+        return 0
+
+    def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.create_task(self._supervise(name, factory), name=name))
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        """Restart a part that crashed, with backoff; its siblings keep running meanwhile."""
+        delay = 1.0
+        while True:
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s crashed; restarting in %.0f s", name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+    async def _shutdown(self, pipeline_task: asyncio.Task[None]) -> None:
+        log.info("stopping: finishing the current second and draining outputs")
+        for callback in self.on_stopping:
+            callback()
+        sources = [t for t in self._tasks if (t.get_name() or "").startswith("source:")]
+        for task in sources:
+            task.cancel()
+        await asyncio.gather(*sources, return_exceptions=True)
+        pipeline_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pipeline_task
+        self.pipeline.flush()
+        closing = [asyncio.create_task(sink.close()) for sink in self.sinks]
+        if closing:
+            _, late = await asyncio.wait(closing, timeout=SHUTDOWN_BUDGET_S)
+            for task in late:
+                task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("stopped")
+
+
+async def record(config: Config, out: Path, *, seconds: float | None = None) -> int:
+    """Write every Frame from the configured sources to a capture file (JSON lines)."""
+    app = App(config)
+    app.frames.bind(asyncio.get_running_loop())
+    if not app.sources:
+        log.error("nothing to record: no source is enabled")
+        return 1
+    tasks = [asyncio.create_task(source.run(app.frames)) for source in app.sources]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    written = 0
+    deadline = None if seconds is None else loop.time() + seconds
+    with out.open("w", encoding="utf-8") as stream:
+        while not stop.is_set():
+            remaining = 0.2 if deadline is None else min(0.2, deadline - loop.time())
+            if remaining <= 0:
+                break
+            await app.frames.wait(remaining)
+            for frame in app.frames.take_all():
+                stream.write(frame_to_json(frame) + "\n")
+                written += 1
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    log.info("recorded %d frames to %s", written, out)
+    return 0

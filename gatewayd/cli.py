@@ -1,0 +1,194 @@
+"""The `gatewayd` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gatewayd import __version__
+from gatewayd import config as config_module
+from gatewayd.decode import DECODERS, PROFILES
+from gatewayd.decode.counters import Deriver
+from gatewayd.errors import EX_CONFIG, ConfigError, DecodeError
+from gatewayd.model import Reading
+
+log = logging.getLogger("gatewayd")
+
+_SYSLOG_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """journald stamps time itself and reads a `<N>` prefix as the line's priority."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _SYSLOG_PRIORITY.get(record.levelname, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gatewayd",
+        description=(
+            "Gym hub daemon: hears every athlete's BLE and ANT+ wearables and serves one sample "
+            "per athlete, data type and second over Terra's streaming protocol, upstream and MQTT."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    parser.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="override logging.level from the config",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon")
+    _config_option(run)
+    run.add_argument(
+        "--simulate", type=int, metavar="N", help="add N simulated athletes (real wire bytes)"
+    )
+    run.add_argument("--stdout", action="store_true", help="print samples as JSON lines")
+    run.add_argument("--replay", type=Path, metavar="FILE", help="replay a capture file")
+    run.add_argument("--seconds", type=float, help="stop after this many seconds")
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", nargs="?", type=Path, help="default: as `run` would find it")
+
+    rec = commands.add_parser("record", help="write every frame from the sources to a capture")
+    _config_option(rec)
+    rec.add_argument("--out", type=Path, required=True, help="capture file (JSON lines)")
+    rec.add_argument("--simulate", type=int, metavar="N", help="record N simulated athletes")
+    rec.add_argument("--seconds", type=float, help="stop after this many seconds")
+
+    profiles = ", ".join(sorted(PROFILES))
+    dec = commands.add_parser(
+        "decode",
+        help="decode raw bytes of one profile and print the readings as JSON",
+        description=(
+            "Decode HEX payloads of one PROFILE. Several HEX arguments are consecutive frames "
+            f"of one device, so derived values (cadence, speed, average power, RR) are printed "
+            f"too. Profiles: {profiles}."
+        ),
+    )
+    dec.add_argument("profile", choices=sorted(PROFILES), metavar="PROFILE")
+    dec.add_argument("hex", nargs="+", metavar="HEX")
+    dec.add_argument(
+        "--interval", type=float, default=0.25, help="seconds between the frames (default 0.25)"
+    )
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=f"YAML config (default: ${config_module.ENV_CONFIG}, "
+        f"else {config_module.DEFAULT_CONFIG_PATH}, else built-in defaults with the simulator)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"gatewayd: configuration error: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "decode":
+        return _decode(args.profile, args.hex, args.interval)
+    if args.command == "check-config":
+        path = config_module.resolve_path(args.file)
+        config_module.load(path)
+        print(f"{path or 'built-in defaults'}: OK")
+        return 0
+    cfg = config_module.load(args.config)
+    changes: dict[str, Any] = {}
+    if args.simulate is not None:
+        changes["sources.simulator.enabled"] = args.simulate > 0
+        changes["sources.simulator.athletes"] = args.simulate
+    if getattr(args, "stdout", False):
+        changes["outputs.stdout.enabled"] = True
+    if getattr(args, "replay", None) is not None:
+        changes["sources.replay.file"] = args.replay
+    if changes:
+        cfg = config_module.override(cfg, changes)
+    setup_logging(args.log_level or cfg.logging.level)
+    from gatewayd import app
+
+    if args.command == "record":
+        return asyncio.run(app.record(cfg, args.out, seconds=args.seconds))
+    path = config_module.resolve_path(args.config)
+    return asyncio.run(app.App(cfg, config_path=path).run(seconds=args.seconds))
+
+
+def _reading_json(reading: Reading) -> dict[str, Any]:
+    record: dict[str, Any] = {"measure": str(reading.measure)}
+    for name in ("value", "values", "count", "time", "accum"):
+        value = getattr(reading, name)
+        if value or (name == "value" and not reading.values and not reading.count_mod):
+            record[name] = list(value) if name == "values" else value
+    return record
+
+
+def _decode(profile: str, hex_frames: list[str], interval: float) -> int:
+    decoder = DECODERS[PROFILES[profile]]
+    deriver = Deriver()
+    status = 0
+    for index, text in enumerate(hex_frames):
+        try:
+            payload = bytes.fromhex(text.replace(":", "").replace(" ", ""))
+        except ValueError:
+            print(json.dumps({"frame": index, "hex": text, "error": "not hexadecimal"}))
+            status = 1
+            continue
+        try:
+            readings = decoder(payload)
+        except DecodeError as exc:
+            print(json.dumps({"frame": index, "hex": payload.hex(), "error": str(exc)}))
+            status = 1
+            continue
+        derived = [
+            {"t": str(d.t), **({"d": list(d.d)} if d.d is not None else {"val": d.val})}
+            for reading in readings
+            for d in deriver.derive(reading, index * interval)
+        ]
+        record: dict[str, Any] = {
+            "frame": index,
+            "hex": payload.hex(),
+            "readings": [_reading_json(r) for r in readings],
+        }
+        if len(hex_frames) > 1:
+            record["derived"] = derived
+        print(json.dumps(record))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

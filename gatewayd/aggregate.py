@@ -152,6 +152,7 @@ class Aggregator:
             self.timeline_resets += 1
             for stream in self._streams.values():
                 stream.pending.clear()
+                stream.first_second = None
             self._next_second = closable + 1
             return [], statuses
         samples: list[Sample] = []

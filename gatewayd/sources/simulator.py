@@ -214,6 +214,7 @@ class SimulatorSource:
         self.clock = clock
         self.room = build_room(config)
         self.frames_sent = 0
+        self._queue = self._schedule()
 
     def roster_entries(self) -> list[tuple[AthleteInfo, list[tuple[str, str]]]]:
         return [
@@ -224,33 +225,41 @@ class SimulatorSource:
     def device_count(self) -> int:
         return sum(len(athlete.devices) for athlete in self.room)
 
-    async def run(self, frames: FrameQueue) -> None:
-        start = self.clock.mono()
+    def _schedule(self) -> list[tuple[float, int, SimDevice, float | None]]:
         # Devices start spread over their first period, as real ones do.
-        queue: list[tuple[float, int, SimDevice, float | None]] = []
         spread = random.Random(self.config.seed + 1)
+        queue: list[tuple[float, int, SimDevice, float | None]] = []
         for athlete in self.room:
             for device in athlete.devices:
                 first = spread.uniform(0, device.period)
                 queue.append((first, len(queue), device, athlete.drop_after_s))
         heapq.heapify(queue)
-        log.info(
-            "simulator: %d athletes, %d devices (seed %d)",
-            len(self.room),
-            len(queue),
-            self.config.seed,
-        )
-        while queue:
-            due, order, device, drop_after = queue[0]
-            elapsed = self.clock.mono() - start
-            if due > elapsed:
-                await asyncio.sleep(due - elapsed)
-                continue
-            heapq.heappop(queue)
+        return queue
+
+    def emit_due(self, elapsed: float, frames: FrameQueue) -> float | None:
+        """Emit every frame due by `elapsed` seconds of simulation; returns the next due time."""
+        queue = self._queue
+        while queue and queue[0][0] <= elapsed:
+            due, order, device, drop_after = heapq.heappop(queue)
             if drop_after is not None and due >= drop_after:
                 continue  # this athlete's devices went silent
             self._emit(device, due, frames)
             heapq.heappush(queue, (due + device.period, order, device, drop_after))
+        return queue[0][0] if queue else None
+
+    async def run(self, frames: FrameQueue) -> None:
+        start = self.clock.mono()
+        log.info(
+            "simulator: %d athletes, %d devices (seed %d)",
+            len(self.room),
+            len(self._queue),
+            self.config.seed,
+        )
+        while True:
+            next_due = self.emit_due(self.clock.mono() - start, frames)
+            if next_due is None:
+                return
+            await asyncio.sleep(max(0.0, next_due - (self.clock.mono() - start)))
 
     def _emit(self, device: SimDevice, t: float, frames: FrameQueue) -> None:
         device.athlete.advance_to(t)

@@ -1,0 +1,46 @@
+"""Shared test helpers: run the simulator through the real pipeline on a hand-driven clock."""
+
+from __future__ import annotations
+
+from gatewayd.clock import ManualClock
+from gatewayd.config import PipelineConfig, SimulatorConfig
+from gatewayd.hub import Hub
+from gatewayd.model import Sample
+from gatewayd.pipeline import FrameQueue, Pipeline
+from gatewayd.roster import Roster
+from gatewayd.sources.simulator import SimulatorSource
+
+START_WALL = 1_800_000_000.0
+
+
+class SimulatedRoom:
+    def __init__(self, athletes: int = 6, step: float = 0.05, **sim: object) -> None:
+        self.clock = ManualClock(wall=START_WALL)
+        self.frames = FrameQueue()
+        self.hub = Hub()
+        self.events = self.hub.subscribe("test", 1_000_000)
+        self.sim = SimulatorSource(
+            SimulatorConfig(enabled=True, athletes=athletes, **sim),
+            self.clock,  # type: ignore[arg-type]
+        )
+        athletes_info, devices = [], {}
+        for info, owned in self.sim.roster_entries():
+            athletes_info.append(info)
+            devices.update({ident: info.uid for ident in owned})
+        self.pipeline = Pipeline(
+            self.frames, self.hub, Roster(athletes_info, devices), PipelineConfig(), self.clock
+        )
+        self.step = step
+        self.elapsed = 0.0
+        self.pipeline.tick()
+
+    def run_for(self, seconds: float) -> None:
+        end = self.elapsed + seconds
+        while self.elapsed < end:
+            self.elapsed += self.step
+            self.clock.advance(self.step)
+            self.sim.emit_due(self.elapsed, self.frames)
+            self.pipeline.run_once()
+
+    def samples(self) -> list[Sample]:
+        return [e for e in self.events.get_nowait() if isinstance(e, Sample)]

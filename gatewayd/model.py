@@ -44,6 +44,13 @@ class Measure(enum.StrEnum):
     CONTACT = "contact"  # 1 skin contact, 0 none
     BODY_LOCATION = "body_location"  # 0x2A38 code
     EQUIPMENT = "equipment"  # ANT+ FE equipment type code
+    BALANCE = "balance"  # % of power from the left pedal; count 1 if the side is known, else 0
+    STRIDE_LENGTH = "stride_length"  # m (BLE RSC)
+    STROKE_RATE = "stroke_rate"  # strokes per minute (rower)
+    STROKES = "strokes"  # cumulative stroke count (rower)
+    # per-device bookkeeping: no data type of their own, they steer the Deriver
+    PAGE_TOGGLE = "page_toggle"  # ANT+ byte 0 bit 7; until it flips, `paged` readings are junk
+    PREVIOUS_BEAT = "previous_beat"  # ANT+ HR page 4: count = beat count, time = the beat before
     # counters (count/time as on the wire; moduli in count_mod/time_mod; tick_hz = time units)
     CRANK_REVS = "crank_revs"  # -> BIKE_CADENCE
     WHEEL_REVS = "wheel_revs"  # -> SPEED (needs the wheel circumference)
@@ -51,7 +58,8 @@ class Measure(enum.StrEnum):
     POWER_EVENTS = "power_events"  # event count + accumulated power (accum) -> POWER
     TORQUE_EVENTS = "torque_events"  # event count + period (time) + accumulated torque (accum)
     WRAPPED_DISTANCE = "wrapped_distance"  # value in m, wraps at count_mod (ANT+ SDM, FE)
-    WRAPPED_STRIDES = "wrapped_strides"  # count wraps at count_mod (ANT+ SDM)
+    WRAPPED_STRIDES = "wrapped_strides"  # count wraps at count_mod; 1 stride = 2 steps (ANT+ SDM)
+    WHEEL_TORQUE_EVENTS = "wheel_torque_events"  # as TORQUE_EVENTS, but the wheel turns (-> SPEED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +90,9 @@ class Reading:
     tick_hz: float = 0.0
     accum: int = 0
     accum_mod: int = 0
+    # From ANT+ page-specific bytes (1-3), which legacy devices fill with junk: the Deriver drops
+    # it until it has seen this device's page toggle bit change.
+    paged: bool = False
 
 
 @dataclass(frozen=True, slots=True)

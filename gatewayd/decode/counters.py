@@ -10,6 +10,7 @@ wrap period the modular delta is meaningless.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gatewayd.model import DataType, Measure, Reading
@@ -42,100 +43,240 @@ _DIRECT: dict[Measure, DataType] = {
 }
 
 
+_U16 = 1 << 16
+
+
 @dataclass(slots=True)
-class _Baseline:
+class _Stream:
+    """The last reading of one counter stream, and when its count last moved."""
+
     reading: Reading
-    mono: float
+    event_mono: float  # when the counter last changed: the baseline's age for wrap safety
+    zeroed: bool = False  # the stop (a zero) was already reported since the last event
+
+
+# A rate handler gets the baseline (None when there is none yet, or it is too old) and the new
+# reading. It returns None when nothing happened (a repeat of the same event), else the values.
+_Handler = Callable[["Deriver", Reading | None, Reading], list[Derived] | None]
 
 
 class Deriver:
-    """Per-device state turning Readings into Derived values (pure: time is passed in)."""
+    """Per-device state turning Readings into Derived values (pure: time is passed in).
 
-    __slots__ = ("circumference_m", "max_gap", "_last", "_distance_total", "_strides_total")
+    Rates come only from a counter that moved: a repeated broadcast of the same event gives
+    nothing, and after `stop_after` seconds of repeats the rate is reported as 0 once (pedalling
+    stopped). A baseline whose last event is older than `max_gap` seconds is discarded, because
+    event times wrap (1/1024 s u16: every 64 s) and the modular delta would lie.
 
-    def __init__(self, circumference_m: float = 2.105, max_gap: float = 60.0) -> None:
+    Streams are keyed by measure AND wire format, so one device that sends the same counter in
+    two formats (CPS wheel time in 1/2048 s beside CSC's 1/1024 s) never mixes them.
+    """
+
+    __slots__ = (
+        "_distance_total",
+        "_hr_counter",
+        "_pages_trusted",
+        "_previous_beat",
+        "_streams",
+        "_strides_total",
+        "_toggle",
+        "circumference_m",
+        "max_gap",
+        "stop_after",
+    )
+
+    def __init__(
+        self, circumference_m: float = 2.105, max_gap: float = 60.0, stop_after: float = 3.0
+    ) -> None:
         self.circumference_m = circumference_m
         self.max_gap = max_gap
-        self._last: dict[Measure, _Baseline] = {}
+        self.stop_after = stop_after
+        self._streams: dict[tuple[Measure, int, int, float], _Stream] = {}
         self._distance_total = 0.0
         self._strides_total = 0
+        self._toggle: int | None = None
+        self._pages_trusted = False
+        self._previous_beat: Reading | None = None
+        self._hr_counter: int | None = None
 
     def derive(self, reading: Reading, mono: float) -> list[Derived]:
         measure = reading.measure
+        if measure is Measure.PAGE_TOGGLE:
+            self._see_toggle(int(reading.value))
+            return []
+        if reading.paged and not self._pages_trusted:
+            return []
         direct = _DIRECT.get(measure)
         if direct is not None:
+            if reading.count_mod:  # a frame counter says whether this value is new
+                fresh = reading.count != self._hr_counter
+                self._hr_counter = reading.count
+                return [Derived(direct, val=reading.value, event=fresh)]
             return [Derived(direct, val=reading.value)]
         if measure is Measure.RR_INTERVALS:
             return [Derived(DataType.RR_INTERVAL, d=reading.values)] if reading.values else []
         if measure is Measure.STEPS_CADENCE:
             # Terra's STEPS_CADENCE is steps per second; devices report per minute.
             return [Derived(DataType.STEPS_CADENCE, val=reading.value / 60.0)]
-        if measure in _COUNTERS:
-            previous = self._last.get(measure)
-            self._last[measure] = _Baseline(reading, mono)
-            if previous is None or mono - previous.mono > self.max_gap:
-                return []
-            return _COUNTERS[measure](self, previous.reading, reading)
-        return []
+        if measure is Measure.PREVIOUS_BEAT:
+            self._previous_beat = reading
+            return []
+        handler = _COUNTERS.get(measure)
+        if handler is None:
+            return []
+        return self._counter(handler, reading, mono)
 
-    def _crank(self, prev: Reading, cur: Reading) -> list[Derived]:
+    def _see_toggle(self, bit: int) -> None:
+        # Legacy straps never flip bit 7, and their bytes 1-3 are not page data: trust pages only
+        # once the bit has been seen to change on this device.
+        if self._toggle is None:
+            self._toggle = bit
+        elif bit != self._toggle:
+            self._pages_trusted = True
+
+    def _counter(self, handler: _Handler, reading: Reading, mono: float) -> list[Derived]:
+        key = (reading.measure, reading.count_mod, reading.time_mod, reading.tick_hz)
+        stream = self._streams.get(key)
+        if stream is None or mono - stream.event_mono > self.max_gap:
+            self._streams[key] = _Stream(reading, mono)
+            return handler(self, None, reading) or []
+        result = handler(self, stream.reading, reading)
+        if result is None:
+            if not stream.zeroed and mono - stream.event_mono >= self.stop_after:
+                stream.zeroed = True
+                return [Derived(t, val=0.0) for t in _STOPPED.get(reading.measure, ())]
+            return []
+        stream.reading = reading
+        stream.event_mono = mono
+        stream.zeroed = False
+        return result
+
+    def _revs(self, prev: Reading | None, cur: Reading) -> tuple[int, int] | None:
+        """(revolutions, ticks) since the baseline; None if nothing turned; (0, 0) if unusable."""
+        if prev is None:
+            return 0, 0
+        revs = delta(cur.count, prev.count, cur.count_mod)
+        if revs == 0:
+            return None
         dt = delta(cur.time, prev.time, cur.time_mod)
+        # A wide counter jumping by more than half its range went backwards: a sensor reset.
+        if dt == 0 or (cur.count_mod >= _U16 and revs > cur.count_mod // 2):
+            return 0, 0
+        return revs, dt
+
+    def _crank(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        moved = self._revs(prev, cur)
+        if moved is None:
+            return None
+        revs, dt = moved
         if dt == 0:
             return []
-        revs = delta(cur.count, prev.count, cur.count_mod)
         return [Derived(DataType.BIKE_CADENCE, val=60.0 * revs * cur.tick_hz / dt)]
 
-    def _wheel(self, prev: Reading, cur: Reading) -> list[Derived]:
-        dt = delta(cur.time, prev.time, cur.time_mod)
+    def _wheel(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        moved = self._revs(prev, cur)
+        if moved is None:
+            return None
+        revs, dt = moved
         if dt == 0:
             return []
-        revs = delta(cur.count, prev.count, cur.count_mod)
         return [Derived(DataType.SPEED, val=self.circumference_m * revs * cur.tick_hz / dt)]
 
-    def _beats(self, prev: Reading, cur: Reading) -> list[Derived]:
-        beats = delta(cur.count, prev.count, cur.count_mod)
-        dt = delta(cur.time, prev.time, cur.time_mod)
-        # Only one beat between two readings makes the time delta one RR interval; after a
-        # missed beat the interval would be two RRs summed, so it is dropped, not guessed.
-        if beats != 1 or dt == 0:
+    def _beats(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        # ANT+ repeats each beat ~4 times: exactly one RR per new beat count, preferring page 4's
+        # previous beat time (exact even after missed messages) over the consecutive-beat delta.
+        previous_beat, self._previous_beat = self._previous_beat, None
+        beats = None
+        if prev is not None:
+            beats = delta(cur.count, prev.count, cur.count_mod)
+            if beats == 0:
+                return None
+        if previous_beat is not None and previous_beat.count == cur.count:
+            rr = delta(cur.time, previous_beat.time, cur.time_mod)
+        elif beats == 1 and prev is not None:
+            # After a missed beat the time delta would be two RRs summed: dropped, not guessed.
+            rr = delta(cur.time, prev.time, cur.time_mod)
+        else:
             return []
-        return [Derived(DataType.RR_INTERVAL, d=(dt * 1000.0 / cur.tick_hz,))]
+        return [Derived(DataType.RR_INTERVAL, d=(rr * 1000.0 / cur.tick_hz,))] if rr else []
 
-    def _power_events(self, prev: Reading, cur: Reading) -> list[Derived]:
+    def _power_events(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        if prev is None:
+            return []
         events = delta(cur.count, prev.count, cur.count_mod)
         if events == 0:
-            return []
+            return None
         # Skipped events (events > 1) still give the exact average over the events missed.
         energy = delta(cur.accum, prev.accum, cur.accum_mod)
         return [Derived(DataType.POWER, val=energy / events)]
 
-    def _torque_events(self, prev: Reading, cur: Reading) -> list[Derived]:
+    def _torque(self, prev: Reading | None, cur: Reading) -> tuple[float, int, int] | None:
+        """(power W, events, period ticks); None if no event; period 0 if unusable."""
+        if prev is None:
+            return 0.0, 0, 0
         events = delta(cur.count, prev.count, cur.count_mod)
+        if events == 0:
+            return None
         period = delta(cur.time, prev.time, cur.time_mod)
-        if events == 0 or period == 0:
+        if period == 0:
+            return 0.0, events, 0
+        torque = delta(cur.accum, prev.accum, cur.accum_mod)  # 1/32 N*m
+        # P = torque * angular velocity = (dTq/32) * 2*pi*events / (period/2048), with the
+        # events cancelling between the torque per event and the revolutions: 128*pi*dTq/dPer.
+        return 128.0 * math.pi * torque / period, events, period
+
+    def _crank_torque(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        got = self._torque(prev, cur)
+        if got is None:
+            return None
+        power, events, period = got
+        if period == 0:
             return []
-        torque = delta(cur.accum, prev.accum, cur.accum_mod)
-        power = 128.0 * math.pi * torque / period
         cadence = 60.0 * events * cur.tick_hz / period
         return [Derived(DataType.POWER, val=power), Derived(DataType.BIKE_CADENCE, val=cadence)]
 
-    def _wrapped_distance(self, prev: Reading, cur: Reading) -> list[Derived]:
+    def _wheel_torque(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        got = self._torque(prev, cur)
+        if got is None:
+            return None
+        power, events, period = got
+        if period == 0:
+            return []
+        speed = self.circumference_m * events * cur.tick_hz / period
+        return [Derived(DataType.POWER, val=power), Derived(DataType.SPEED, val=speed)]
+
+    def _wrapped_distance(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        if prev is None:
+            return []
         step = (cur.value - prev.value) % cur.count_mod
         self._distance_total += step
         return [Derived(DataType.DISTANCE, val=self._distance_total, event=step > 0)]
 
-    def _wrapped_strides(self, prev: Reading, cur: Reading) -> list[Derived]:
+    def _wrapped_strides(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        if prev is None:
+            return []
         step = delta(cur.count, prev.count, cur.count_mod)
         self._strides_total += step
-        return [Derived(DataType.STEPS, val=float(self._strides_total), event=step > 0)]
+        # An ANT+ SDM stride is two footfalls; Terra's STEPS counts footfalls.
+        return [Derived(DataType.STEPS, val=2.0 * self._strides_total, event=step > 0)]
 
 
-_COUNTERS = {
+_COUNTERS: dict[Measure, _Handler] = {
     Measure.CRANK_REVS: Deriver._crank,
     Measure.WHEEL_REVS: Deriver._wheel,
     Measure.HEART_BEATS: Deriver._beats,
     Measure.POWER_EVENTS: Deriver._power_events,
-    Measure.TORQUE_EVENTS: Deriver._torque_events,
+    Measure.TORQUE_EVENTS: Deriver._crank_torque,
+    Measure.WHEEL_TORQUE_EVENTS: Deriver._wheel_torque,
     Measure.WRAPPED_DISTANCE: Deriver._wrapped_distance,
     Measure.WRAPPED_STRIDES: Deriver._wrapped_strides,
+}
+
+# What a stream reports, as 0, once its counter has stood still for `stop_after` seconds.
+_STOPPED: dict[Measure, tuple[DataType, ...]] = {
+    Measure.CRANK_REVS: (DataType.BIKE_CADENCE,),
+    Measure.WHEEL_REVS: (DataType.SPEED,),
+    Measure.POWER_EVENTS: (DataType.POWER,),
+    Measure.TORQUE_EVENTS: (DataType.POWER, DataType.BIKE_CADENCE),
+    Measure.WHEEL_TORQUE_EVENTS: (DataType.POWER, DataType.SPEED),
 }

@@ -64,9 +64,9 @@ def test_ant_message_vector(vector: dict[str, Any]) -> None:
     for key, want in vector["message"].items():
         got = message.describe() if key == "describe" else getattr(message, key)
         if isinstance(got, bytes):
-            got = got.hex()
-            want = want.lower()
-        assert got == want, (key, got, want)
+            assert got.hex() == want.lower(), key
+        else:
+            assert got == want, (key, got, want)
 
 
 @pytest.mark.parametrize("vector", VECTORS["sequences"], ids=lambda v: v["profile"])

@@ -138,6 +138,8 @@ class Deriver:
         key = (reading.measure, reading.count_mod, reading.time_mod, reading.tick_hz)
         stream = self._streams.get(key)
         if stream is None or mono - stream.event_mono > self.max_gap:
+            if stream is not None and _same_event(stream.reading, reading):
+                return []  # still repeating an event too old to be a baseline
             self._streams[key] = _Stream(reading, mono)
             return handler(self, None, reading) or []
         result = handler(self, stream.reading, reading)
@@ -259,6 +261,10 @@ class Deriver:
         self._strides_total += step
         # An ANT+ SDM stride is two footfalls; Terra's STEPS counts footfalls.
         return [Derived(DataType.STEPS, val=2.0 * self._strides_total, event=step > 0)]
+
+
+def _same_event(a: Reading, b: Reading) -> bool:
+    return (a.count, a.time, a.accum, a.value) == (b.count, b.time, b.accum, b.value)
 
 
 _COUNTERS: dict[Measure, _Handler] = {

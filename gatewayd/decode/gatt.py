@@ -271,33 +271,53 @@ _ROWER_FIELDS = (
 )
 
 
+_Layout = tuple[tuple[str, tuple[_Part, ...]], ...]
+# (machine, flags, body length) -> the fields' names and widths; None when nothing fits.
+_LAYOUTS: dict[tuple[str, int, int], _Layout | None] = {}
+_LAYOUT_CACHE_MAX = 4096  # real equipment uses a handful of flag sets; junk must not grow it
+
+
+def _ftms_layout(profile: str, fields: tuple[_Field, ...], flags: int, body: int) -> _Layout | None:
+    key = (profile, flags, body)
+    try:
+        return _LAYOUTS[key]
+    except KeyError:
+        pass
+    present = [f for f in fields if bool(flags >> f.bit & 1) != (f.bit == 0)]
+    choices = [(f.parts, f.alt) if f.alt is not None else (f.parts,) for f in present]
+    layout: _Layout | None = None
+    for candidate in product(*choices):  # preferred widths first
+        if sum(size for parts in candidate for size, _ in parts) == body:
+            layout = tuple((f.name, parts) for f, parts in zip(present, candidate, strict=True))
+            break
+    if len(_LAYOUTS) < _LAYOUT_CACHE_MAX:
+        _LAYOUTS[key] = layout
+    return layout
+
+
 def _ftms_fields(
     profile: str, data: bytes, fields: tuple[_Field, ...]
 ) -> dict[str, tuple[int, ...]]:
     """Flags u16, then each present field in bit order. Bit 0 is inverted ("more data")."""
     _need(profile, data, 2, "flags u16")
     flags = _u16(data, 0)
-    present = [f for f in fields if bool(flags >> f.bit & 1) != (f.bit == 0)]
-    choices = [(f.parts, f.alt) if f.alt is not None else (f.parts,) for f in present]
     body = len(data) - 2
-    layout: tuple[tuple[_Part, ...], ...] | None = None
-    for candidate in product(*choices):  # preferred widths first
-        if sum(size for parts in candidate for size, _ in parts) == body:
-            layout = candidate
-            break
+    layout = _ftms_layout(profile, fields, flags, body)
     if layout is None:
-        expected = sum(size for f in present for size, _ in f.parts)
+        expected = sum(
+            size for f in fields if bool(flags >> f.bit & 1) != (f.bit == 0) for size, _ in f.parts
+        )
         raise DecodeError(
             profile, f"flags 0x{flags:04x} need {expected} bytes after them, got {body}", data
         )
     values: dict[str, tuple[int, ...]] = {}
     pos = 2
-    for field, parts in zip(present, layout, strict=True):
+    for name, parts in layout:
         got: list[int] = []
         for size, signed in parts:
             got.append(int.from_bytes(data[pos : pos + size], "little", signed=signed))
             pos += size
-        values[field.name] = tuple(got)
+        values[name] = tuple(got)
     return values
 
 

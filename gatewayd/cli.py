@@ -14,7 +14,8 @@ from typing import Any
 
 from gatewayd import __version__
 from gatewayd import config as config_module
-from gatewayd.decode import DECODERS, PROFILES
+from gatewayd.decode import DECODERS, PROFILES, describe_profile
+from gatewayd.decode.antplus import KIND_SERIAL, parse_frame
 from gatewayd.decode.counters import Deriver
 from gatewayd.errors import EX_CONFIG, ConfigError, DecodeError
 from gatewayd.model import Reading
@@ -79,15 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--simulate", type=int, metavar="N", help="record N simulated athletes")
     rec.add_argument("--seconds", type=float, help="stop after this many seconds")
 
-    profiles = ", ".join(sorted(PROFILES))
+    # One line per profile, from the decoder's docstring; raw, so no profile name is hyphen-wrapped.
+    width = max(len(name) for name in PROFILES)
+    profiles = "\n".join(f"  {name:<{width}}  {describe_profile(name)}" for name in PROFILES)
     dec = commands.add_parser(
         "decode",
         help="decode raw bytes of one profile and print the readings as JSON",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(
-            "Decode HEX payloads of one PROFILE. Several HEX arguments are consecutive frames "
-            f"of one device, so derived values (cadence, speed, average power, RR) are printed "
-            f"too. Profiles: {profiles}."
+            "Decode HEX payloads of one PROFILE. Several HEX arguments are consecutive frames\n"
+            "of one device, so derived values (cadence, speed, average power, RR) are printed\n"
+            "too. ANT+ page bytes 1-3 count only once the page toggle bit has been seen to flip."
         ),
+        epilog=f"profiles:\n{profiles}",
     )
     dec.add_argument("profile", choices=sorted(PROFILES), metavar="PROFILE")
     dec.add_argument("hex", nargs="+", metavar="HEX")
@@ -184,6 +189,8 @@ def _decode(profile: str, hex_frames: list[str], interval: float) -> int:
             "hex": payload.hex(),
             "readings": [_reading_json(r) for r in readings],
         }
+        if PROFILES[profile] == KIND_SERIAL:
+            record["message"] = parse_frame(payload).describe()
         if len(hex_frames) > 1:
             record["derived"] = derived
         print(json.dumps(record))

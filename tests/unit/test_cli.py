@@ -57,3 +57,10 @@ def test_log_lines_carry_timestamps_only_outside_the_journal(monkeypatch, capsys
         assert line == "<4>gatewayd.test: strap dropped"
     else:
         assert line[2] == ":" and line.endswith("gatewayd.test: strap dropped")
+
+
+def test_decode_ant_frame_describes_the_message(capsys):
+    assert cli.main(["decode", "ant-frame", "A40340004600A1"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["message"] == "channel 0 response to 0x46: OK"
+    assert record["readings"] == []

@@ -325,8 +325,15 @@ def parse_frame(data: bytes) -> AntMessage:
         check ^= byte
     if check != data[-1]:
         raise DecodeError(profile, f"checksum 0x{data[-1]:02x}, computed 0x{check:02x}", data)
-    msg_id = data[2]
-    content = bytes(data[3:-1])
+    return parse_content(data[2], bytes(data[3:-1]), data)
+
+
+def parse_content(msg_id: int, content: bytes, frame: bytes | None = None) -> AntMessage:
+    """Split a message's content (between id and checksum), e.g. openant's broadcast callback
+    data with its channel number put in front: `parse_content(0x4E, bytes([ch]) + data)`."""
+    profile = "ant-frame"
+    data = content if frame is None else frame  # what a DecodeError shows
+    length = len(content)
     if msg_id not in _DATA_MESSAGES:
         return AntMessage(msg_id, content, channel=content[0] if content else None)
     if length < 9:

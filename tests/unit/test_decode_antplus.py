@@ -358,3 +358,15 @@ def test_registry_has_every_device_type() -> None:
     assert set(antplus.DECODERS) == {
         "ant:120", "ant:11", "ant:17", "ant:121", "ant:122", "ant:123", "ant:124", "ant-frame",
     }  # fmt: skip
+
+
+def test_parse_content_takes_openant_callback_data() -> None:
+    # openant hands the broadcast data without framing: [0:8] page, [8] 0x80, [9:13] channel id.
+    data = bytes.fromhex("84FFA5E2A5E6CA3C") + bytes.fromhex("8052627871")
+    message = antplus.parse_content(0x4E, bytes([0]) + data)
+    assert (message.kind, message.device_id, message.page) == (
+        "ant:120", "120:483922", bytes.fromhex("84FFA5E2A5E6CA3C"),
+    )  # fmt: skip
+    with pytest.raises(DecodeError) as caught:
+        antplus.parse_content(0x4E, bytes([0]) + data[:-1])
+    assert caught.value.payload == bytes([0]) + data[:-1]

@@ -182,7 +182,7 @@ FE_TYPES = {16: "general", 19: "treadmill", 20: "elliptical", 22: "rower", 23: "
 
 
 def fitness_equipment(data: bytes) -> list[Reading]:
-    """Type 17 fitness equipment: page 16 type, speed, distance, HR; page 25 cadence and power."""
+    """Type 17 fitness equipment: p16 type, speed, distance, HR; p25 trainer; p19, p20, p22."""
     page = _page("ant-fe", data)
     number = page[0]
     if number == 16:
@@ -212,6 +212,16 @@ def fitness_equipment(data: bytes) -> list[Reading]:
                     value=float(instant),
                 )
             )
+        return readings
+    if number == 19:  # treadmill: cadence in steps per minute
+        return [] if page[4] == 0xFF else [Reading(Measure.STEPS_CADENCE, value=float(page[4]))]
+    if number in (20, 22):  # elliptical / rower: instantaneous power u16 at bytes 4-5 / 5-6
+        readings = []
+        if number == 22 and page[4] != 0xFF:
+            readings.append(Reading(Measure.STROKE_RATE, value=float(page[4])))
+        power = _u16(page, 4 if number == 20 else 5)
+        if power != 0xFFFF:
+            readings.append(Reading(Measure.POWER, value=float(power)))
         return readings
     return []
 

@@ -248,6 +248,26 @@ def test_fe_page25_cadence_and_power_events() -> None:
 
 
 @pytest.mark.parametrize(
+    ("page", "want"),
+    [
+        (bytes([19, 0xFF, 0xFF, 0xFF, 172, 3, 5, 0x30]), {Measure.STEPS_CADENCE: 172.0}),
+        (bytes([19, 0xFF, 0xFF, 0xFF, 0xFF, 3, 5, 0x30]), {}),
+        (
+            bytes([20, 0xFF, 9, 60]) + struct.pack("<H", 210) + bytes([0, 0x30]),
+            {Measure.POWER: 210.0},
+        ),
+        (
+            bytes([22, 0xFF, 0xFF, 77, 26]) + struct.pack("<H", 260) + bytes([0x30]),
+            {Measure.STROKE_RATE: 26.0, Measure.POWER: 260.0},
+        ),
+        (bytes([22, 0xFF, 0xFF, 77, 0xFF, 0xFF, 0xFF, 0x30]), {}),
+    ],
+)
+def test_fe_treadmill_elliptical_rower_pages(page: bytes, want: dict[Measure, float]) -> None:
+    assert {r.measure: r.value for r in antplus.fitness_equipment(page)} == want
+
+
+@pytest.mark.parametrize(
     "decoder",
     [antplus.heart_rate, antplus.bike_power, antplus.speed_cadence, antplus.cadence,
      antplus.speed, antplus.sdm, antplus.fitness_equipment],

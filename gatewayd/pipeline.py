@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 from collections import Counter, deque
+from typing import NamedTuple
 
 from gatewayd.aggregate import Aggregator
 from gatewayd.clock import Clock
@@ -95,6 +96,14 @@ class RateLimitedLog:
         self._last[key] = (now, 0)
 
 
+class _Route(NamedTuple):
+    """What the pipeline remembers about one device: computed on its first frame."""
+
+    key: str
+    uid: str
+    deriver: Deriver
+
+
 class Pipeline:
     """Drains the FrameQueue, decodes, derives, aggregates and publishes to the hub."""
 
@@ -116,8 +125,7 @@ class Pipeline:
         self.aggregator = Aggregator(
             grace=config.grace_s, lost_after=config.lost_after_s, hold=config.hold_s
         )
-        self._derivers: dict[str, Deriver] = {}
-        self._keys: dict[tuple[str, str], tuple[str, str] | None] = {}
+        self._routes: dict[tuple[str, str], _Route | None] = {}
         self.decode_errors: Counter[tuple[str, str]] = Counter()
         self.ignored_frames = 0
         self.processed = 0
@@ -127,21 +135,27 @@ class Pipeline:
     def set_roster(self, roster: Roster) -> None:
         """Swap the roster (SIGHUP); devices are re-mapped from their next frame on."""
         self.roster = roster
-        self._keys.clear()
-        self._derivers.clear()
+        self._routes.clear()
+
+    def _route(self, source: str, device_id: str) -> _Route | None:
+        uid = self.roster.uid_for(source, device_id)
+        route = None
+        if uid is not None:
+            deriver = Deriver(self.roster.circumference(uid), self.config.max_gap_s)
+            route = _Route(f"{source}/{device_id}", uid, deriver)
+        self._routes[(source, device_id)] = route
+        return route
 
     def process(self, frame: Frame) -> None:
-        ident = (frame.source, frame.device_id)
-        if ident in self._keys:
-            mapped = self._keys[ident]
-        else:
-            uid = self.roster.uid_for(frame.source, frame.device_id)
-            mapped = (f"{frame.source}/{frame.device_id}", uid) if uid is not None else None
-            self._keys[ident] = mapped
-        if mapped is None:
+        source, device_id = frame.source, frame.device_id
+        try:
+            route = self._routes[(source, device_id)]
+        except KeyError:
+            route = self._route(source, device_id)
+        if route is None:
             self.ignored_frames += 1
             return
-        key, uid = mapped
+        key = route.key
         self.processed += 1
         try:
             readings = decode(frame)
@@ -152,20 +166,15 @@ class Pipeline:
             )
             return
         aggregator = self.aggregator
-        status = aggregator.frame(
-            key, uid, frame.source, frame.device_id, frame.mono, frame.wall, frame.rssi
-        )
+        mono, wall = frame.mono, frame.wall
+        status = aggregator.frame(key, route.uid, source, device_id, mono, wall, frame.rssi)
         if status is not None:
             self.hub.publish(status)
-        deriver = self._derivers.get(key)
-        if deriver is None:
-            deriver = Deriver(self.roster.circumference(uid), self.config.max_gap_s)
-            self._derivers[key] = deriver
+        derive = route.deriver.derive
+        value = aggregator.value
         for reading in readings:
-            for derived in deriver.derive(reading, frame.mono):
-                status = aggregator.value(
-                    key, derived.t, derived.val, derived.d, frame.mono, frame.wall, derived.event
-                )
+            for t, val, d, event in derive(reading, mono):
+                status = value(key, t, val, d, mono, wall, event)
                 if status is not None:
                     self.hub.publish(status)
 

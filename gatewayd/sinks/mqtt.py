@@ -250,6 +250,8 @@ class MqttSink:
         self.rejected = 0  # the broker refused a message (MQTT 5 reason code)
         self.lost = 0  # QoS 0 messages that were on the wire when a connection broke
         self.link = Link.STARTING
+        self.failed_attempts = 0  # refused or unreachable, since the start
+        self._link_waiters: list[tuple[Callable[[MqttSink], bool], asyncio.Future[None]]] = []
         self._link_key: tuple[Link, str] = (Link.STARTING, "")
         self._queue: deque[Outgoing] = deque()
         self._retained: dict[str, Outgoing] = {}
@@ -431,6 +433,9 @@ class MqttSink:
         """One log line per change of state: a broker down for a day logs once, not 3000 times."""
         key = (link, detail if link is Link.REFUSED else "")
         self.link = link
+        if link in (Link.REFUSED, Link.UNREACHABLE):
+            self.failed_attempts += 1
+        self._wake_link_waiters()
         if key == self._link_key:
             return
         self._link_key = key
@@ -700,6 +705,22 @@ class MqttSink:
     async def wait_connected(self) -> None:
         await self._up.wait()
 
+    async def wait_for_link(self, condition: Callable[[MqttSink], bool]) -> None:
+        """Until `condition(self)` holds, checked at every connection event (tests, health)."""
+        if condition(self):
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._link_waiters.append((condition, future))
+        try:
+            await future
+        finally:
+            self._link_waiters = [w for w in self._link_waiters if w[1] is not future]
+
+    def _wake_link_waiters(self) -> None:
+        for condition, future in self._link_waiters:
+            if not future.done() and condition(self):
+                future.set_result(None)
+
     async def wait_idle(self) -> None:
         """Until everything handed to this sink is written (QoS 0) or acknowledged (QoS 1/2)."""
         await self._idle.wait()
@@ -738,6 +759,7 @@ class MqttSink:
         await asyncio.to_thread(self._client.loop_stop)
         self._connected = False
         self.link = Link.CLOSED
+        self._wake_link_waiters()
         log.info(
             "MQTT closed: %d published, %d dropped%s",
             self.published,

@@ -200,9 +200,7 @@ class Watcher:
 
             # retain_as_published: live messages keep their retain flag (MQTT 5), so a test
             # can tell retained state from plain samples.
-            options = SubscribeOptions(
-                qos=self.qos, retainAsPublished=self.retain_as_published
-            )
+            options = SubscribeOptions(qos=self.qos, retainAsPublished=self.retain_as_published)
             client.subscribe([(topic, options) for topic in self.topics])
 
     def _on_subscribe(self, *args: Any) -> None:

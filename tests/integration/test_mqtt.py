@@ -436,3 +436,49 @@ async def test_sigterm_publishes_offline_and_exits_cleanly(
     assert daemon.stderr is not None
     log = daemon.stderr.read().decode()
     assert "MQTT connected" in log and "MQTT closed" in log
+
+
+async def test_other_outputs_keep_working_while_the_broker_is_unreachable(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "gatewayd.yaml"
+    path.write_text(
+        f"""
+hub: {{id: {HUB}, state_dir: {tmp_path / "state"}}}
+sources:
+  simulator: {{enabled: true, athletes: 2, bike_fraction: 0.0}}
+outputs:
+  local_broker: {{enabled: false}}
+  stdout: {{enabled: true}}
+  mqtt: {{enabled: true, port: {free_port()}, reconnect_min_s: 0.05, reconnect_max_s: 0.1}}
+"""
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gatewayd",
+        "run",
+        "--config",
+        str(path),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None and process.stderr is not None
+        samples = 0
+        while samples < 6:  # three seconds of two athletes' heart rate, while MQTT is down
+            line = await asyncio.wait_for(process.stdout.readline(), WAIT_S)
+            assert line, "the daemon exited"
+            samples += '"t":"HEART_RATE"' in line.decode()
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), WAIT_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = err.decode()
+    assert process.returncode == 0
+    # dozens of attempts in those seconds, one line about them
+    assert log.count("unreachable") == 1, log
+    assert "Connection refused" in log

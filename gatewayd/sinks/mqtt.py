@@ -393,7 +393,13 @@ class MqttSink:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._to_loop(self._link_down, str(reason))
+        if flags.is_disconnect_packet_from_server:
+            detail = f"the broker disconnected us: {reason}"
+        elif reason.value == 128:  # what paho reports for a broken socket
+            detail = "the connection broke (broker stopped or network down)"
+        else:
+            detail = str(reason)
+        self._to_loop(self._link_down, detail)
 
     def _on_publish(
         self,
@@ -486,6 +492,7 @@ class MqttSink:
             f"; sending {waiting} queued messages" if waiting else "",
         )
         # "online" goes first, ahead of whatever waited.
+        self._idle.clear()
         self._retained = {
             self.topics.status: Outgoing(self.topics.status, ONLINE, 1, True),
             **{t: m for t, m in self._retained.items() if t != self.topics.status},

@@ -29,10 +29,57 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def make_certificates(directory: Path, ca_file: Path) -> tuple[Path, Path]:
+    """A throwaway CA (ca_file) and a server certificate for 127.0.0.1 signed by it."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        str(ca_file),
+        "-days",
+        "2",
+        "-subj",
+        "/CN=gatewayd test CA",
+    )
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        str(ca_file),
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    )
+    return directory / "server.pem", directory / "server.key"
+
+
 class Mosquitto:
-    def __init__(self, directory: Path, passwords: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, directory: Path, passwords: dict[str, str] | None = None, *, tls: bool = False
+    ) -> None:
         self.directory = directory
         self.port = free_port()
+        # with tls: a second listener on tls_port, its certificate signed by the CA in ca_file
+        self.tls_port = free_port() if tls else None
+        self.ca_file = directory / "ca.pem"
         self.host = "127.0.0.1"
         self.passwords = passwords
         self.log: list[str] = []
@@ -53,6 +100,14 @@ class Mosquitto:
             # As root mosquitto would switch to its own user, which cannot write tmp_path.
             f"user {getpass.getuser()}",
         ]
+        if self.tls_port is not None:
+            certificate, key = make_certificates(self.directory, self.ca_file)
+            lines += [
+                f"listener {self.tls_port} 127.0.0.1",
+                f"cafile {self.ca_file}",
+                f"certfile {certificate}",
+                f"keyfile {key}",
+            ]
         if self.passwords is None:
             lines.append("allow_anonymous true")
         else:
@@ -113,17 +168,19 @@ class Mosquitto:
         self._process.send_signal(1)
 
 
-def _start(directory: Path, passwords: dict[str, str] | None = None) -> Iterator[Mosquitto]:
+def _start(
+    directory: Path, passwords: dict[str, str] | None = None, *, tls: bool = False
+) -> Iterator[Mosquitto]:
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed: run scripts/setup --dev (Debian: mosquitto)")
-    broker = Mosquitto(directory, passwords)
+    broker = Mosquitto(directory, passwords, tls=tls)
     for _attempt in range(3):
         try:
             broker.start()
             break
         except RuntimeError:
             # Another test took the port between probing and binding: try a fresh one.
-            broker = Mosquitto(directory, passwords)
+            broker = Mosquitto(directory, passwords, tls=tls)
     else:
         broker.start()
     try:
@@ -135,6 +192,12 @@ def _start(directory: Path, passwords: dict[str, str] | None = None) -> Iterator
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
     yield from _start(tmp_path / "mosquitto")
+
+
+@pytest.fixture
+def mosquitto_tls(tmp_path: Path) -> Iterator[Mosquitto]:
+    """Plain listener on port, TLS listener on tls_port (server certificate for 127.0.0.1)."""
+    yield from _start(tmp_path / "mosquitto", tls=True)
 
 
 @pytest.fixture

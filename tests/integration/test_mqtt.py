@@ -28,9 +28,10 @@ from tests.integration.mosquitto import (
     free_port,
     mosquitto,
     mosquitto_auth,
+    mosquitto_tls,
 )
 
-__all__ = ["mosquitto", "mosquitto_auth"]  # fixtures, imported for pytest
+__all__ = ["mosquitto", "mosquitto_auth", "mosquitto_tls"]  # fixtures, imported for pytest
 
 REPO = Path(__file__).resolve().parents[2]
 TS = 1_800_000_000.0
@@ -482,3 +483,30 @@ outputs:
     # dozens of attempts in those seconds, one line about them
     assert log.count("unreachable") == 1, log
     assert "Connection refused" in log
+
+
+async def test_tls_with_the_brokers_ca_and_a_clear_error_with_another(
+    mosquitto_tls: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.integration.mosquitto import make_certificates
+
+    assert mosquitto_tls.tls_port is not None
+    topic = f"gatewayd/{HUB}/athletes/anna/HEART_RATE"
+    watcher = await Watcher(mosquitto_tls, [topic]).start()  # on the plain listener
+    tls = {"enabled": True, "ca_file": mosquitto_tls.ca_file}
+    async with running(config(mosquitto_tls, port=mosquitto_tls.tls_port, tls=tls)) as gw:
+        gw.hub.publish(hr("anna", 0, 66))
+        await watcher.wait_for(lambda _: watcher.on(topic))
+    watcher.stop()
+    assert json.loads(watcher.on(topic)[0])["val"] == 66.0
+
+    caplog.set_level(logging.INFO, logger="gatewayd.sinks.mqtt")
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    make_certificates(other, other / "ca.pem")
+    tls = {"enabled": True, "ca_file": other / "ca.pem"}
+    cfg = config(mosquitto_tls, port=mosquitto_tls.tls_port, tls=tls)
+    async with running(cfg, connect=False) as gw:
+        await asyncio.wait_for(gw.sink.wait_for_link(lambda s: s.failed_attempts >= 3), WAIT_S)
+    failures = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(failures) == 1 and "CERTIFICATE_VERIFY_FAILED" in failures[0], failures

@@ -654,6 +654,8 @@ class MqttSink:
                 self._publish_config(topic, uid, t)
 
     def _announce(self, uid: str, t: DataType) -> None:
+        if t not in SENSORS:
+            return  # a data type Home Assistant has no sensor for yet: samples still flow
         topic = self.topics.discovery(uid, t)
         if topic not in self._announced:
             self._publish_config(topic, uid, t)
@@ -756,10 +758,14 @@ class MqttSink:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CLOSE_BUDGET_S
         if self._connected:
-            self._enqueue(Outgoing(self.topics.status, OFFLINE, 1, True))
             self._pump()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            # "offline" last, so no sample follows it
+            self._enqueue(Outgoing(self.topics.status, OFFLINE, 1, True))
+            self._pump()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(0.1, deadline - loop.time()))
         self._closed = True
         unsent = len(self._queue) + len(self._pending)
         self._client.disconnect()

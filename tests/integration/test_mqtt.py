@@ -510,3 +510,52 @@ async def test_tls_with_the_brokers_ca_and_a_clear_error_with_another(
         await asyncio.wait_for(gw.sink.wait_for_link(lambda s: s.failed_attempts >= 3), WAIT_S)
     failures = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(failures) == 1 and "CERTIFICATE_VERIFY_FAILED" in failures[0], failures
+
+
+async def test_sighup_removes_the_sensors_of_an_athlete_gone_from_the_roster(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    anna = discovery_topic("anna", "heart_rate")
+    seeded = {"state_topic": f"gatewayd/{HUB}/athletes/anna/HEART_RATE", "name": "Heart rate"}
+    seed = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-h", "127.0.0.1", "-p", str(mosquitto.port), "-q", "1", "-r",
+        "-t", anna, "-m", json.dumps(seeded),
+    )  # fmt: skip
+    assert await asyncio.wait_for(seed.wait(), WAIT_S) == 0  # as if left by an earlier run
+
+    def write_config(athletes: str) -> Path:
+        path = tmp_path / "gatewayd.yaml"
+        path.write_text(
+            f"""
+hub: {{id: {HUB}, state_dir: {tmp_path / "state"}}}
+athletes: {athletes}
+sources:
+  simulator: {{enabled: true, athletes: 1, bike_fraction: 0.0}}
+outputs:
+  local_broker: {{enabled: false}}
+  mqtt: {{enabled: true, port: {mosquitto.port}, discovery: true}}
+"""
+        )
+        return path
+
+    path = write_config("[{id: anna, name: Anna, devices: [{source: ble, id: C0:FF:EE:00:00:AA}]}]")
+    watcher = await Watcher(mosquitto, ["homeassistant/#"]).start()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gatewayd", "run", "--config", str(path),
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        simulated = discovery_topic("sim-01", "heart_rate")
+        await watcher.wait_for(lambda _: watcher.on(simulated))
+        assert b"" not in watcher.on(anna)  # in the roster: kept although silent
+        write_config("[]")
+        process.send_signal(signal.SIGHUP)
+        await watcher.wait_for(lambda _: b"" in watcher.on(anna))
+        assert b"" not in watcher.on(simulated)
+    finally:
+        watcher.stop()
+        process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(process.communicate(), WAIT_S)
+    assert process.returncode == 0

@@ -192,6 +192,7 @@ class Link(enum.StrEnum):
     CONNECTED = "connected"
     REFUSED = "refused"
     UNREACHABLE = "unreachable"
+    NO_PASSWORD = "no password"  # the password file or variable cannot be read
     LOST = "lost"
     CLOSED = "closed"
 
@@ -367,9 +368,9 @@ class MqttSink:
 
     def _attempt_failed(self, exc: OSError) -> None:
         if isinstance(exc, _CredentialsUnreadable):
-            detail = str(exc)
-        else:
-            detail = exc.strerror or str(exc) or type(exc).__name__
+            self._to_loop(self._link_failed, Link.NO_PASSWORD, str(exc))
+            return
+        detail = exc.strerror or str(exc) or type(exc).__name__
         self._to_loop(self._link_failed, Link.UNREACHABLE, detail)
 
     def _on_connect(
@@ -437,9 +438,9 @@ class MqttSink:
 
     def _report(self, link: Link, detail: str) -> None:
         """One log line per change of state: a broker down for a day logs once, not 3000 times."""
-        key = (link, detail if link is Link.REFUSED else "")
+        key = (link, detail if link in (Link.REFUSED, Link.NO_PASSWORD) else "")
         self.link = link
-        if link in (Link.REFUSED, Link.UNREACHABLE):
+        if link in (Link.REFUSED, Link.UNREACHABLE, Link.NO_PASSWORD):
             self.failed_attempts += 1
         self._wake_link_waiters()
         if key == self._link_key:
@@ -448,6 +449,8 @@ class MqttSink:
         retry = f"retrying with backoff (up to {self.config.reconnect_max_s:g} s)"
         if link is Link.REFUSED:
             log.error("MQTT broker %s refused the connection: %s; %s", self.where, detail, retry)
+        elif link is Link.NO_PASSWORD:
+            log.error("MQTT: not connecting to %s: %s; %s", self.where, detail, retry)
         elif link is Link.UNREACHABLE:
             log.warning(
                 "MQTT broker %s unreachable: %s; queueing up to %d messages, %s",

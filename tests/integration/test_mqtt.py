@@ -246,13 +246,14 @@ async def test_qos1_samples_survive_a_broker_restart(mosquitto: Mosquitto) -> No
         second_run.stop()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_wrong_credentials_log_once_and_recover_when_fixed(
-    mosquitto_auth: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    mosquitto_auth: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture, protocol: str
 ) -> None:
     caplog.set_level(logging.INFO, logger="gatewayd.sinks.mqtt")
     password_file = tmp_path / "mqtt-password"
     password_file.write_text("not-the-password\n")
-    cfg = config(mosquitto_auth, username="gym", password_file=password_file)
+    cfg = config(mosquitto_auth, username="gym", password_file=password_file, protocol=protocol)
     async with running(cfg, connect=False) as gw:
         await asyncio.wait_for(gw.sink.wait_for_link(lambda s: s.failed_attempts >= 4), WAIT_S)
         assert gw.sink.link is Link.REFUSED
@@ -272,6 +273,20 @@ async def test_wrong_credentials_log_once_and_recover_when_fixed(
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "not-the-password" not in logged and "s3cret-pass" not in logged
     assert sum("MQTT connected" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_password_from_the_environment(
+    mosquitto_auth: Mosquitto, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    variable = f"GATEWAYD_TEST_MQTT_PASSWORD_{os.getpid()}"
+    cfg = config(mosquitto_auth, username="gym", password_env=variable)
+    async with running(cfg, connect=False) as gw:
+        await asyncio.wait_for(gw.sink.wait_for_link(lambda s: s.failed_attempts >= 2), WAIT_S)
+        unset = [r.getMessage() for r in caplog.records if variable in r.getMessage()]
+        assert len(unset) == 1 and "is not set" in unset[0]
+        assert gw.sink.link is Link.NO_PASSWORD
+        monkeypatch.setenv(variable, "s3cret-pass")
+        await asyncio.wait_for(gw.sink.wait_connected(), WAIT_S)
 
 
 async def test_unreachable_broker_logs_once_and_bounds_its_queue(

@@ -24,6 +24,7 @@ from gatewayd.errors import GatewayError
 from gatewayd.hub import Hub
 from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import Roster
+from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
 from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
@@ -91,6 +92,15 @@ class App:
         outputs = self.config.outputs
         if outputs.stdout.enabled:
             sinks.append(StdoutSink(self.hub.subscribe("stdout")))
+        if outputs.mqtt.enabled:
+            sinks.append(
+                MqttSink(
+                    self.hub.subscribe("mqtt"),
+                    outputs.mqtt,
+                    hub_id=self.config.hub.id,
+                    roster=self.pipeline.roster,
+                )
+            )
         return sinks
 
     def _build_roster(self, config: Config) -> Roster:
@@ -142,7 +152,11 @@ class App:
         except GatewayError as exc:
             log.error("SIGHUP: config not reloaded, keeping the running roster: %s", exc)
             return
-        self.pipeline.set_roster(self._build_roster(fresh))
+        roster = self._build_roster(fresh)
+        self.pipeline.set_roster(roster)
+        for sink in self.sinks:
+            if isinstance(sink, MqttSink):
+                sink.set_roster(roster)
         log.info("SIGHUP: roster reloaded (%d athletes)", len(fresh.athletes))
 
     async def run(self, *, seconds: float | None = None) -> int:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gatewayd.errors import ConfigError
@@ -129,11 +136,62 @@ class UpstreamConfig(Section):
     token: str | None = None
 
 
+class MqttTlsConfig(Section):
+    enabled: bool = False
+    ca_file: Path | None = None  # default: the system's trusted CAs
+    cert_file: Path | None = None  # client certificate, with key_file
+    key_file: Path | None = None
+    insecure: bool = False  # skip the host name check (self-signed test brokers only)
+
+    @model_validator(mode="after")
+    def _pair(self) -> MqttTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
+
+
 class MqttConfig(Section):
     enabled: bool = False
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
-    prefix: str = "gatewayd"
+    # Topic levels go below this; no wildcards, no leading or trailing slash.
+    prefix: str = Field("gatewayd", pattern=r"^[^+#/\x00]+(/[^+#/\x00]+)*$")
+    qos: Literal[0, 1, 2] = 1
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = Field(None, min_length=1, max_length=128)  # default gatewayd-<hub id>
+    # A persistent session (clean_session false) keeps the broker's state for this client id
+    # across reconnects; session_expiry_s bounds how long the broker keeps it (MQTT 5 only).
+    clean_session: bool = False
+    session_expiry_s: int = Field(7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+    keepalive_s: int = Field(30, ge=5, le=65535)
+    tls: MqttTlsConfig = MqttTlsConfig()
+    username: str | None = None
+    # The password is never in this file: read from password_file or from the environment
+    # variable named by password_env, again before every connection attempt.
+    password_file: Path | None = None
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # Messages held while the broker is unreachable; the oldest go first and are counted.
+    offline_queue: int = Field(50_000, ge=10, le=10_000_000)
+    reconnect_min_s: float = Field(1.0, gt=0.0)
+    reconnect_max_s: float = Field(30.0, gt=0.0)
+    discovery: bool = False  # Home Assistant MQTT discovery
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[^+#/\x00]+(/[^+#/\x00]+)*$")
+    # Home Assistant shows a sensor as unavailable after this long without a value (0: never).
+    discovery_expire_after_s: int = Field(60, ge=0)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_text(cls, value: object) -> object:
+        # YAML reads `protocol: 5` as a number and `3.1.1` as text; accept both spellings.
+        return str(value) if isinstance(value, int | float) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MqttConfig:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set password_file or password_env, not both")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        return self
 
 
 class OutputsConfig(Section):

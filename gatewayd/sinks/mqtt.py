@@ -1,0 +1,784 @@
+"""Publishes samples, device state and the hub's own status to an MQTT broker (paho-mqtt).
+
+Topic layout (docs/mqtt.md): `<prefix>/<hub>/athletes/<uid>/<data type>` per sample,
+`<prefix>/<hub>/status` retained online/offline (offline is also the last will),
+`<prefix>/<hub>/devices/<source>/<device id>` retained device state, and optionally Home
+Assistant discovery configs under `<discovery prefix>/sensor/gatewayd_<hub>/.../config`.
+
+Threads: paho's network loop runs in its own thread (loop_start). Every paho callback only hands
+its news to the event loop (call_soon_threadsafe); all of this sink's state lives on the loop.
+client.publish() is thread-safe in paho and is called from the loop.
+
+Memory stays bounded: at most WINDOW messages are inside paho (handed over but not yet written
+for QoS 0, not yet acknowledged for QoS 1/2; paho's own max_queued_messages is set to the same
+bound), the rest wait in this sink's offline queue of `offline_queue` messages, whose oldest are
+dropped and counted when it is full. Retained state (status, devices, discovery) is kept apart,
+one message per topic, so a long outage never loses the latest state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import logging
+import os
+import re
+import ssl
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from gatewayd import __version__
+from gatewayd.config import MqttConfig
+from gatewayd.errors import ConfigError
+from gatewayd.hub import Event, Subscription
+from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, format_ts
+from gatewayd.roster import Roster
+
+log = logging.getLogger(__name__)
+
+WINDOW = 1000  # messages inside paho at once (see the module docstring)
+MAX_INFLIGHT = 100  # QoS 1/2 messages on the wire awaiting their ack (paho's default is 20)
+PUMP_CHUNK = 2000  # messages handed to paho per loop turn, so a backlog never stalls the loop
+MAX_DEVICES = 10_000  # remembered device states; the least recently changed is forgotten
+CLOSE_BUDGET_S = 2.0  # of the app's shutdown budget: finish sending, then say "offline"
+
+ONLINE = b"online"
+OFFLINE = b"offline"
+
+_AUTH_CODES = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4, 5 map here)
+_CLIENT_ID_CODE = 133  # Client Identifier not valid
+
+
+@dataclass(frozen=True, slots=True)
+class SensorKind:
+    """How Home Assistant should show one data type."""
+
+    label: str
+    unit: str
+    device_class: str | None
+    state_class: str
+    icon: str | None
+    value_template: str = "{{ value_json.val }}"
+
+
+SENSORS: dict[DataType, SensorKind] = {
+    DataType.HEART_RATE: SensorKind("Heart rate", "bpm", None, "measurement", "mdi:heart-pulse"),
+    DataType.RR_INTERVAL: SensorKind(
+        "RR interval",
+        "ms",
+        "duration",
+        "measurement",
+        None,
+        # A second can hold several beats; the sensor shows the last, the JSON has them all.
+        "{{ value_json.d | last }}",
+    ),
+    DataType.POWER: SensorKind("Power", "W", "power", "measurement", None),
+    DataType.BIKE_CADENCE: SensorKind("Cadence", "rpm", None, "measurement", "mdi:bike"),
+    DataType.SPEED: SensorKind("Speed", "m/s", "speed", "measurement", None),
+    DataType.DISTANCE: SensorKind("Distance", "m", "distance", "total_increasing", None),
+    DataType.STEPS: SensorKind("Steps", "steps", None, "total_increasing", "mdi:shoe-print"),
+    DataType.STEPS_CADENCE: SensorKind("Step cadence", "steps/s", None, "measurement", "mdi:run"),
+    DataType.CALORIES: SensorKind("Calories", "kcal", None, "total_increasing", "mdi:fire"),
+    DataType.BATTERY: SensorKind("Battery", "%", "battery", "measurement", None),
+}
+
+
+def level(text: str) -> str:
+    """One topic level: MQTT's separators and wildcards cannot appear inside it."""
+    return re.sub(r"[/+#\x00]", "_", text) or "_"
+
+
+def object_id(text: str) -> str:
+    """Home Assistant ids allow [a-z0-9_-]; a lossy rewrite gets a hash so two ids never merge."""
+    slug = re.sub(r"[^a-z0-9_-]", "_", text.lower())
+    if slug == text:
+        return slug
+    return f"{slug}_{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+
+
+class Topics:
+    def __init__(self, prefix: str, hub_id: str, discovery_prefix: str) -> None:
+        self.base = f"{prefix}/{level(hub_id)}"
+        self.status = f"{self.base}/status"
+        self.node = object_id(f"gatewayd_{hub_id}")
+        self.discovery_base = f"{discovery_prefix}/sensor/{self.node}"
+        self.discovery_filter = f"{self.discovery_base}/+/config"
+
+    def sample(self, uid: str, t: DataType) -> str:
+        return f"{self.base}/athletes/{level(uid)}/{t}"
+
+    def device(self, source: str, device_id: str) -> str:
+        return f"{self.base}/devices/{level(source)}/{level(device_id)}"
+
+    def discovery(self, uid: str, t: DataType) -> str:
+        return f"{self.discovery_base}/{object_id(uid)}_{t.lower()}/config"
+
+    def uid_level_of(self, state_topic: str) -> str | None:
+        """The athlete's topic level in one of our sample topics, else None."""
+        head = f"{self.base}/athletes/"
+        if not state_topic.startswith(head):
+            return None
+        parts = state_topic[len(head) :].split("/")
+        return parts[0] if len(parts) == 2 else None
+
+
+def sample_payload(sample: Sample) -> bytes:
+    record = sample.payload()
+    record["device"] = sample.device_id
+    record["source"] = sample.source
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def discovery_payload(
+    topics: Topics, uid: str, name: str, t: DataType, *, qos: int, expire_after_s: int
+) -> bytes:
+    kind = SENSORS[t]
+    athlete = object_id(uid)
+    state_topic = topics.sample(uid, t)
+    config: dict[str, Any] = {
+        "name": kind.label,
+        "unique_id": f"{topics.node}_{athlete}_{t.lower()}",
+        "state_topic": state_topic,
+        "value_template": kind.value_template,
+        "unit_of_measurement": kind.unit,
+        "state_class": kind.state_class,
+        "json_attributes_topic": state_topic,
+        "json_attributes_template": (
+            "{{ {'ts': value_json.ts, 'device': value_json.device, "
+            "'source': value_json.source} | tojson }}"
+        ),
+        "availability_topic": topics.status,
+        "payload_available": ONLINE.decode(),
+        "payload_not_available": OFFLINE.decode(),
+        "qos": qos,
+        "device": {
+            "identifiers": [f"{topics.node}_{athlete}"],
+            "name": name,
+            "manufacturer": "gatewayd",
+            "model": "Athlete",
+        },
+        "origin": {"name": "gatewayd", "sw_version": __version__},
+    }
+    if kind.device_class is not None:
+        config["device_class"] = kind.device_class
+    if kind.icon is not None:
+        config["icon"] = kind.icon
+    if expire_after_s:
+        config["expire_after"] = expire_after_s
+    return json.dumps(config, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+class Link(enum.StrEnum):
+    STARTING = "starting"
+    CONNECTED = "connected"
+    REFUSED = "refused"
+    UNREACHABLE = "unreachable"
+    NO_PASSWORD = "no password"  # the password file or variable cannot be read
+    LOST = "lost"
+    CLOSED = "closed"
+
+
+class _CredentialsUnreadable(OSError):
+    """The password file or variable is missing; treated like any failed attempt."""
+
+
+class _Client(paho.Client):
+    """paho's client, plus two things its reconnect loop lacks: the reason a connection attempt
+    failed (paho swallows the OSError), and credentials read afresh before every attempt, so
+    fixing a password file takes effect without a restart."""
+
+    def __init__(
+        self,
+        *args: Any,
+        credentials: Callable[[], tuple[str | None, str | None]],
+        attempt_failed: Callable[[OSError], None],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._gw_credentials = credentials
+        self._gw_attempt_failed = attempt_failed
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            username, password = self._gw_credentials()
+            if username is not None:
+                self.username_pw_set(username, password)
+            return super().reconnect()
+        except OSError as exc:
+            self._gw_attempt_failed(exc)
+            raise
+
+
+class MqttSink:
+    name = "mqtt"
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        config: MqttConfig,
+        *,
+        hub_id: str,
+        roster: Roster | None = None,
+    ) -> None:
+        self.subscription = subscription
+        self.config = config
+        self.hub_id = hub_id
+        self.client_id = config.client_id or f"gatewayd-{hub_id}"
+        self.topics = Topics(config.prefix, hub_id, config.discovery_prefix)
+        self.where = f"{config.host}:{config.port}"
+        # counters (health and tests)
+        self.published = 0  # written (QoS 0) or acknowledged (QoS 1/2) by the broker
+        self.dropped = 0  # oldest messages dropped from a full offline queue
+        self.rejected = 0  # the broker refused a message (MQTT 5 reason code)
+        self.lost = 0  # QoS 0 messages that were on the wire when a connection broke
+        self.link = Link.STARTING
+        self.failed_attempts = 0  # refused or unreachable, since the start
+        self._link_waiters: list[tuple[Callable[[MqttSink], bool], asyncio.Future[None]]] = []
+        self._link_key: tuple[Link, str] = (Link.STARTING, "")
+        self._queue: deque[Outgoing] = deque()
+        self._retained: dict[str, Outgoing] = {}
+        self._pending: dict[int, int] = {}  # mid -> qos, inside paho
+        self._connected = False
+        self._dropping = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._up = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pump_scheduled = False
+        self._acks: deque[tuple[int, bool]] = deque()
+        self._acks_scheduled = False
+        self._devices: dict[str, dict[str, Any]] = {}
+        # discovery bookkeeping, keyed by the athlete's topic level
+        self._names: dict[str, str] = {}
+        self._roster_levels: set[str] = set()
+        self._configs: dict[str, set[str]] = {}  # uid level -> config topics known at the broker
+        self._announced: dict[str, tuple[str, DataType]] = {}  # config topic -> (uid, type), run
+        if roster is not None:
+            self._take_roster(roster)
+        self._check_files()
+        self._client = self._make_client()
+        self._started = False
+
+    # -- paho client ---------------------------------------------------------------------------
+
+    def _check_files(self) -> None:
+        tls = self.config.tls
+        for key, path in (
+            ("tls.ca_file", tls.ca_file),
+            ("tls.cert_file", tls.cert_file),
+            ("tls.key_file", tls.key_file),
+        ):
+            if tls.enabled and path is not None and not path.is_file():
+                raise ConfigError(f"outputs.mqtt.{key}", f"{path} does not exist or is not a file")
+
+    def _make_client(self) -> _Client:
+        cfg = self.config
+        v5 = cfg.protocol == "5"
+        client = _Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=None if v5 else cfg.clean_session,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            credentials=self._credentials,
+            attempt_failed=self._attempt_failed,
+        )
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(WINDOW)
+        # paho accepts fractions of a second here although its annotation says int.
+        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
+        client.will_set(self.topics.status, OFFLINE, qos=1, retain=True)
+        if cfg.tls.enabled:
+            try:
+                client.tls_set(
+                    ca_certs=str(cfg.tls.ca_file) if cfg.tls.ca_file else None,
+                    certfile=str(cfg.tls.cert_file) if cfg.tls.cert_file else None,
+                    keyfile=str(cfg.tls.key_file) if cfg.tls.key_file else None,
+                    cert_reqs=ssl.CERT_REQUIRED,
+                )
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError(
+                    "outputs.mqtt.tls", f"cannot load the TLS files: {exc}; check their paths"
+                ) from None
+            client.tls_insecure_set(cfg.tls.insecure)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0 if cfg.clean_session else cfg.session_expiry_s
+        client.connect_async(
+            cfg.host,
+            cfg.port,
+            keepalive=cfg.keepalive_s,
+            clean_start=cfg.clean_session,
+            properties=properties,
+        )
+        return client
+
+    def _credentials(self) -> tuple[str | None, str | None]:
+        """Runs in paho's thread before every attempt; the password goes nowhere but paho."""
+        cfg = self.config
+        password: str | None = None
+        if cfg.password_file is not None:
+            try:
+                password = cfg.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise _CredentialsUnreadable(
+                    f"cannot read outputs.mqtt.password_file {cfg.password_file}: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        elif cfg.password_env is not None:
+            password = os.environ.get(cfg.password_env)
+            if password is None:
+                raise _CredentialsUnreadable(
+                    f"the environment variable {cfg.password_env} named by "
+                    "outputs.mqtt.password_env is not set"
+                )
+        return cfg.username, password
+
+    # paho thread -> loop ---------------------------------------------------------------------
+
+    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing to do
+                loop.call_soon_threadsafe(callback, *args)
+
+    def _attempt_failed(self, exc: OSError) -> None:
+        if isinstance(exc, _CredentialsUnreadable):
+            self._to_loop(self._link_failed, Link.NO_PASSWORD, str(exc))
+            return
+        detail = exc.strerror or str(exc) or type(exc).__name__
+        self._to_loop(self._link_failed, Link.UNREACHABLE, detail)
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            self._to_loop(self._link_failed, Link.REFUSED, self._refusal(reason))
+        else:
+            self._to_loop(self._link_up, flags.session_present)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if flags.is_disconnect_packet_from_server:
+            detail = f"the broker disconnected us: {reason}"
+        elif reason.value == 128:  # what paho reports for a broken socket
+            detail = "the connection broke (broker stopped or network down)"
+        else:
+            detail = str(reason)
+        self._to_loop(self._link_down, detail)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # Acks come by the thousand: queue them and wake the loop once per burst.
+        self._acks.append((mid, reason.is_failure))
+        if not self._acks_scheduled:
+            self._acks_scheduled = True
+            self._to_loop(self._take_acks)
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        self._to_loop(self._discovered, message.topic, bytes(message.payload))
+
+    def _refusal(self, reason: ReasonCode) -> str:
+        cfg = self.config
+        if reason.value in _AUTH_CODES:
+            if cfg.password_file is not None:
+                secret = f"the password in {cfg.password_file} (outputs.mqtt.password_file)"
+            elif cfg.password_env is not None:
+                secret = f"the password in ${cfg.password_env} (outputs.mqtt.password_env)"
+            else:
+                secret = "outputs.mqtt.password_file or password_env (no password is set)"
+            user = repr(cfg.username) if cfg.username else "none"
+            return f"{reason}; check outputs.mqtt.username (now {user}) and {secret}"
+        if reason.value == _CLIENT_ID_CODE:
+            return f"{reason}; check outputs.mqtt.client_id (now {self.client_id!r})"
+        return str(reason)
+
+    # -- link state (loop) ---------------------------------------------------------------------
+
+    def _report(self, link: Link, detail: str) -> None:
+        """One log line per change of state: a broker down for a day logs once, not 3000 times."""
+        key = (link, detail if link in (Link.REFUSED, Link.NO_PASSWORD) else "")
+        self.link = link
+        if link in (Link.REFUSED, Link.UNREACHABLE, Link.NO_PASSWORD):
+            self.failed_attempts += 1
+        self._wake_link_waiters()
+        if key == self._link_key:
+            return
+        self._link_key = key
+        retry = f"retrying with backoff (up to {self.config.reconnect_max_s:g} s)"
+        if link is Link.REFUSED:
+            log.error("MQTT broker %s refused the connection: %s; %s", self.where, detail, retry)
+        elif link is Link.NO_PASSWORD:
+            log.error("MQTT: not connecting to %s: %s; %s", self.where, detail, retry)
+        elif link is Link.UNREACHABLE:
+            log.warning(
+                "MQTT broker %s unreachable: %s; queueing up to %d messages, %s",
+                self.where,
+                detail,
+                self.config.offline_queue,
+                retry,
+            )
+        elif link is Link.LOST:
+            log.warning("MQTT connection to %s lost: %s; reconnecting", self.where, detail)
+
+    def _link_failed(self, link: Link, detail: str) -> None:
+        self._connected = False
+        self._up.clear()
+        if not self._closed:
+            self._report(link, detail)
+
+    def _link_down(self, reason: str) -> None:
+        if not self._connected:
+            return  # the refusal or failed attempt before this was already reported
+        self._connected = False
+        self._up.clear()
+        if not self._closed:
+            self._report(Link.LOST, reason)
+
+    def _link_up(self, session_present: bool) -> None:
+        # QoS 0 messages that were on the wire are gone (paho does not resend them); QoS 1/2
+        # ones stay in paho and are resent by it.
+        lost = [mid for mid, qos in self._pending.items() if qos == 0]
+        for mid in lost:
+            del self._pending[mid]
+        self.lost += len(lost)
+        self._connected = True
+        waiting = len(self._queue) + len(self._pending)
+        self._report(Link.CONNECTED, "")
+        log.info(
+            "MQTT connected to %s as %s (MQTT %s, %s session)%s",
+            self.where,
+            self.client_id,
+            self.config.protocol,
+            "resumed" if session_present else "new",
+            f"; sending {waiting} queued messages" if waiting else "",
+        )
+        # "online" goes first, ahead of whatever waited.
+        self._idle.clear()
+        self._retained = {
+            self.topics.status: Outgoing(self.topics.status, ONLINE, 1, True),
+            **{t: m for t, m in self._retained.items() if t != self.topics.status},
+        }
+        if self.config.discovery:
+            self._client.subscribe(self.topics.discovery_filter, qos=0)
+        self._up.set()
+        self._pump()
+
+    # -- sending (loop) ------------------------------------------------------------------------
+
+    def _enqueue(self, message: Outgoing) -> None:
+        self._idle.clear()
+        if message.retain:
+            self._retained.pop(message.topic, None)
+            self._retained[message.topic] = message
+        else:
+            if len(self._queue) >= self.config.offline_queue:
+                self._queue.popleft()
+                self.dropped += 1
+                if not self._dropping:
+                    self._dropping = True
+                    log.warning(
+                        "MQTT: %d messages waiting for %s; dropping the oldest (outputs.mqtt."
+                        "offline_queue)",
+                        self.config.offline_queue,
+                        self.where,
+                    )
+            self._queue.append(message)
+        if not self._pump_scheduled and self._connected:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _pump(self) -> None:
+        """Hand waiting messages to paho while connected and paho has room."""
+        self._pump_scheduled = False
+        if not self._connected:
+            return
+        publish = self._client.publish
+        budget = PUMP_CHUNK
+        while budget and len(self._pending) < WINDOW:
+            if self._retained:
+                topic = next(iter(self._retained))
+                message = self._retained.pop(topic)
+            elif self._queue:
+                message = self._queue.popleft()
+            else:
+                break
+            info = publish(message.topic, message.payload, message.qos, message.retain)
+            rc = info.rc
+            # NO_CONN: the link broke before we heard. paho keeps a QoS 1/2 message for the
+            # next connection but drops a QoS 0 one, which then waits here again.
+            if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE or (
+                rc == MQTTErrorCode.MQTT_ERR_NO_CONN and message.qos == 0
+            ):
+                if message.retain:
+                    self._retained = {message.topic: message, **self._retained}
+                else:
+                    self._queue.appendleft(message)
+                break
+            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                self.rejected += 1
+                log.error("MQTT: paho refused a message for %s: %s", message.topic, rc.name)
+                continue
+            self._pending[info.mid] = message.qos
+            budget -= 1
+        if not budget and (self._queue or self._retained):
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+        self._check_idle()
+
+    def _take_acks(self) -> None:
+        self._acks_scheduled = False
+        acks = self._acks
+        while acks:
+            mid, failed = acks.popleft()
+            if self._pending.pop(mid, None) is None:
+                continue
+            if failed:
+                self.rejected += 1
+                if self.rejected == 1:
+                    log.error("MQTT broker %s rejected a message (check its ACL)", self.where)
+            else:
+                self.published += 1
+        if self._dropping and not self._queue:
+            self._dropping = False
+            log.info("MQTT caught up; %d messages dropped so far", self.dropped)
+        self._pump()
+
+    def _check_idle(self) -> None:
+        if not self._queue and not self._retained and not self._pending:
+            self._idle.set()
+
+    # -- events (loop) -------------------------------------------------------------------------
+
+    def _handle(self, event: Event) -> None:
+        if isinstance(event, Sample):
+            qos = self.config.qos
+            if self.config.discovery:
+                self._announce(event.uid, event.t)
+            topic = self.topics.sample(event.uid, event.t)
+            self._enqueue(Outgoing(topic, sample_payload(event), qos, False))
+            if event.t is DataType.BATTERY and event.device_id and event.val is not None:
+                self._device_update(event.source, event.device_id, {"battery": event.val})
+        else:
+            self._device_status(event)
+
+    def _device_status(self, status: DeviceStatus) -> None:
+        changes: dict[str, Any] = {
+            "state": str(status.state),
+            "uid": status.uid,
+            "ts": format_ts(status.wall),
+            "reason": status.reason if status.state is DeviceState.LOST else "",
+        }
+        if status.battery is not None:
+            changes["battery"] = status.battery
+        if status.rssi is not None:
+            changes["rssi"] = status.rssi
+        self._device_update(status.source, status.device_id, changes)
+
+    def _device_update(self, source: str, device_id: str, changes: dict[str, Any]) -> None:
+        topic = self.topics.device(source, device_id)
+        state = self._devices.pop(topic, None)
+        if state is None:
+            state = {
+                "state": str(DeviceState.CONNECTED),
+                "uid": "",
+                "ts": None,
+                "reason": "",
+                "battery": None,
+                "rssi": None,
+                "source": source,
+                "device": device_id,
+            }
+            if len(self._devices) >= MAX_DEVICES:
+                self._devices.pop(next(iter(self._devices)))
+        state.update(changes)
+        self._devices[topic] = state
+        payload = json.dumps(state, separators=(",", ":")).encode()
+        self._enqueue(Outgoing(topic, payload, self.config.qos, True))
+
+    # -- Home Assistant discovery (loop) -------------------------------------------------------
+
+    def _take_roster(self, roster: Roster) -> None:
+        self._names = {level(a.uid): a.name or a.uid for a in roster.athletes()}
+        self._roster_levels = set(self._names)
+
+    def set_roster(self, roster: Roster) -> None:
+        """SIGHUP: athletes gone from the roster lose their sensors; renamed ones are renamed."""
+        before = dict(self._names)
+        self._take_roster(roster)
+        if not self.config.discovery:
+            return
+        for uid_level in set(before) - self._roster_levels:
+            self._forget(uid_level)
+        for topic, (uid, t) in list(self._announced.items()):
+            uid_level = level(uid)
+            if uid_level in self._names and before.get(uid_level) != self._names[uid_level]:
+                self._publish_config(topic, uid, t)
+
+    def _announce(self, uid: str, t: DataType) -> None:
+        if t not in SENSORS:
+            return  # a data type Home Assistant has no sensor for yet: samples still flow
+        topic = self.topics.discovery(uid, t)
+        if topic not in self._announced:
+            self._publish_config(topic, uid, t)
+
+    def _publish_config(self, topic: str, uid: str, t: DataType) -> None:
+        uid_level = level(uid)
+        payload = discovery_payload(
+            self.topics,
+            uid,
+            self._names.get(uid_level, uid),
+            t,
+            qos=self.config.qos,
+            expire_after_s=self.config.discovery_expire_after_s,
+        )
+        self._announced[topic] = (uid, t)
+        self._configs.setdefault(uid_level, set()).add(topic)
+        self._enqueue(Outgoing(topic, payload, 1, True))
+
+    def _forget(self, uid_level: str) -> None:
+        for topic in self._configs.pop(uid_level, set()):
+            self._announced.pop(topic, None)
+            self._enqueue(Outgoing(topic, b"", 1, True))
+
+    def _discovered(self, topic: str, payload: bytes) -> None:
+        """A retained config of ours at the broker: left by an earlier run, or our own echo.
+        An athlete neither in the roster nor seen in this run has gone: remove its sensors."""
+        if not payload or topic in self._announced or self._closed:
+            return
+        try:
+            state_topic = json.loads(payload)["state_topic"]
+            uid_level = self.topics.uid_level_of(state_topic)
+        except (ValueError, KeyError, TypeError):
+            uid_level = None
+        if uid_level is not None and uid_level in self._roster_levels:
+            self._configs.setdefault(uid_level, set()).add(topic)
+            return
+        log.info("MQTT discovery: removing %s (athlete no longer known)", topic)
+        self._enqueue(Outgoing(topic, b"", 1, True))
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._loop = asyncio.get_running_loop()
+        self._client.loop_start()
+
+    async def run(self) -> None:
+        self._start()
+        while True:
+            batch = await self.subscription.get_batch()
+            for event in batch:
+                self._handle(event)
+
+    async def wait_connected(self) -> None:
+        await self._up.wait()
+
+    async def wait_for_link(self, condition: Callable[[MqttSink], bool]) -> None:
+        """Until `condition(self)` holds, checked at every connection event (tests, health)."""
+        if condition(self):
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._link_waiters.append((condition, future))
+        try:
+            await future
+        finally:
+            self._link_waiters = [w for w in self._link_waiters if w[1] is not future]
+
+    def _wake_link_waiters(self) -> None:
+        for condition, future in self._link_waiters:
+            if not future.done() and condition(self):
+                future.set_result(None)
+
+    async def wait_idle(self) -> None:
+        """Until everything handed to this sink is written (QoS 0) or acknowledged (QoS 1/2)."""
+        await self._idle.wait()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "link": str(self.link),
+            "queued": len(self._queue) + len(self._retained),
+            "in_flight": len(self._pending),
+            "published": self.published,
+            "dropped": self.dropped,
+            "rejected": self.rejected,
+            "lost": self.lost,
+        }
+
+    async def close(self) -> None:
+        """Send what is queued (within a budget), publish "offline", and disconnect cleanly;
+        a clean disconnect suppresses the will, so "offline" is published by hand."""
+        if self._closed:
+            return
+        for event in self.subscription.get_nowait():
+            self._handle(event)
+        if not self._started:
+            self._closed = True
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_BUDGET_S
+        if self._connected:
+            self._pump()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
+            # "offline" last, so no sample follows it
+            self._enqueue(Outgoing(self.topics.status, OFFLINE, 1, True))
+            self._pump()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), max(0.1, deadline - loop.time()))
+        self._closed = True
+        unsent = len(self._queue) + len(self._pending)
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        self._connected = False
+        self.link = Link.CLOSED
+        self._wake_link_waiters()
+        log.info(
+            "MQTT closed: %d published, %d dropped%s",
+            self.published,
+            self.dropped,
+            f", {unsent} unsent" if unsent else "",
+        )

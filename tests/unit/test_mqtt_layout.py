@@ -1,0 +1,106 @@
+"""Topic names, payloads and the MQTT config section, without a broker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gatewayd import config as config_module
+from gatewayd.errors import ConfigError
+from gatewayd.model import DataType, Sample
+from gatewayd.sinks.mqtt import (
+    SENSORS,
+    Topics,
+    discovery_payload,
+    level,
+    object_id,
+    sample_payload,
+)
+
+
+def test_a_topic_level_never_holds_separators_or_wildcards() -> None:
+    assert level("C0:FF:EE:00:00:01") == "C0:FF:EE:00:00:01"
+    assert level("a/b+c#d") == "a_b_c_d"
+    assert level("") == "_"
+
+
+def test_object_ids_are_home_assistant_safe_and_never_collide() -> None:
+    assert object_id("anna") == "anna"
+    lossy = object_id("ble:C0:FF:EE:00:00:09")
+    assert lossy.startswith("ble_c0_ff_ee_00_00_09_")
+    assert len(lossy) == len("ble_c0_ff_ee_00_00_09_") + 6
+    assert object_id("a.b") != object_id("a_b")
+    assert all(c.isalnum() or c in "_-" for c in object_id("Zoë @ gym.1"))
+
+
+def test_topics_and_the_uid_inside_a_state_topic() -> None:
+    topics = Topics("gym/floor1", "hub-7", "homeassistant")
+    assert topics.status == "gym/floor1/hub-7/status"
+    assert topics.sample("anna", DataType.POWER) == "gym/floor1/hub-7/athletes/anna/POWER"
+    assert topics.device("ant", "120:12345") == "gym/floor1/hub-7/devices/ant/120:12345"
+    assert topics.discovery("anna", DataType.HEART_RATE) == (
+        "homeassistant/sensor/gatewayd_hub-7/anna_heart_rate/config"
+    )
+    assert topics.uid_level_of(topics.sample("ble:C0:FF", DataType.SPEED)) == "ble:C0:FF"
+    assert topics.uid_level_of("other/hub-7/athletes/anna/POWER") is None
+    assert topics.uid_level_of("gym/floor1/hub-7/athletes/anna") is None
+
+
+def test_sample_payload_is_the_terra_object_plus_device_and_source() -> None:
+    sample = Sample(
+        "anna", DataType.HEART_RATE, 1_800_000_000.0, val=71.0, device_id="X", source="ble"
+    )
+    assert json.loads(sample_payload(sample)) == {
+        "ts": "2027-01-15T08:00:00.000Z",
+        "val": 71.0,
+        "device": "X",
+        "source": "ble",
+    }
+
+
+@pytest.mark.parametrize("t", list(DataType))
+def test_every_data_type_has_a_well_formed_sensor(t: DataType) -> None:
+    topics = Topics("gatewayd", "hub", "homeassistant")
+    config = json.loads(discovery_payload(topics, "anna", "Anna", t, qos=1, expire_after_s=60))
+    assert t in SENSORS
+    assert config["state_topic"] == topics.sample("anna", t)
+    assert config["unit_of_measurement"]
+    assert config["state_class"] in {"measurement", "total_increasing"}
+    assert config["value_template"].startswith("{{ value_json.")
+    assert config["expire_after"] == 60
+    assert config["unique_id"] == f"gatewayd_hub_anna_{t.lower()}"
+    assert ("device_class" in config) != ("icon" in config)
+
+
+def write(tmp_path: Path, mqtt: str) -> Path:
+    path = tmp_path / "gatewayd.yaml"
+    path.write_text(f"outputs:\n  mqtt:\n{mqtt}")
+    return path
+
+
+def test_config_reads_both_protocol_spellings(tmp_path: Path) -> None:
+    assert config_module.load(write(tmp_path, "    protocol: 5\n")).outputs.mqtt.protocol == "5"
+    loaded = config_module.load(write(tmp_path, "    protocol: 3.1.1\n")).outputs.mqtt
+    assert loaded.protocol == "3.1.1" and loaded.qos == 1 and loaded.clean_session is False
+
+
+@pytest.mark.parametrize(
+    ("yaml_lines", "key", "hint"),
+    [
+        ("    prefix: gym/#\n", "outputs.mqtt.prefix", "pattern"),
+        ("    qos: 3\n", "outputs.mqtt.qos", "0, 1 or 2"),
+        ("    password_file: /x\n    password_env: MQTT_PW\n", "outputs.mqtt", "not both"),
+        ("    tls: {enabled: true, cert_file: /c.pem}\n", "outputs.mqtt.tls", "go together"),
+        ("    offline_queue: 0\n", "outputs.mqtt.offline_queue", "greater than or equal"),
+        ("    passwd: x\n", "outputs.mqtt.passwd", "unknown key"),
+    ],
+)
+def test_bad_mqtt_config_names_the_key(
+    tmp_path: Path, yaml_lines: str, key: str, hint: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(write(tmp_path, yaml_lines))
+    assert caught.value.key == key
+    assert hint in str(caught.value)

@@ -100,7 +100,14 @@ class BleConfig(Section):
 
 class AntConfig(Section):
     enabled: bool = False
+    # Continuous scan mode hears every device in range on one channel; false forces the
+    # fallback of one wildcard channel per profile (one device of each type per stick).
     scan_mode: bool = True
+    network_key: str = Field("B9A521FBBD72C345", pattern=r"^[0-9A-Fa-f]{16}$")  # ANT+ public key
+    rf_channel: int = Field(57, ge=0, le=124)  # 2400 + n MHz; ANT+ uses 57
+    rescan_s: float = Field(5.0, gt=0.0)  # how often to look for sticks plugged in later
+    retry_initial_s: float = Field(1.0, gt=0.0)  # first reopen delay after a failure
+    retry_max_s: float = Field(30.0, gt=0.0)  # the reopen delay doubles up to this
 
 
 class SourcesConfig(Section):

@@ -1,0 +1,663 @@
+"""ANT+ source: every ANT+ device in range, heard through openant on one or more USB sticks.
+
+Each stick (Dynastream ANTUSB2 0fcf:1008, ANTUSB-m 0fcf:1009) is opened with openant's real
+message code, given the ANT+ network key and put in continuous scan mode (0x5B) with extended
+messages, so one channel hears every device and every broadcast names its sender: 20-bit device
+number, device type and, where the stick gives it, RSSI. A stick that cannot scan falls back to
+one wildcard channel per ANT+ profile, which hears one device of each type.
+
+Threads: openant runs two of its own per stick (USB reader, response dispatcher) and one of ours
+runs its data loop (`node.start()` blocks). Frames cross to the event loop through
+FrameQueue.put_threadsafe. Supervision (find sticks, reopen after loss, back off) is asyncio.
+
+Hardware trouble never raises out of run(): no stick is a warning and a background retry; an
+unplugged stick is logged once and reopened when it is back; a stick without permission or held
+by another process gets an error that names the cause and the fix.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import errno
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import usb.core
+import usb.util
+from openant.base import driver as openant_driver
+from openant.base.message import Message
+from openant.easy.channel import Channel
+from openant.easy.node import Node
+
+from gatewayd.config import AntConfig
+from gatewayd.errors import SourceUnavailable
+from gatewayd.model import Frame
+from gatewayd.pipeline import FrameQueue
+
+log = logging.getLogger(__name__)
+
+VENDOR_ID = 0x0FCF
+PRODUCTS = {0x1008: "ANTUSB2", 0x1009: "ANTUSB-m"}
+UDEV_RULE_FILE = "/etc/udev/rules.d/99-gatewayd-ant.rules"
+
+# What the wildcard-channel fallback listens for: device type -> (profile, period in 1/32768 s).
+FALLBACK_PROFILES: dict[int, tuple[str, int]] = {
+    120: ("heart rate", 8070),
+    11: ("bike power", 8182),
+    17: ("fitness equipment", 8192),
+    121: ("speed and cadence", 8086),
+    122: ("cadence", 8102),
+    123: ("speed", 8118),
+    124: ("stride (SDM)", 8134),
+}
+
+PAGE_LEN = 8
+EXT_CHANNEL_ID = 0x80
+EXT_RSSI = 0x40
+EXT_TIMESTAMP = 0x20
+_RSSI_DBM = 0x20  # measurement type byte of an RSSI field given in dBm
+_SEARCH_FOREVER = 0xFF
+# Short enough that stopping a stick (openant polls its reader) is quick, long enough not to spin.
+_READ_TIMEOUT_MS = 250
+_WRITE_TIMEOUT_MS = 1000
+# pyusb/libusb error codes; errno is what libusb0 gives, backend_error_code what libusb1 gives.
+_LIBUSB_ERROR_ACCESS = -3
+_LIBUSB_ERROR_NO_DEVICE = -4
+_LIBUSB_ERROR_BUSY = -6
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """One received data message: the 8-byte page and what the extended tail said."""
+
+    payload: bytes
+    device_number: int | None = None  # 20 bits: u16 plus the transmission type's high nibble
+    device_type: int | None = None  # without the pairing bit
+    transmission_type: int | None = None
+    rssi: int | None = None  # dBm
+
+
+def parse_broadcast(content: bytes) -> Broadcast:
+    """Split a broadcast's content (after the channel byte) into its page and extended tail.
+
+    Raises ValueError for a message too short for what its flag byte promises.
+    """
+    if len(content) < PAGE_LEN:
+        raise ValueError(f"a data message carries 8 bytes, got {len(content)}")
+    payload = bytes(content[:PAGE_LEN])
+    if len(content) == PAGE_LEN:
+        return Broadcast(payload)
+    flag = content[PAGE_LEN]
+    rest = content[PAGE_LEN + 1 :]
+    number = device_type = transmission = rssi = None
+    if flag & EXT_CHANNEL_ID:
+        if len(rest) < 4:
+            raise ValueError(f"flag {flag:#04x} promises a 4-byte channel id, {len(rest)} left")
+        transmission = rest[3]
+        number = rest[0] | rest[1] << 8 | (transmission >> 4) << 16
+        device_type = rest[2] & 0x7F  # bit 7 is the pairing request, not part of the type
+        rest = rest[4:]
+    if flag & EXT_RSSI:
+        # 3 bytes on most sticks, 4 on some nRF24AP2 ones: size it from what is left.
+        size = len(rest) - (2 if flag & EXT_TIMESTAMP else 0)
+        if size < 3:
+            raise ValueError(f"flag {flag:#04x} promises an RSSI field, {size} bytes left")
+        if rest[0] == _RSSI_DBM:
+            rssi = rest[1] - 256 if rest[1] > 127 else rest[1]
+    return Broadcast(payload, number, device_type, transmission, rssi)
+
+
+def describe_open_error(exc: usb.core.USBError, where: str) -> str:
+    """The cause of a failed open, in words, with the fix."""
+    code = getattr(exc, "backend_error_code", None)
+    if exc.errno == errno.EACCES or code == _LIBUSB_ERROR_ACCESS:
+        return (
+            f"no permission to open the ANT stick {where}. Fix: install the udev rule "
+            f"{UDEV_RULE_FILE} (udev/99-gatewayd-ant.rules in the source tree; the package "
+            "ships it), run `udevadm control --reload-rules && udevadm trigger`, then replug "
+            "the stick"
+        )
+    if exc.errno == errno.EBUSY or code == _LIBUSB_ERROR_BUSY:
+        return (
+            f"the ANT stick {where} is held by another process (another gatewayd, an openant "
+            "script, a trainer app). Fix: stop that program (`fuser -v` on the device path "
+            "names it); gatewayd takes the stick as soon as it is free"
+        )
+    if exc.errno == errno.ENODEV or code == _LIBUSB_ERROR_NO_DEVICE:
+        return f"the ANT stick {where} went away while it was being opened"
+    return f"cannot open the ANT stick {where}: {exc}"
+
+
+def describe_device(device: usb.core.Device) -> str:
+    model = PRODUCTS.get(device.idProduct, "ANT stick")
+    path = f"/dev/bus/usb/{device.bus:03d}/{device.address:03d}"
+    return f"{model} {device.idVendor:04x}:{device.idProduct:04x} at {path}"
+
+
+def _location(device: usb.core.Device) -> str:
+    """The physical port: the same after a replug into it, unlike the USB address."""
+    ports = getattr(device, "port_numbers", None)
+    if ports:
+        return f"{device.bus}-{'.'.join(str(p) for p in ports)}"
+    return f"{device.bus}-@{device.address}"
+
+
+class _UsbLink:
+    """One stick's bulk endpoints through pyusb; reports the stick's loss instead of raising."""
+
+    def __init__(self, device: usb.core.Device, where: str, on_lost: Callable[[str], None]) -> None:
+        self._device = device
+        self._where = where
+        self._on_lost = on_lost
+        self._in: Any = None
+        self._out: Any = None
+        self._lost = threading.Event()
+        self._closed = threading.Event()
+
+    def open(self) -> None:
+        device = self._device
+        try:
+            with contextlib.suppress(NotImplementedError):
+                if device.is_kernel_driver_active(0):
+                    device.detach_kernel_driver(0)
+            device.set_configuration()
+            interface = device.get_active_configuration()[(0, 0)]
+            # Claim now, so a stick held elsewhere fails here with a clear error, not mid-setup.
+            usb.util.claim_interface(device, interface)
+        except usb.core.USBError as exc:
+            with contextlib.suppress(usb.core.USBError):
+                usb.util.dispose_resources(device)
+            raise SourceUnavailable(describe_open_error(exc, self._where)) from None
+        self._out = usb.util.find_descriptor(
+            interface,
+            custom_match=lambda e: usb.util.endpoint_direction(e.bEndpointAddress)
+            == usb.util.ENDPOINT_OUT,
+        )
+        self._in = usb.util.find_descriptor(
+            interface,
+            custom_match=lambda e: usb.util.endpoint_direction(e.bEndpointAddress)
+            == usb.util.ENDPOINT_IN,
+        )
+        if self._in is None or self._out is None:
+            raise SourceUnavailable(f"{self._where} has no bulk IN/OUT endpoints")
+
+    def read(self) -> array.array[int]:
+        if self._closed.is_set():
+            # Only reached when openant's Ant() failed half-way and nobody will stop its reader
+            # thread: SystemExit ends that thread without a traceback.
+            raise SystemExit
+        if self._lost.is_set():
+            # openant's reader calls read() in a loop until it is stopped; do not spin.
+            self._closed.wait(0.05)
+            return array.array("B")
+        try:
+            data: array.array[int] = self._in.read(4096, timeout=_READ_TIMEOUT_MS)
+        except usb.core.USBTimeoutError:
+            raise  # openant expects it on an idle stick
+        except usb.core.USBError as exc:
+            self._lose(f"reading failed ({exc})")
+            return array.array("B")
+        return data
+
+    def write(self, data: array.array[int]) -> None:
+        if self._lost.is_set():
+            raise usb.core.USBError("the stick is gone", errno=errno.ENODEV)
+        try:
+            self._out.write(data, timeout=_WRITE_TIMEOUT_MS)
+        except usb.core.USBError as exc:
+            self._lose(f"writing failed ({exc})")
+            raise
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(usb.core.USBError):
+            usb.util.dispose_resources(self._device)
+
+    def _lose(self, reason: str) -> None:
+        if not self._lost.is_set():
+            self._lost.set()
+            self._on_lost(reason)
+
+
+class _PinnedDriver(openant_driver.Driver):  # type: ignore[misc]
+    """openant's Driver seam, pinned to the stick we chose.
+
+    openant's own USB driver opens the first 0fcf:1008 that libusb lists, so it cannot serve
+    several sticks, nor a given pyusb backend. openant builds its driver with find_driver(),
+    which asks each class in `openant.base.driver.drivers`; this one answers only in a thread
+    that is opening a stick through `_pinned()`.
+    """
+
+    _pending = threading.local()
+
+    @classmethod
+    def find(cls) -> bool:
+        return getattr(cls._pending, "link", None) is not None
+
+    def __init__(self) -> None:
+        self._link: _UsbLink = self._pending.link
+
+    def open(self) -> None:
+        self._link.open()
+
+    def close(self) -> None:
+        self._link.close()
+
+    def read(self) -> array.array[int]:
+        return self._link.read()
+
+    def write(self, data: array.array[int]) -> None:
+        self._link.write(data)
+
+
+_register_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pinned(link: _UsbLink) -> Iterator[None]:
+    with _register_lock:
+        if _PinnedDriver not in openant_driver.drivers:
+            openant_driver.drivers.append(_PinnedDriver)  # find_driver() tries the last first
+    _PinnedDriver._pending.link = link
+    try:
+        yield
+    finally:
+        _PinnedDriver._pending.link = None
+
+
+_DATA_EVENTS = frozenset(
+    {
+        Message.Code.EVENT_RX_BROADCAST,
+        Message.Code.EVENT_RX_ACKNOWLEDGED,
+        Message.Code.EVENT_RX_BURST_PACKET,
+        Message.Code.EVENT_TX,
+    }
+)
+
+
+class _Node(Node):  # type: ignore[misc]
+    """openant's Node, handing channel events to us instead of keeping them.
+
+    openant queues every non-data channel event for a waiter; a receive-only gateway never
+    waits for one, so RX_FAIL and friends would pile up for as long as the daemon runs.
+    """
+
+    def __init__(self, on_event: Callable[[int, int], None]) -> None:
+        self._on_event = on_event
+        super().__init__()
+
+    def _worker_event(self, channel: int, event: int, data: Any) -> None:
+        if event in _DATA_EVENTS:
+            super()._worker_event(channel, event, data)
+        else:
+            self._on_event(channel, event)
+
+
+class _Stick:
+    """One open stick: openant's node, our data thread, and what the stick has told us."""
+
+    def __init__(
+        self,
+        device: usb.core.Device,
+        config: AntConfig,
+        frames: FrameQueue,
+        clock: Callable[[], float],
+        wall: Callable[[], float],
+        name_for: Callable[[int | None, str], str],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.where = describe_device(device)
+        self.location = _location(device)
+        self.adapter = "ant?"
+        self.serial: int | None = None
+        self.version = ""
+        self.mode = ""
+        self.frames_out = 0
+        self.malformed = 0
+        self.unidentified = 0
+        self.rx_failures = 0
+        self.lost_reason: str | None = None
+        self.lost = asyncio.Event()
+        self._device = device
+        self._config = config
+        self._frames = frames
+        self._clock = clock
+        self._wall = wall
+        self._name_for = name_for
+        self._loop = loop
+        self._node: Any = None
+        self._thread: threading.Thread | None = None
+        self._lost_lock = threading.Lock()
+
+    # -- setup (runs in a worker thread; blocking) ---------------------------------------------
+
+    def open(self) -> None:
+        link = _UsbLink(self._device, self.where, self._lose)
+        with _pinned(link):
+            self._node = _Node(self._channel_event)
+        self._configure(self._node)
+
+    def _configure(self, node: Any) -> None:
+        node.wait_for_special(Message.ID.RESPONSE_CAPABILITIES)
+        node.wait_for_special(Message.ID.RESPONSE_SERIAL_NUMBER)
+        node.wait_for_special(Message.ID.RESPONSE_ANT_VERSION)
+        self.serial = node.serial
+        self.version = (node.ant_version or "").rstrip("\x00")
+        self.adapter = self._name_for(self.serial, self.location)
+        node.set_network_key(0, list(bytes.fromhex(self._config.network_key)))
+        can_scan = openant_driver.AdvancedOptionsTwo.ScanModeEnabled in node.advanced_options_two
+        if self._config.scan_mode and can_scan and self._open_scan(node):
+            self.mode = "continuous scan"
+            return
+        if not self._config.scan_mode:
+            why = "scan_mode is off in the configuration"
+        elif not can_scan:
+            why = "the stick's capabilities lack continuous scan mode"
+        else:
+            why = "the stick refused continuous scan mode"
+        self._open_wildcards(node, why)
+
+    def _open_scan(self, node: Any) -> bool:
+        channel = node.new_channel(Channel.Type.BIDIRECTIONAL_RECEIVE)
+        self._listen(channel)
+        channel.set_id(0, 0, 0)  # wildcard: any device number, type and transmission type
+        channel.set_rf_freq(self._config.rf_channel)
+        self._enable_extended(node, channel)
+        try:
+            channel.open_rx_scan_mode()
+        except Exception as exc:  # openant raises a bare Exception for an error response
+            log.info("%s: continuous scan mode refused (%s)", self.adapter, exc)
+            node.ant.unassign_channel(channel.id)
+            node.wait_for_response(Message.ID.UNASSIGN_CHANNEL)
+            node.channels.remove(channel)
+            return False
+        return True
+
+    def _open_wildcards(self, node: Any, why: str) -> None:
+        profiles = list(FALLBACK_PROFILES.items())
+        usable = profiles[: max(0, int(node.max_channels))]
+        names = ", ".join(name for _, (name, _) in usable)
+        left_out = ", ".join(name for _, (name, _) in profiles[len(usable) :])
+        log.warning(
+            "%s: %s; falling back to %d wildcard channels, one per profile (%s): only the "
+            "first device of each type in range is heard%s",
+            self.adapter,
+            why,
+            len(usable),
+            names,
+            f"; no channel left for {left_out}" if left_out else "",
+        )
+        for index, (device_type, (_, period)) in enumerate(usable):
+            channel = node.new_channel(Channel.Type.BIDIRECTIONAL_RECEIVE)
+            self._listen(channel)
+            channel.set_id(0, device_type, 0)
+            channel.set_period(period)
+            channel.set_search_timeout(_SEARCH_FOREVER)
+            channel.set_rf_freq(self._config.rf_channel)
+            if index == 0:
+                self._enable_extended(node, channel)  # a stick-wide setting: once is enough
+            channel.open()
+        self.mode = f"{len(usable)} wildcard channels"
+
+    def _enable_extended(self, node: Any, channel: Any) -> None:
+        """Ask for channel id and RSSI on every message; without LibConfig, the id alone."""
+        try:
+            node.ant.write_message(
+                Message(Message.ID.LIB_CONFIG, [0x00, EXT_CHANNEL_ID | EXT_RSSI])
+            )
+            node.wait_for_response(Message.ID.LIB_CONFIG)
+        except Exception as exc:  # openant raises a bare Exception for an error response
+            log.info("%s: no LibConfig (%s); device ids without RSSI", self.adapter, exc)
+            channel.enable_extended_messages(1)
+
+    def _listen(self, channel: Any) -> None:
+        channel.on_broadcast_data = self._on_data
+        channel.on_acknowledge_data = self._on_data
+        channel.on_burst_data = self._on_burst
+
+    # -- running (openant's threads and ours) ---------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run_node, name=f"gatewayd-{self.adapter}", daemon=True
+        )
+        self._thread.start()
+
+    def _run_node(self) -> None:
+        try:
+            self._node.start()
+        except Exception as exc:
+            log.exception("%s: openant's data loop failed", self.adapter)
+            self._lose(f"openant's data loop failed ({exc})")
+
+    def _on_data(self, content: Any) -> None:
+        mono = self._clock()
+        wall = self._wall()
+        try:
+            broadcast = parse_broadcast(bytes(content))
+        except ValueError as exc:
+            self.malformed += 1
+            log.debug("%s: malformed data message dropped: %s", self.adapter, exc)
+            return
+        if broadcast.device_type is None or broadcast.device_number is None:
+            self.unidentified += 1
+            if self.unidentified == 1:
+                log.warning(
+                    "%s: the stick sends data without the device's id (no extended messages); "
+                    "such data is dropped",
+                    self.adapter,
+                )
+            return
+        frame = Frame(
+            source="ant",
+            adapter=self.adapter,
+            device_id=f"{broadcast.device_type}:{broadcast.device_number}",
+            kind=f"ant:{broadcast.device_type}",
+            payload=broadcast.payload,
+            mono=mono,
+            wall=wall,
+            rssi=broadcast.rssi,
+        )
+        try:
+            self._frames.put_threadsafe(frame)
+        except RuntimeError:
+            return  # the event loop is closing: shutdown
+        self.frames_out += 1
+
+    def _on_burst(self, content: Any) -> None:
+        # ANT+ sensors do not burst their data pages; a burst is ANT-FS or a control reply.
+        log.debug("%s: burst of %d bytes ignored", self.adapter, len(content))
+
+    def _channel_event(self, channel: int, event: int) -> None:
+        if event == Message.Code.EVENT_RX_FAIL:
+            self.rx_failures += 1  # one missed message on a paired channel: routine
+        elif event in (Message.Code.EVENT_CHANNEL_CLOSED, Message.Code.EVENT_RX_SEARCH_TIMEOUT):
+            name = Message.Code.lookup(event)
+            self._lose(f"the stick closed channel {channel} ({name})")
+        else:
+            log.debug("%s: channel %d event %s", self.adapter, channel, Message.Code.lookup(event))
+
+    def _lose(self, reason: str) -> None:
+        with self._lost_lock:
+            if self.lost_reason is not None:
+                return
+            self.lost_reason = reason
+        with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down anyway
+            self._loop.call_soon_threadsafe(self.lost.set)
+
+    def close(self) -> None:
+        """Stop openant's threads and ours, and let go of the stick. Blocking."""
+        node = self._node
+        if node is not None:
+            node.stop()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class AntSource:
+    """Finds ANT sticks, keeps each one open and turns every broadcast into a Frame."""
+
+    def __init__(
+        self,
+        config: AntConfig,
+        *,
+        backend: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._backend = backend  # a pyusb backend; None lets pyusb pick libusb
+        self._clock = clock
+        self._wall = wall
+        self.sticks: dict[str, _Stick] = {}  # open sticks by adapter name
+        self._names: dict[object, str] = {}
+        self._names_lock = threading.Lock()
+        self._failures: dict[str, int] = {}  # by USB location
+        self._retry_at: dict[str, float] = {}
+        self._last_problem: dict[str, str] = {}
+        self._absence_warned = False
+        self._wake: asyncio.Event | None = None
+
+    async def run(self, frames: FrameQueue) -> None:
+        loop = asyncio.get_running_loop()
+        frames.bind(loop)
+        wake = self._wake = asyncio.Event()
+        tasks: dict[tuple[int, int], asyncio.Task[None]] = {}
+
+        def finished(key: tuple[int, int]) -> Callable[[asyncio.Task[None]], None]:
+            def done(_: asyncio.Task[None]) -> None:
+                tasks.pop(key, None)
+                wake.set()
+
+            return done
+
+        try:
+            while True:
+                wake.clear()
+                devices = await asyncio.to_thread(self._find_sticks)
+                now = loop.time()
+                for device in devices:
+                    key = (device.bus, device.address)
+                    if key in tasks or self._retry_at.get(_location(device), 0.0) > now:
+                        continue
+                    task = asyncio.create_task(self._serve(device, frames, loop))
+                    task.add_done_callback(finished(key))
+                    tasks[key] = task
+                if not devices and not tasks and not self._absence_warned:
+                    self._absence_warned = True
+                    log.warning(
+                        "no ANT stick found (looked for USB %s); looking again every %g s, "
+                        "the rest of gatewayd runs without ANT+",
+                        ", ".join(f"{VENDOR_ID:04x}:{p:04x} {n}" for p, n in PRODUCTS.items()),
+                        self.config.rescan_s,
+                    )
+                delay = self.config.rescan_s
+                pending = [at - now for at in self._retry_at.values() if at > now]
+                if pending:
+                    delay = min(delay, *pending)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), delay)
+        finally:
+            running = list(tasks.values())
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    def _find_sticks(self) -> list[usb.core.Device]:
+        try:
+            found = usb.core.find(
+                find_all=True,
+                idVendor=VENDOR_ID,
+                custom_match=lambda d: d.idProduct in PRODUCTS,
+                backend=self._backend,
+            )
+            return list(found)
+        except usb.core.NoBackendError:
+            self._problem(
+                "usb",
+                "pyusb finds no USB library, so no ANT stick can be opened. Fix: install "
+                "libusb-1.0 (Debian: apt-get install libusb-1.0-0)",
+            )
+        except usb.core.USBError as exc:
+            self._problem("usb", f"listing USB devices failed: {exc}")
+        return []
+
+    async def _serve(
+        self, device: usb.core.Device, frames: FrameQueue, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        stick = _Stick(device, self.config, frames, self._clock, self._wall, self._name, loop)
+        opening = asyncio.ensure_future(asyncio.to_thread(stick.open))
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await opening
+            await asyncio.to_thread(stick.close)
+            raise
+        except SourceUnavailable as exc:
+            self._failed(stick.location, str(exc), loop)
+            return
+        except Exception as exc:
+            await asyncio.to_thread(stick.close)
+            problem = f"setting up the ANT stick {stick.where} failed: {exc}"
+            self._failed(stick.location, problem, loop)
+            return
+        self._failures.pop(stick.location, None)
+        self._last_problem.pop(stick.location, None)
+        log.info(
+            "%s: ANT stick serial %s (%s, firmware %s) listening in %s mode",
+            stick.adapter,
+            stick.serial,
+            stick.where,
+            stick.version or "?",
+            stick.mode,
+        )
+        stick.start()
+        self.sticks[stick.adapter] = stick
+        try:
+            await stick.lost.wait()
+            delay = self.config.retry_initial_s
+            self._failures[stick.location] = 1
+            self._retry_at[stick.location] = loop.time() + delay
+            log.warning(
+                "%s: lost the ANT stick serial %s: %s (unplugged?); reopening it when it is "
+                "back, first try in %g s",
+                stick.adapter,
+                stick.serial,
+                stick.lost_reason,
+                delay,
+            )
+        finally:
+            self.sticks.pop(stick.adapter, None)
+            await asyncio.to_thread(stick.close)
+
+    def _failed(self, location: str, problem: str, loop: asyncio.AbstractEventLoop) -> None:
+        failures = self._failures.get(location, 0) + 1
+        self._failures[location] = failures
+        delay = min(self.config.retry_initial_s * 2 ** (failures - 1), self.config.retry_max_s)
+        self._retry_at[location] = loop.time() + delay
+        every = self.config.retry_max_s
+        self._problem(location, f"{problem} (retrying, at most every {every:g} s)")
+
+    def _problem(self, key: str, message: str) -> None:
+        """Log a problem once; the same problem again is only debug noise."""
+        if self._last_problem.get(key) == message:
+            log.debug("%s", message)
+            return
+        self._last_problem[key] = message
+        log.error("%s", message)
+
+    def _name(self, serial: int | None, location: str) -> str:
+        """ant0, ant1 ... by stick serial, so a replugged stick keeps its name."""
+        key: object = serial if serial else location
+        with self._names_lock:
+            name = self._names.get(key)
+            if name is None:
+                name = self._names[key] = f"ant{len(self._names)}"
+            return name

@@ -23,7 +23,6 @@ import contextlib
 import errno
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +34,7 @@ from openant.base.message import Message
 from openant.easy.channel import Channel
 from openant.easy.node import Node
 
+from gatewayd.clock import Clock
 from gatewayd.config import AntConfig
 from gatewayd.errors import SourceUnavailable
 from gatewayd.model import Frame
@@ -307,8 +307,7 @@ class _Stick:
         device: usb.core.Device,
         config: AntConfig,
         frames: FrameQueue,
-        clock: Callable[[], float],
-        wall: Callable[[], float],
+        clock: Clock,
         name_for: Callable[[int | None, str], str],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
@@ -328,7 +327,6 @@ class _Stick:
         self._config = config
         self._frames = frames
         self._clock = clock
-        self._wall = wall
         self._name_for = name_for
         self._loop = loop
         self._node: Any = None
@@ -437,8 +435,8 @@ class _Stick:
             self._lose(f"openant's data loop failed ({exc})")
 
     def _on_data(self, content: Any) -> None:
-        mono = self._clock()
-        wall = self._wall()
+        mono = self._clock.mono()
+        wall = self._clock.wall()
         try:
             broadcast = parse_broadcast(bytes(content))
         except ValueError as exc:
@@ -503,18 +501,12 @@ class _Stick:
 class AntSource:
     """Finds ANT sticks, keeps each one open and turns every broadcast into a Frame."""
 
-    def __init__(
-        self,
-        config: AntConfig,
-        *,
-        backend: Any = None,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
-    ) -> None:
+    name = "ant"
+
+    def __init__(self, config: AntConfig, clock: Clock, *, backend: Any = None) -> None:
         self.config = config
         self._backend = backend  # a pyusb backend; None lets pyusb pick libusb
         self._clock = clock
-        self._wall = wall
         self.sticks: dict[str, _Stick] = {}  # open sticks by adapter name
         self._names: dict[object, str] = {}
         self._names_lock = threading.Lock()
@@ -591,7 +583,7 @@ class AntSource:
     async def _serve(
         self, device: usb.core.Device, frames: FrameQueue, loop: asyncio.AbstractEventLoop
     ) -> None:
-        stick = _Stick(device, self.config, frames, self._clock, self._wall, self._name, loop)
+        stick = _Stick(device, self.config, frames, self._clock, self._name, loop)
         opening = asyncio.ensure_future(asyncio.to_thread(stick.open))
         try:
             await asyncio.shield(opening)

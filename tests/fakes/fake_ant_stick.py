@@ -482,9 +482,9 @@ class FakeAntStick:
             self._lock.notify_all()
 
     def inject(self, msg_id: int, content: bytes) -> None:
-        """Send the host any message, e.g. a malformed one."""
+        """Send the host any message, e.g. a malformed one (not counted as a frame to come)."""
         with self._lock:
-            self._emit(msg_id, content)
+            self._emit(msg_id, content, counted=False)
             self._lock.notify_all()
 
     def _channel_for(self, device: SimDevice) -> int | None:
@@ -518,9 +518,9 @@ class FakeAntStick:
             tail += bytes([0x20, device.rssi & 0xFF, (-96) & 0xFF])
         return bytes(tail)
 
-    def _emit(self, msg_id: int, content: bytes) -> None:
+    def _emit(self, msg_id: int, content: bytes, *, counted: bool = True) -> None:
         # openant passes on a data message unless its content equals the previous message's.
-        if msg_id in (BROADCAST, ACKNOWLEDGED) and content != self._last_content:
+        if counted and msg_id in (BROADCAST, ACKNOWLEDGED) and content != self._last_content:
             self.surfaced += 1
         self._last_content = content
         self._out.extend(ant_message(msg_id, content))
@@ -618,6 +618,7 @@ class FakeAntStick:
         """The stick closes a channel on its own (as after a search timeout)."""
         with self._lock:
             self.scanning = False
+            self.configured.clear()
             if channel in self.channels:
                 self.channels[channel].is_open = False
             self._emit(RESPONSE, bytes([channel, 0x01, CHANNEL_CLOSED_EVENT]))
@@ -656,6 +657,18 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
         self._attachments: dict[int, _Attachment] = {}  # by stick id
         self._addresses = itertools.count(4)
         self._lock = threading.Lock()
+        self.calls: dict[str, int] = {}  # IBackend method -> times called
+        self._called = threading.Condition()
+
+    def _count(self, name: str) -> None:
+        with self._called:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self._called.notify_all()
+
+    def wait_calls(self, name: str, count: int, timeout: float = 20.0) -> bool:
+        """Wait until the host has called `name` (e.g. "open_device") `count` times."""
+        with self._called:
+            return self._called.wait_for(lambda: self.calls.get(name, 0) >= count, timeout)
 
     def plug(self, stick: FakeAntStick) -> None:
         with self._lock:
@@ -674,6 +687,7 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
     # IBackend
 
     def enumerate_devices(self) -> list[_Attachment]:
+        self._count("enumerate_devices")
         with self._lock:
             return list(self._attachments.values())
 
@@ -754,6 +768,7 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
         )
 
     def open_device(self, dev: _Attachment) -> _Handle:
+        self._count("open_device")
         self._check(dev)
         if dev.stick.deny_access:
             raise usb.core.USBError(
@@ -833,11 +848,13 @@ class CountingFrameQueue(FrameQueue):
     def __init__(self, maxsize: int = 1_000_000) -> None:
         super().__init__(maxsize)
         self.handed_in = 0
+        self.log: list[Frame] = []  # every frame handed in, in order
         self._handed = threading.Condition()
 
     def put_threadsafe(self, frame: Frame) -> None:
         super().put_threadsafe(frame)
         with self._handed:
+            self.log.append(frame)
             self.handed_in += 1
             self._handed.notify_all()
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 VENDOR_ID = 0x0FCF
 PRODUCTS = {0x1008: "ANTUSB2", 0x1009: "ANTUSB-m"}
-UDEV_RULE_FILE = "/etc/udev/rules.d/99-gatewayd-ant.rules"
+UDEV_RULE = "99-gatewayd-ant.rules"  # grants group plugdev the sticks
 
 # What the wildcard-channel fallback listens for: device type -> (profile, period in 1/32768 s).
 FALLBACK_PROFILES: dict[int, tuple[str, int]] = {
@@ -119,9 +119,10 @@ def describe_open_error(exc: usb.core.USBError, where: str) -> str:
     if exc.errno == errno.EACCES or code == _LIBUSB_ERROR_ACCESS:
         return (
             f"no permission to open the ANT stick {where}. Fix: install the udev rule "
-            f"{UDEV_RULE_FILE} (udev/99-gatewayd-ant.rules in the source tree; the package "
-            "ships it), run `udevadm control --reload-rules && udevadm trigger`, then replug "
-            "the stick"
+            f"{UDEV_RULE} (the gatewayd package puts it in /lib/udev/rules.d; from a source "
+            f"tree copy udev/{UDEV_RULE} to /etc/udev/rules.d/), run `udevadm control "
+            "--reload-rules && udevadm trigger`, replug the stick, and make sure the user "
+            "gatewayd runs as is in the plugdev group"
         )
     if exc.errno == errno.EBUSY or code == _LIBUSB_ERROR_BUSY:
         return (

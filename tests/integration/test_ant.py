@@ -13,6 +13,7 @@ import logging
 import re
 import threading
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 from openant.base.ant import Ant
@@ -409,8 +410,11 @@ async def test_a_stick_without_permission_names_the_udev_rule() -> None:
     stick.deny_access = True
     async with Rig([strap], [stick]) as rig:
         error = await rig.log.wait_for("no permission", logging.ERROR)
-        assert "/etc/udev/rules.d/99-gatewayd-ant.rules" in error
+        assert "udev rule 99-gatewayd-ant.rules" in error and "plugdev" in error
         assert "udevadm" in error and "/dev/bus/usb/001/" in error
+        rule = (Path(__file__).parents[2] / "udev" / "99-gatewayd-ant.rules").read_text()
+        assert 'ATTR{idProduct}=="1008"' in rule and 'ATTR{idProduct}=="1009"' in rule
+        assert 'GROUP="plugdev"' in rule
         assert await asyncio.to_thread(rig.backend.wait_calls, "open_device", 4)
         assert len(rig.log.matching("no permission", logging.ERROR)) == 1, "logged once"
         stick.deny_access = False  # the rule is installed

@@ -26,6 +26,7 @@ from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import Roster
 from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
+from gatewayd.sources.ant import AntSource
 from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
 
@@ -85,6 +86,8 @@ class App:
             sources.append(SimulatorSource(settings.simulator, self.clock))
         if settings.replay.file is not None:
             sources.append(ReplaySource(settings.replay, self.clock))
+        if settings.ant.enabled:
+            sources.append(AntSource(settings.ant, self.clock))
         return sources
 
     def _build_sinks(self) -> list[Sink]:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import re
+import subprocess
+import sys
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -513,3 +516,38 @@ def test_a_four_byte_rssi_field_with_a_timestamp_is_sized_from_the_length() -> N
         parse_broadcast(bytes(8) + bytes([0x80, 1, 2]))
     with pytest.raises(ValueError, match="8 bytes"):
         parse_broadcast(bytes(5))
+
+
+# -- the daemon -------------------------------------------------------------------------------
+
+
+def test_the_daemon_runs_on_without_a_stick(tmp_path: Path) -> None:
+    """ANT+ enabled on a machine with no stick (or no libusb): one message, everything else runs."""
+    config = tmp_path / "gatewayd.yaml"
+    config.write_text(
+        "sources:\n"
+        "  simulator: {enabled: true, athletes: 2}\n"
+        "  ant: {enabled: true, rescan_s: 0.1}\n"
+        "outputs: {stdout: {enabled: true}, local_broker: {port: 0}}\n"
+        f"hub: {{state_dir: {tmp_path / 'state'}}}\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HOME": str(tmp_path)}
+    process = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "run", "--config", str(config), "--seconds", "3"],
+        capture_output=True,
+        check=False,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert process.returncode == 0, process.stderr
+    assert "sources [simulator, ant]" in process.stderr
+    about_ant = [
+        line
+        for line in process.stderr.splitlines()
+        if "no ANT stick found" in line or "libusb" in line
+    ]
+    assert len(about_ant) == 1, process.stderr  # said once, not at every rescan
+    samples = [json.loads(line) for line in process.stdout.splitlines()]
+    assert any(s.get("t") == "HEART_RATE" for s in samples), "the rest of gatewayd ran"

@@ -99,6 +99,17 @@ def _parser() -> argparse.ArgumentParser:
     dec.add_argument(
         "--interval", type=float, default=0.25, help="seconds between the frames (default 0.25)"
     )
+    scan = commands.add_parser(
+        "ant-scan",
+        help="list the ANT+ devices the sticks hear, with the ids a roster needs",
+        description=(
+            "Open every ANT stick (as sources.ant configures it, even when not enabled), listen "
+            "for SECONDS and print each device heard: its roster id (device type:number), "
+            "profile, stick, broadcasts and last RSSI. Exit status 1 when nothing was heard."
+        ),
+    )
+    _config_option(scan)
+    scan.add_argument("--seconds", type=float, default=10.0, help="how long to listen")
     return parser
 
 
@@ -134,6 +145,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{path or 'built-in defaults'}: OK")
         return 0
     cfg = config_module.load(args.config)
+    if args.command == "ant-scan":
+        setup_logging(args.log_level or cfg.logging.level)
+        return asyncio.run(_ant_scan(cfg, args.seconds))
     changes: dict[str, Any] = {}
     if args.simulate is not None:
         changes["sources.simulator.enabled"] = args.simulate > 0
@@ -151,6 +165,43 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(app.record(cfg, args.out, seconds=args.seconds))
     path = config_module.resolve_path(args.config)
     return asyncio.run(app.App(cfg, config_path=path).run(seconds=args.seconds))
+
+
+async def _ant_scan(cfg: config_module.Config, seconds: float) -> int:
+    from gatewayd.clock import SystemClock
+    from gatewayd.pipeline import FrameQueue
+    from gatewayd.sources.ant import FALLBACK_PROFILES, AntSource
+
+    frames = FrameQueue()
+    source = AntSource(cfg.sources.ant, SystemClock())
+    task = asyncio.create_task(source.run(frames))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    heard: dict[str, dict[str, Any]] = {}
+    try:
+        while (left := deadline - loop.time()) > 0:
+            await frames.wait(min(left, 0.5))
+            for frame in frames.take_all():
+                entry = heard.setdefault(
+                    frame.device_id, {"kind": frame.kind, "adapters": set(), "frames": 0}
+                )
+                entry["adapters"].add(frame.adapter)
+                entry["frames"] += 1
+                entry["rssi"] = frame.rssi
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    if not heard:
+        print(f"no ANT+ device heard in {seconds:g} s")
+        return 1
+    print(f"{'id (roster: source ant)':<24} {'profile':<20} {'sticks':<10} {'frames':>6}  rssi")
+    for device_id, entry in sorted(heard.items(), key=lambda item: item[0]):
+        device_type = int(device_id.split(":")[0])
+        profile = FALLBACK_PROFILES.get(device_type, (f"type {device_type}", 0))[0]
+        rssi = f"{entry['rssi']} dBm" if entry.get("rssi") is not None else "-"
+        sticks = ",".join(sorted(entry["adapters"]))
+        print(f"{device_id:<24} {profile:<20} {sticks:<10} {entry['frames']:>6}  {rssi}")
+    return 0
 
 
 def _reading_json(reading: Reading) -> dict[str, Any]:

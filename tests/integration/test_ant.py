@@ -19,8 +19,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import usb.backend.libusb1
 from openant.base.ant import Ant
 
+from gatewayd import cli
 from gatewayd.clock import ManualClock
 from gatewayd.config import AntConfig, PipelineConfig
 from gatewayd.decode import DECODERS
@@ -551,3 +553,37 @@ def test_the_daemon_runs_on_without_a_stick(tmp_path: Path) -> None:
     assert len(about_ant) == 1, process.stderr  # said once, not at every rescan
     samples = [json.loads(line) for line in process.stdout.splitlines()]
     assert any(s.get("t") == "HEART_RATE" for s in samples), "the rest of gatewayd ran"
+
+
+def test_ant_scan_lists_what_the_sticks_hear_with_roster_ids(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    backend = FakeUsbBackend()
+    stick = FakeAntStick()
+    backend.plug(stick)
+    # pyusb's own seam: the backend it would load from libusb is the fake one
+    monkeypatch.setattr(usb.backend.libusb1, "get_backend", lambda *a, **k: backend)
+    strap, meter = HeartRateStrap(77, rssi=-55), PowerMeter(0x1_0042, rssi=-71)
+
+    def radio() -> None:
+        if stick.configured.wait(WAIT):
+            for n in range(20):
+                for device in (strap, meter):
+                    stick.hear(device, device.next_page(n * 0.25))
+
+    config = tmp_path / "gatewayd.yaml"
+    config.write_text("sources: {ant: {rescan_s: 0.05}}\n")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    thread = threading.Thread(target=radio)
+    thread.start()
+    try:
+        status = cli.main(["ant-scan", "--config", str(config), "--seconds", "1.5"])
+    finally:
+        thread.join()
+        root.handlers[:], root.level = handlers, level
+    out = capsys.readouterr().out.splitlines()
+    assert status == 0
+    assert out[1].split() == ["11:65602", "bike", "power", "ant0", "20", "-71", "dBm"]
+    assert out[2].split() == ["120:77", "heart", "rate", "ant0", "20", "-55", "dBm"]
+    assert stick.errors == []

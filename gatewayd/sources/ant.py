@@ -36,7 +36,7 @@ from openant.easy.node import Node
 
 from gatewayd.clock import Clock
 from gatewayd.config import AntConfig
-from gatewayd.errors import SourceUnavailable
+from gatewayd.errors import SourceLost, SourceUnavailable
 from gatewayd.model import Frame
 from gatewayd.pipeline import FrameQueue
 
@@ -189,11 +189,7 @@ class _UsbLink:
             raise SourceUnavailable(f"{self._where} has no bulk IN/OUT endpoints")
 
     def read(self) -> array.array[int]:
-        if self._closed.is_set():
-            # Only reached when openant's Ant() failed half-way and nobody will stop its reader
-            # thread: SystemExit ends that thread without a traceback.
-            raise SystemExit
-        if self._lost.is_set():
+        if self._lost.is_set() or self._closed.is_set():
             # openant's reader calls read() in a loop until it is stopped; do not spin.
             self._closed.wait(0.05)
             return array.array("B")
@@ -207,13 +203,14 @@ class _UsbLink:
         return data
 
     def write(self, data: array.array[int]) -> None:
+        # A failed write is reported as the stick's loss, never raised: raised inside openant's
+        # Ant() it would leave that half-built object's reader thread running with no owner.
         if self._lost.is_set():
-            raise usb.core.USBError("the stick is gone", errno=errno.ENODEV)
+            return
         try:
             self._out.write(data, timeout=_WRITE_TIMEOUT_MS)
         except usb.core.USBError as exc:
             self._lose(f"writing failed ({exc})")
-            raise
 
     def close(self) -> None:
         self._closed.set()
@@ -340,6 +337,8 @@ class _Stick:
         link = _UsbLink(self._device, self.where, self._lose)
         with _pinned(link):
             self._node = _Node(self._channel_event)
+        if self.lost_reason is not None:
+            raise SourceLost("it went away during setup (unplugged?)")
         self._configure(self._node)
 
     def _configure(self, node: Any) -> None:

@@ -657,6 +657,7 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
         self._attachments: dict[int, _Attachment] = {}  # by stick id
         self._addresses = itertools.count(4)
         self._lock = threading.Lock()
+        self._pull_on: dict[int, int] = {}
         self.calls: dict[str, int] = {}  # IBackend method -> times called
         self._called = threading.Condition()
 
@@ -679,6 +680,10 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
             attachment = self._attachments.pop(id(stick))
         attachment.attached = False
         stick.power_cycle()
+
+    def pull_on(self, stick: FakeAntStick, msg_id: int) -> None:
+        """Pull the stick out the moment the host sends it `msg_id` (its write then fails)."""
+        self._pull_on[id(stick)] = msg_id
 
     def replug(self, stick: FakeAntStick) -> None:
         self.unplug(stick)
@@ -805,8 +810,14 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
     def bulk_write(
         self, dev_handle: _Handle, ep: int, intf: int, data: array.array[int], timeout: int
     ) -> int:
-        self._check(dev_handle.attachment)
-        dev_handle.attachment.stick.host_write(bytes(data))
+        attachment = dev_handle.attachment
+        self._check(attachment)
+        stick = attachment.stick
+        if len(data) > 2 and self._pull_on.get(id(stick)) == data[2]:
+            del self._pull_on[id(stick)]
+            self.unplug(stick)
+            self._check(attachment)
+        stick.host_write(bytes(data))
         return len(data)
 
     def bulk_read(

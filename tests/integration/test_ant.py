@@ -34,6 +34,7 @@ from gatewayd.sources.ant import AntSource, parse_broadcast
 from tests.fakes.fake_ant_stick import (
     BROADCAST,
     EXT_MESSAGES,
+    RESET,
     SCAN,
     CadenceSensor,
     CountingFrameQueue,
@@ -52,6 +53,7 @@ from tests.fakes.fake_ant_stick import (
 
 START_WALL = 1_800_000_000.0
 WAIT = 20.0  # generous guard for waits on events; never slept
+_THREADS = ("openant.", "gatewayd-ant")
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +150,8 @@ class Rig:
         logging.getLogger("gatewayd.sources.ant").removeHandler(self.log)
         for stick in self.sticks:
             assert stick.errors == []
+        left = [t.name for t in threading.enumerate() if t.name.startswith(_THREADS)]
+        assert left == [], "stopping the source stops openant's threads and ours"
 
     async def configured(self, stick: FakeAntStick | None = None) -> None:
         stick = stick or self.sticks[0]
@@ -442,6 +446,19 @@ async def test_a_stick_held_by_another_process_says_so() -> None:
         assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 2), 64)
 
 
+async def test_a_stick_pulled_out_during_setup_is_set_up_again_when_it_is_back() -> None:
+    strap = HeartRateStrap(3, phase=0.01, bpm=64)
+    async with Rig([strap]) as rig:
+        stick = rig.sticks[0]
+        rig.backend.pull_on(stick, RESET)  # gone as openant resets it, its reader already up
+        await rig.log.wait_for("went away during setup", logging.ERROR)
+        rig.backend.plug(stick)
+        await rig.configured()
+        await rig.player.play(3.0)
+        assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 2), 64)
+        # (Rig's exit checks that the half-started openant reader thread ended too)
+
+
 async def test_a_channel_the_stick_closes_by_itself_reopens_the_stick() -> None:
     strap = HeartRateStrap(3, phase=0.01, bpm=64)
     async with Rig([strap]) as rig:
@@ -462,13 +479,15 @@ async def test_two_sticks_are_both_used() -> None:
     async with Rig([strap], [near, far]) as rig:
         await rig.configured(near)
         await rig.configured(far)
-        await rig.player.play(3.0)
+        await rig.player.play(4.0)
         adapters = defaultdict(int)
         for frame in rig.frames.log:
             adapters[frame.adapter] += 1
         assert sorted(adapters) == ["ant0", "ant1"]
         assert set(adapters.values()) == {distinct(strap)}
-        assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 2), 64)
+        # each broadcast reaches the pipeline twice, and still counts once
+        assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 3), 64)
+        assert_rr(rig, strap, range(0, 3))
 
 
 async def test_a_malformed_message_is_counted_and_dropped() -> None:

@@ -23,9 +23,11 @@ import usb.backend.libusb1
 from openant.base.ant import Ant
 
 from gatewayd import cli
+from gatewayd import config as config_module
 from gatewayd.clock import ManualClock
 from gatewayd.config import AntConfig, PipelineConfig
 from gatewayd.decode import DECODERS
+from gatewayd.errors import ConfigError
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 from gatewayd.pipeline import Pipeline
@@ -606,3 +608,12 @@ def test_ant_scan_lists_what_the_sticks_hear_with_roster_ids(
     assert out[1].split() == ["11:65602", "bike", "power", "ant0", "20", "-71", "dBm"]
     assert out[2].split() == ["120:77", "heart", "rate", "ant0", "20", "-55", "dBm"]
     assert stick.errors == []
+
+
+def test_a_bad_ant_setting_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "gatewayd.yaml"
+    path.write_text("sources: {ant: {enabled: true, network_key: B9A521FBBD72C3}}\n")
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(path)
+    assert caught.value.key == "sources.ant.network_key"
+    assert "B9A521FBBD72C3" in str(caught.value)

@@ -108,6 +108,7 @@ class AntConfig(Section):
     rescan_s: float = Field(5.0, gt=0.0)  # how often to look for sticks plugged in later
     retry_initial_s: float = Field(1.0, gt=0.0)  # first reopen delay after a failure
     retry_max_s: float = Field(30.0, gt=0.0)  # the reopen delay doubles up to this
+    health_check_s: float = Field(10.0, gt=0.0)  # a stick that ignores a request this long is reset
 
 
 class SourcesConfig(Section):

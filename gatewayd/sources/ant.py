@@ -198,7 +198,7 @@ class _UsbLink:
         except usb.core.USBTimeoutError:
             raise  # openant expects it on an idle stick
         except usb.core.USBError as exc:
-            self._lose(f"reading failed ({exc})")
+            self._lose(f"reading from it failed ({exc}); unplugged?")
             return array.array("B")
         return data
 
@@ -210,7 +210,7 @@ class _UsbLink:
         try:
             self._out.write(data, timeout=_WRITE_TIMEOUT_MS)
         except usb.core.USBError as exc:
-            self._lose(f"writing failed ({exc})")
+            self._lose(f"writing to it failed ({exc}); unplugged?")
 
     def close(self) -> None:
         self._closed.set()
@@ -286,8 +286,11 @@ class _Node(Node):  # type: ignore[misc]
     waits for one, so RX_FAIL and friends would pile up for as long as the daemon runs.
     """
 
-    def __init__(self, on_event: Callable[[int, int], None]) -> None:
+    def __init__(
+        self, on_event: Callable[[int, int], None], on_status: Callable[[], None]
+    ) -> None:
         self._on_event = on_event
+        self._on_status = on_status
         super().__init__()
 
     def _worker_event(self, channel: int, event: int, data: Any) -> None:
@@ -295,6 +298,13 @@ class _Node(Node):  # type: ignore[misc]
             super()._worker_event(channel, event, data)
         else:
             self._on_event(channel, event)
+
+    def _worker_response(self, channel: int, event: int, data: Any) -> None:
+        # Answers to our health checks; nobody waits for them, so they must not be queued.
+        if event == Message.ID.RESPONSE_CHANNEL_STATUS:
+            self._on_status()
+        else:
+            super()._worker_response(channel, event, data)
 
 
 class _Stick:
@@ -319,6 +329,7 @@ class _Stick:
         self.malformed = 0
         self.unidentified = 0
         self.rx_failures = 0
+        self.answers = 0  # health checks answered
         self.lost_reason: str | None = None
         self.lost = asyncio.Event()
         self._device = device
@@ -336,7 +347,7 @@ class _Stick:
     def open(self) -> None:
         link = _UsbLink(self._device, self.where, self._lose)
         with _pinned(link):
-            self._node = _Node(self._channel_event)
+            self._node = _Node(self._channel_event, self._status_answered)
         if self.lost_reason is not None:
             raise SourceLost("it went away during setup (unplugged?)")
         self._configure(self._node)
@@ -481,6 +492,16 @@ class _Stick:
         else:
             log.debug("%s: channel %d event %s", self.adapter, channel, Message.Code.lookup(event))
 
+    def ping(self) -> None:
+        """Ask the stick for channel 0's status; the answer arrives through openant's threads."""
+        self._node.ant.request_message(0, Message.ID.RESPONSE_CHANNEL_STATUS)
+
+    def _status_answered(self) -> None:
+        self.answers += 1
+
+    def lose(self, reason: str) -> None:
+        self._lose(reason)
+
     def _lose(self, reason: str) -> None:
         with self._lost_lock:
             if self.lost_reason is not None:
@@ -613,13 +634,13 @@ class AntSource:
         stick.start()
         self.sticks[stick.adapter] = stick
         try:
-            await stick.lost.wait()
+            await self._watch(stick)
             delay = self.config.retry_initial_s
             self._failures[stick.location] = 1
             self._retry_at[stick.location] = loop.time() + delay
             log.warning(
-                "%s: lost the ANT stick serial %s: %s (unplugged?); reopening it when it is "
-                "back, first try in %g s",
+                "%s: lost the ANT stick serial %s: %s. Reopening it when it is back, first "
+                "try in %g s",
                 stick.adapter,
                 stick.serial,
                 stick.lost_reason,
@@ -628,6 +649,26 @@ class AntSource:
         finally:
             self.sticks.pop(stick.adapter, None)
             await asyncio.to_thread(stick.close)
+
+    async def _watch(self, stick: _Stick) -> None:
+        """Return when the stick is lost, or stops answering (wedged, yet still on the bus).
+
+        In scan mode a quiet room and a dead stick look the same, so the stick is asked for a
+        channel status now and then; no answer by the next check counts as losing it.
+        """
+        interval = self.config.health_check_s
+        answers_before: int | None = None
+        while not stick.lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stick.lost.wait(), interval)
+            if stick.lost.is_set():
+                return
+            if answers_before is not None and stick.answers == answers_before:
+                stick.lose(f"it stopped answering (no reply in {interval:g} s)")
+                await stick.lost.wait()
+                return
+            answers_before = stick.answers
+            await asyncio.to_thread(stick.ping)
 
     def _failed(self, location: str, problem: str, loop: asyncio.AbstractEventLoop) -> None:
         failures = self._failures.get(location, 0) + 1

@@ -58,6 +58,7 @@ STARTUP = 0x6F
 CAPABILITIES = 0x54
 SERIAL = 0x61
 VERSION = 0x3E
+CHANNEL_STATUS = 0x52
 # response codes
 OK = 0x00
 CHANNEL_CLOSED_EVENT = 0x07
@@ -403,7 +404,7 @@ class FakeAntStick:
         self.port = port
         self.deny_access = False  # open fails as without the udev rule
         self.held_elsewhere = False  # claim fails as when another process has the stick
-        self.unanswered: set[int] = set()  # message ids the stick ignores (a wedged stick)
+        self.wedged = False  # ignores everything but a reset, delivers nothing (a reset cures it)
         self.errors: list[str] = []  # protocol violations by the host: tests assert none
         self.commands: list[tuple[int, bytes]] = []  # everything the host sent, in order
         self.configured = threading.Event()  # set when scanning or a channel opened
@@ -439,7 +440,9 @@ class FakeAntStick:
                     self.errors.append(f"bad checksum on message {msg_id:#04x}")
                     continue
                 self.commands.append((msg_id, content))
-                if msg_id not in self.unanswered:
+                if msg_id == RESET:
+                    self.wedged = False
+                if not self.wedged:
                     self._handle(msg_id, content)
             self._lock.notify_all()
 
@@ -453,6 +456,15 @@ class FakeAntStick:
             chunk = bytes(self._out[:size])
             del self._out[:size]
             return chunk
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 20.0) -> bool:
+        """Wait (from any thread) until `condition` holds; it is checked after every host write."""
+        with self._lock:
+            return self._lock.wait_for(condition, timeout)
+
+    def sent(self, msg_id: int, content: bytes | None = None) -> int:
+        """How many times the host sent this message (with this content, if given)."""
+        return sum(m == msg_id and content in (None, c) for m, c in list(self.commands))
 
     def wake(self) -> None:
         with self._lock:
@@ -472,7 +484,7 @@ class FakeAntStick:
     def hear(self, device: SimDevice, page: bytes) -> None:
         """A device broadcast `page`; deliver it if the stick is listening for it."""
         with self._lock:
-            if self.network_key != ANT_PLUS_KEY:
+            if self.network_key != ANT_PLUS_KEY or self.wedged:
                 return
             channel = self._channel_for(device)
             if channel is None:
@@ -544,6 +556,10 @@ class FakeAntStick:
                 self._emit(SERIAL, self.serial.to_bytes(4, "little"))
             elif wanted == VERSION:
                 self._emit(VERSION, b"AP2USB1.05\x00")
+            elif wanted == CHANNEL_STATUS:
+                channel = self.channels.get(ch)
+                state = 0 if channel is None else 3 if channel.is_open or self.scanning else 1
+                self._emit(CHANNEL_STATUS, bytes([ch, state]))
             else:
                 self._respond(ch, REQUEST, INVALID_MESSAGE)
         elif msg_id == NETWORK_KEY:

@@ -35,7 +35,9 @@ from gatewayd.roster import Roster
 from gatewayd.sources.ant import AntSource, parse_broadcast
 from tests.fakes.fake_ant_stick import (
     BROADCAST,
+    CHANNEL_STATUS,
     EXT_MESSAGES,
+    REQUEST,
     RESET,
     SCAN,
     CadenceSensor,
@@ -459,6 +461,28 @@ async def test_a_stick_pulled_out_during_setup_is_set_up_again_when_it_is_back()
         await rig.player.play(3.0)
         assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 2), 64)
         # (Rig's exit checks that the half-started openant reader thread ended too)
+
+
+async def test_a_stick_that_stops_answering_is_reset_and_reopened() -> None:
+    strap = HeartRateStrap(3, phase=0.01, bpm=64)
+    async with Rig([strap], health_check_s=0.05) as rig:
+        stick = rig.sticks[0]
+        await rig.configured()
+        await rig.player.play(2.0)
+        status_request = bytes([0, CHANNEL_STATUS])
+        # a second check is only sent after the first was answered
+        assert await asyncio.to_thread(
+            stick.wait_until, lambda: stick.sent(REQUEST, status_request) >= 2
+        )
+        assert rig.source.sticks["ant0"].answers >= 1
+        stick.configured.clear()
+        stick.wedged = True  # still on the bus, silent: only a reset brings it back
+        warning = await rig.log.wait_for("stopped answering", logging.WARNING)
+        assert "lost the ANT stick serial 305419896" in warning
+        await rig.configured()
+        await rig.player.play(3.0)
+        assert stick.resets == 2
+        assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 4), 64)
 
 
 async def test_a_channel_the_stick_closes_by_itself_reopens_the_stick() -> None:

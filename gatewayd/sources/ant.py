@@ -24,7 +24,6 @@ import errno
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import usb.core
@@ -36,7 +35,8 @@ from openant.easy.node import Node
 
 from gatewayd.clock import Clock
 from gatewayd.config import AntConfig
-from gatewayd.errors import SourceLost, SourceUnavailable
+from gatewayd.decode import antplus
+from gatewayd.errors import DecodeError, SourceLost, SourceUnavailable
 from gatewayd.model import Frame
 from gatewayd.pipeline import FrameQueue
 
@@ -57,11 +57,6 @@ FALLBACK_PROFILES: dict[int, tuple[str, int]] = {
     124: ("stride (SDM)", 8134),
 }
 
-PAGE_LEN = 8
-EXT_CHANNEL_ID = 0x80
-EXT_RSSI = 0x40
-EXT_TIMESTAMP = 0x20
-_RSSI_DBM = 0x20  # measurement type byte of an RSSI field given in dBm
 _SEARCH_FOREVER = 0xFF
 # Short enough that stopping a stick (openant polls its reader) is quick, long enough not to spin.
 _READ_TIMEOUT_MS = 250
@@ -70,47 +65,6 @@ _WRITE_TIMEOUT_MS = 1000
 _LIBUSB_ERROR_ACCESS = -3
 _LIBUSB_ERROR_NO_DEVICE = -4
 _LIBUSB_ERROR_BUSY = -6
-
-
-@dataclass(frozen=True, slots=True)
-class Broadcast:
-    """One received data message: the 8-byte page and what the extended tail said."""
-
-    payload: bytes
-    device_number: int | None = None  # 20 bits: u16 plus the transmission type's high nibble
-    device_type: int | None = None  # without the pairing bit
-    transmission_type: int | None = None
-    rssi: int | None = None  # dBm
-
-
-def parse_broadcast(content: bytes) -> Broadcast:
-    """Split a broadcast's content (after the channel byte) into its page and extended tail.
-
-    Raises ValueError for a message too short for what its flag byte promises.
-    """
-    if len(content) < PAGE_LEN:
-        raise ValueError(f"a data message carries 8 bytes, got {len(content)}")
-    payload = bytes(content[:PAGE_LEN])
-    if len(content) == PAGE_LEN:
-        return Broadcast(payload)
-    flag = content[PAGE_LEN]
-    rest = content[PAGE_LEN + 1 :]
-    number = device_type = transmission = rssi = None
-    if flag & EXT_CHANNEL_ID:
-        if len(rest) < 4:
-            raise ValueError(f"flag {flag:#04x} promises a 4-byte channel id, {len(rest)} left")
-        transmission = rest[3]
-        number = rest[0] | rest[1] << 8 | (transmission >> 4) << 16
-        device_type = rest[2] & 0x7F  # bit 7 is the pairing request, not part of the type
-        rest = rest[4:]
-    if flag & EXT_RSSI:
-        # 3 bytes on most sticks, 4 on some nRF24AP2 ones: size it from what is left.
-        size = len(rest) - (2 if flag & EXT_TIMESTAMP else 0)
-        if size < 3:
-            raise ValueError(f"flag {flag:#04x} promises an RSSI field, {size} bytes left")
-        if rest[0] == _RSSI_DBM:
-            rssi = rest[1] - 256 if rest[1] > 127 else rest[1]
-    return Broadcast(payload, number, device_type, transmission, rssi)
 
 
 def describe_open_error(exc: usb.core.USBError, where: str) -> str:
@@ -418,7 +372,7 @@ class _Stick:
         """Ask for channel id and RSSI on every message; without LibConfig, the id alone."""
         try:
             node.ant.write_message(
-                Message(Message.ID.LIB_CONFIG, [0x00, EXT_CHANNEL_ID | EXT_RSSI])
+                Message(Message.ID.LIB_CONFIG, [0x00, antplus.EXT_CHANNEL_ID | antplus.EXT_RSSI])
             )
             node.wait_for_response(Message.ID.LIB_CONFIG)
         except Exception as exc:  # openant raises a bare Exception for an error response
@@ -449,12 +403,14 @@ class _Stick:
         mono = self._clock.mono()
         wall = self._clock.wall()
         try:
-            broadcast = parse_broadcast(bytes(content))
-        except ValueError as exc:
+            # openant hands over the content after the channel byte; the channel is not needed
+            message = antplus.parse_content(antplus.MSG_BROADCAST, b"\x00" + bytes(content))
+        except DecodeError as exc:
             self.malformed += 1
             log.debug("%s: malformed data message dropped: %s", self.adapter, exc)
             return
-        if broadcast.device_type is None or broadcast.device_number is None:
+        device_id, kind, page = message.device_id, message.kind, message.page
+        if device_id is None or kind is None or page is None:
             self.unidentified += 1
             if self.unidentified == 1:
                 log.warning(
@@ -466,12 +422,12 @@ class _Stick:
         frame = Frame(
             source="ant",
             adapter=self.adapter,
-            device_id=f"{broadcast.device_type}:{broadcast.device_number}",
-            kind=f"ant:{broadcast.device_type}",
-            payload=broadcast.payload,
+            device_id=device_id,
+            kind=kind,
+            payload=page,
             mono=mono,
             wall=wall,
-            rssi=broadcast.rssi,
+            rssi=message.rssi,
         )
         try:
             self._frames.put_threadsafe(frame)

@@ -32,7 +32,7 @@ from gatewayd.hub import Hub
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 from gatewayd.pipeline import Pipeline
 from gatewayd.roster import Roster
-from gatewayd.sources.ant import AntSource, parse_broadcast
+from gatewayd.sources.ant import AntSource
 from tests.fakes.fake_ant_stick import (
     BROADCAST,
     CHANNEL_STATUS,
@@ -536,33 +536,6 @@ async def test_a_stick_without_libconfig_still_names_devices() -> None:
         await rig.player.play(2.0)
         assert {(f.device_id, f.rssi) for f in rig.frames.log} == {("120:3", None)}
         assert (EXT_MESSAGES, bytes([0, 1])) in stick.commands
-
-
-# -- the extended tail ------------------------------------------------------------------------
-
-
-def test_the_extended_tail_gives_20_bit_number_type_and_rssi() -> None:
-    # formats.md: HR page 4 with flag 0x80 (device 25170, type 120, transmission 0x71)
-    content = bytes.fromhex("84FFA5E2A5E6CA3C8052627871")
-    broadcast = parse_broadcast(content)
-    assert broadcast.payload == bytes.fromhex("84FFA5E2A5E6CA3C")
-    assert broadcast.device_type == 120
-    assert broadcast.transmission_type == 0x71
-    assert broadcast.device_number == 25170 | 7 << 16
-    assert broadcast.rssi is None
-
-
-def test_a_four_byte_rssi_field_with_a_timestamp_is_sized_from_the_length() -> None:
-    # formats.md: flag 0xE0, channel id 0x3662/0x56/0x01, 4-byte RSSI, timestamp 0xF034
-    content = bytes.fromhex("847eb603a6039803e0623656011000680034f0")
-    broadcast = parse_broadcast(content)
-    assert (broadcast.device_number, broadcast.device_type) == (0x3662, 0x56)
-    rssi_dbm = parse_broadcast(bytes(8) + bytes([0x40, 0x20, 0xC4, 0xA0]))
-    assert rssi_dbm.rssi == -60
-    with pytest.raises(ValueError, match="channel id"):
-        parse_broadcast(bytes(8) + bytes([0x80, 1, 2]))
-    with pytest.raises(ValueError, match="8 bytes"):
-        parse_broadcast(bytes(5))
 
 
 # -- the daemon -------------------------------------------------------------------------------

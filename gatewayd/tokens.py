@@ -252,3 +252,20 @@ class TokenStore:
                 os.unlink(tmp)
             raise
         self._mtime = self.path.stat().st_mtime_ns / 1e9
+
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `3600`, `90s`, `15m`, `12h` or `7d` (for `token create --ttl`)."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:])
+    number = text[:-1] if unit is not None else text
+    try:
+        value = float(number) * (unit or 1.0)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration: use seconds, or a suffix s m h d") from None
+    if not value > 0:
+        raise ValueError(f"{text!r}: a duration must be positive")
+    return value

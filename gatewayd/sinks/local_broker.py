@@ -46,6 +46,10 @@ from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
 
 log = logging.getLogger(__name__)
 
+# websockets logs every connection at INFO; the broker logs what matters itself.
+_WS_LOG = logging.getLogger(f"{__name__}.websockets")
+_WS_LOG.setLevel(logging.WARNING)
+
 REPLAY_CHUNK = 500
 FLUSH_EVERY_S = 1.0
 BATCH_LIMIT = 5000
@@ -207,6 +211,7 @@ class LocalBroker:
             close_timeout=2.0,
             write_limit=64 * 1024,
             server_header=f"gatewayd/{__version__}",
+            logger=_WS_LOG,
         )
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
         log.info("local broker listening on ws://%s:%d/connect", self.config.host, self.port)

@@ -65,7 +65,7 @@ class Harness:
         self.broker: LocalBroker | None = None
         self.task: asyncio.Task[None] | None = None
 
-    async def start(self) -> LocalBroker:
+    async def start(self, before_listening: list[Sample] | None = None) -> LocalBroker:
         self.spool = Spool(self.tmp / "spool.db")
         sub = self.hub.subscribe("local_broker")
         self.broker = LocalBroker(
@@ -78,6 +78,8 @@ class Harness:
             mono=self.mono,
             timer_interval_s=3600.0,  # timers fire when a test calls check_timers()
         )
+        if before_listening:
+            self.broker.dispatch(list(before_listening))
         await self.broker.start()
         self.task = asyncio.create_task(self.broker.run())
         return self.broker

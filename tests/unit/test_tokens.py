@@ -91,3 +91,26 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def test_cli_token_create_prints_a_token_the_store_accepts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gatewayd import cli
+
+    config = tmp_path / "gatewayd.yaml"
+    config.write_text(f"hub: {{state_dir: {tmp_path / 'state'}}}\n")
+    args = ["token", "create", "--config", str(config), "--role", "producer", "--athlete", "al"]
+    assert cli.main([*args, "--single-use", "--ttl", "1h"]) == 0
+    token = capsys.readouterr().out.strip()
+    grant = TokenStore(tmp_path / "state").check(token, PRODUCER)
+    assert grant is not None and grant.athletes == frozenset({"al"})
+    assert cli.main(["token", "list", "--config", str(config)]) == 0
+    listing = capsys.readouterr().out
+    assert '"used": true' in listing and token not in listing
+    assert (
+        cli.main(
+            ["token", "create", "--config", str(config), "--role", "consumer", "--ttl", "soon"]
+        )
+        == 2
+    )

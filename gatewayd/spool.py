@@ -37,6 +37,10 @@ DEFAULT_MAX_BYTES = 1 << 30
 PRUNE_EVERY_S = 60.0
 # While the disk is full, unwritten rows wait in memory up to this many, then the oldest go.
 MAX_PENDING = 200_000
+# Deletes run on the event loop: at most this many rows per flush, so eviction never stalls it.
+DELETE_CHUNK = 50_000
+# How far back last_ts() looks on disk (unindexed by athlete: a bounded scan from the newest).
+LAST_TS_WINDOW = 200_000
 
 _Row = tuple[int, float, str, str, float, float | None, str | None, str, str]
 
@@ -82,6 +86,7 @@ class Spool:
         self._pending: deque[_Row] = deque()
         self._listeners: list[Callable[[int, int], None]] = []
         self._last_prune = 0.0
+        self._more_to_prune = False
         self._failing = False
         self._db = self._open(path)
         row = self._db.execute("SELECT max(seq), min(seq), count(*) FROM samples").fetchone()
@@ -238,7 +243,7 @@ class Spool:
         now = self.clock()
         if rows:
             self._enforce_size()
-        if now - self._last_prune >= PRUNE_EVERY_S:
+        if self._more_to_prune or now - self._last_prune >= PRUNE_EVERY_S:
             self._last_prune = now
             self.prune(now)
         return len(rows)
@@ -299,8 +304,9 @@ class Spool:
                 break
         if newest is None:
             hit = self._db.execute(
-                "SELECT ts FROM samples WHERE uid = ? AND t = ? ORDER BY seq DESC LIMIT 1",
-                (uid, t),
+                "SELECT ts FROM samples WHERE seq > ? AND uid = ? AND t = ?"
+                " ORDER BY seq DESC LIMIT 1",
+                (self._next_seq - LAST_TS_WINDOW, uid, t),
             ).fetchone()
             newest = None if hit is None else float(hit[0])
         return newest
@@ -331,8 +337,10 @@ class Spool:
     # ------------------------------------------------------------ retention
 
     def prune(self, now: float | None = None) -> int:
-        """Apply retention and the age cap; return the rows removed."""
+        """Apply retention and the age cap; return the rows removed (at most a chunk or two;
+        the next flush continues when there was more)."""
         now = self.clock() if now is None else now
+        self._more_to_prune = False
         cursors = self.cursors()
         floor = min(cursors.values()) if cursors else None
         removed = 0
@@ -352,8 +360,8 @@ class Spool:
         if used <= self.max_bytes or self._committed_rows == 0:
             return
         per_row = used / self._committed_rows
-        # Overshoot by a tenth so eviction does not run on every flush at the cap.
-        excess_rows = int((used - self.max_bytes * 0.9) / per_row) + 1
+        # Overshoot by 2 % so eviction does not run on every flush at the cap.
+        excess_rows = int((used - self.max_bytes * 0.98) / per_row) + 1
         self._delete_upto(self._first_seq + excess_rows - 1, forced=True, why="over the size cap")
 
     def _seq_before(self, wall: float) -> int | None:
@@ -379,6 +387,9 @@ class Spool:
     def _delete_upto(self, seq: int, *, forced: bool, why: str = "") -> int:
         if seq < self._first_seq or self._committed_rows == 0:
             return 0
+        if seq >= self._first_seq + DELETE_CHUNK:
+            seq = self._first_seq + DELETE_CHUNK - 1
+            self._more_to_prune = True
         try:
             cursor = self._db.execute("DELETE FROM samples WHERE seq <= ?", (seq,))
         except sqlite3.Error as exc:

@@ -326,7 +326,7 @@ class LocalBroker:
         elif isinstance(event, p.Submitted):
             await self._submit(session, event.message)
         elif isinstance(event, p.StatusReported):
-            self._status(session, event)
+            await self._status(session, event)
         elif isinstance(event, p.ReplayRequested):
             self._queue_replay(session, event)
 
@@ -405,13 +405,16 @@ class LocalBroker:
         self.metrics.submitted.inc()
         self.publish(replace(sample, source=sample.source or "submit"))
 
-    def _status(self, session: _Session, event: p.StatusReported) -> None:
+    async def _status(self, session: _Session, event: p.StatusReported) -> None:
         grant = session.grant
         assert grant is not None
         uid = event.uid
         if uid is None:
             uid = next(iter(grant.athletes)) if len(grant.athletes) == 1 else grant.label
         elif not grant.may_submit_for(uid):
+            reason = f"this token may not report for {uid!r}"
+            session.conn.reject(p.CloseCode.MALFORMED, reason)
+            await self._close(session, p.CloseCode.MALFORMED, reason)
             return
         self.publish(
             DeviceStatus(

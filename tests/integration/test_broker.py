@@ -469,6 +469,10 @@ async def test_producer_submits_are_sequenced_and_dispatched(harness: Harness) -
         assert await recv_json(producer) == {"op": 1}
         await producer.send(p.submit(Sample("other", DataType.POWER, T0, val=1), with_uid=True))
         assert await closed_with(producer) == 1003  # not this token's athlete
+    async with client(harness, token=PRODUCER_TOKEN, role=p.Role.PRODUCER) as producer:
+        stranger = DeviceStatus("other", "120:7", "ant", DeviceState.LOST, T0)
+        await producer.send(p.status(stranger, with_uid=True))
+        assert await closed_with(producer) == 1003
 
 
 async def test_hub_to_hub_producer_submits_for_many_and_reports_status(harness: Harness) -> None:

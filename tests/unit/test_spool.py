@@ -205,3 +205,21 @@ def test_write_failure_keeps_rows_and_the_live_path(tmp_path: Path) -> None:
     assert spool.flush() == 2
     spool.close()
     assert [seq for seq, _ in Spool(tmp_path / "s.db").read(0, 10)] == [1, 2, 3]
+
+
+def test_big_evictions_are_spread_over_flushes(tmp_path: Path, monkeypatch: object) -> None:
+    import gatewayd.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "DELETE_CHUNK", 30)  # type: ignore[attr-defined]
+    clock = Clock()
+    spool = Spool(tmp_path / "s.db", retention_s=10.0, clock=clock)
+    spool.append([hr(i) for i in range(100)])
+    spool.flush()
+    clock.now += 11
+    assert spool.prune() == 30
+    spool.append([hr(100)])
+    spool.flush()  # carries on without waiting for the next minute
+    assert spool.first_seq() == 61
+    for _ in range(2):
+        spool.flush()
+    assert spool.first_seq() == 101  # old rows gone, the new one kept

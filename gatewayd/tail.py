@@ -21,6 +21,9 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from gatewayd import protocol as p
 
 log = logging.getLogger(__name__)
+# websockets logs every frame at DEBUG, IDENTIFY (and so the token) included: keep it quiet.
+_WS_LOG = logging.getLogger(f"{__name__}.websockets")
+_WS_LOG.setLevel(logging.WARNING)
 
 # Close codes after which retrying with the same token cannot help.
 FATAL = {
@@ -140,7 +143,9 @@ class Tail:
         conn.start(self.mono())
         first_live: int | None = None
         try:
-            async with connect(self.url, max_size=p.MAX_FRAME_BYTES, ping_interval=None) as ws:
+            async with connect(
+                self.url, max_size=p.MAX_FRAME_BYTES, ping_interval=None, logger=_WS_LOG
+            ) as ws:
                 while True:
                     deadline = conn.next_deadline()
                     timeout = None if deadline is None else max(deadline - self.mono(), 0.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import urllib.error
 import urllib.request
@@ -515,3 +516,18 @@ async def test_a_client_can_use_the_protocol_core(harness: Harness) -> None:
         await pump(lambda: bool(acked))
         assert acked == [41]
         assert (await recv_json(consumer))["uid"] == "p1"
+
+
+async def test_tokens_never_reach_the_log(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with client(harness) as ws:
+        await ws.send(p.heartbeat())
+        await recv_json(ws)
+    async with client(harness, token=None) as ws:
+        await ws.send(p.identify("a-wrong-secret-token", p.Role.CONSUMER))
+        assert await closed_with(ws) == 4001
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("gatewayd"))
+    assert "consumer" in ours  # the broker did log these sessions...
+    assert CONSUMER_TOKEN not in ours and "a-wrong-secret-token" not in ours  # ...not the tokens

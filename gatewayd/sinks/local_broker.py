@@ -25,7 +25,6 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -403,7 +402,7 @@ class LocalBroker:
             return
         self._last_submitted[key] = sample.ts
         self.metrics.submitted.inc()
-        self.publish(replace(sample, source=sample.source or "submit"))
+        self.publish(sample._replace(source=sample.source or "submit"))
 
     async def _status(self, session: _Session, event: p.StatusReported) -> None:
         grant = session.grant

@@ -22,13 +22,17 @@ from gatewayd.clock import Clock, SystemClock
 from gatewayd.config import Config
 from gatewayd.errors import GatewayError
 from gatewayd.hub import Hub
+from gatewayd.metrics import Metrics
 from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import Roster
+from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
 from gatewayd.sources.ant import AntSource
 from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
+from gatewayd.spool import Spool
+from gatewayd.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +75,8 @@ class App:
             self.clock,
             log_interval=config.logging.rate_limit_s,
         )
+        self.metrics = Metrics()
+        self.spool: Spool | None = None
         self.sinks: list[Sink] = self._build_sinks()
         self.on_ready: list[Callable[[], None]] = []
         self.on_stopping: list[Callable[[], None]] = []
@@ -104,7 +110,36 @@ class App:
                     roster=self.pipeline.roster,
                 )
             )
+        if outputs.local_broker.enabled:
+            sinks.append(self._build_local_broker())
         return sinks
+
+    def _build_local_broker(self) -> LocalBroker:
+        settings = self.config.outputs.local_broker
+        state_dir = self.config.state_dir()
+        self.spool = Spool(
+            state_dir / "spool.db",
+            retention_s=settings.replay_retention_h * 3600.0,
+            max_age_s=self.config.spool.max_age_days * 86400.0,
+            max_bytes=self.config.spool.max_bytes,
+        )
+        consumer_tokens = list(settings.consumer_tokens)
+        if settings.board_token:
+            consumer_tokens.append(settings.board_token)
+        tokens = TokenStore(
+            state_dir,
+            consumer_tokens=consumer_tokens,
+            producer_tokens=[(t.token, t.athletes) for t in settings.producer_tokens],
+        )
+        return LocalBroker(
+            self.hub.subscribe("local_broker"),
+            settings,
+            spool=self.spool,
+            tokens=tokens,
+            publish=self.hub.publish,
+            health=self.health,
+            metrics=self.metrics,
+        )
 
     def _build_roster(self, config: Config) -> Roster:
         roster = config.roster()
@@ -237,6 +272,8 @@ class App:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.spool is not None:
+            self.spool.close()
         log.info("stopped")
 
 

@@ -110,7 +110,47 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_option(scan)
     scan.add_argument("--seconds", type=float, default=10.0, help="how long to listen")
+    _broker_commands(commands)
     return parser
+
+
+def _broker_commands(commands: Any) -> None:
+    tok = commands.add_parser("token", help="mint tokens for the hub's broker")
+    tok_commands = tok.add_subparsers(dest="token_command", metavar="ACTION", required=True)
+    create = tok_commands.add_parser(
+        "create",
+        help="mint a token and print it once (only its hash is kept, in the state directory)",
+    )
+    _config_option(create)
+    create.add_argument("--role", choices=["consumer", "producer"], required=True)
+    create.add_argument(
+        "--athlete",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="producer: an athlete it may submit for (repeat; none = any athlete)",
+    )
+    create.add_argument("--single-use", action="store_true", help="valid for one connection")
+    create.add_argument("--ttl", metavar="DURATION", help="expiry: seconds, or 90s, 15m, 12h, 7d")
+    listing = tok_commands.add_parser("list", help="list minted tokens (never the tokens)")
+    _config_option(listing)
+    purge = tok_commands.add_parser("purge", help="forget used and expired minted tokens")
+    _config_option(purge)
+
+    tail = commands.add_parser(
+        "tail",
+        help="print live samples from a broker (a consumer; reconnects and REPLAYs gaps)",
+    )
+    _config_option(tail)
+    tail.add_argument("--url", help="default: this hub's broker, ws://HOST:PORT/connect")
+    tail.add_argument(
+        "--token",
+        help="consumer token (default: $GATEWAYD_TOKEN, else the config's first consumer token)",
+    )
+    tail.add_argument("--athlete", action="append", metavar="ID", help="only these athletes")
+    tail.add_argument("--type", action="append", metavar="T", help="only these data types")
+    tail.add_argument("--status", action="store_true", help="also show device status changes")
+    tail.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
@@ -144,6 +184,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         config_module.load(path)
         print(f"{path or 'built-in defaults'}: OK")
         return 0
+    if args.command in ("token", "tail"):
+        return _broker_client_command(args)
     cfg = config_module.load(args.config)
     if args.command == "ant-scan":
         setup_logging(args.log_level or cfg.logging.level)
@@ -202,6 +244,53 @@ async def _ant_scan(cfg: config_module.Config, seconds: float) -> int:
         sticks = ",".join(sorted(entry["adapters"]))
         print(f"{device_id:<24} {profile:<20} {sticks:<10} {entry['frames']:>6}  {rssi}")
     return 0
+
+
+def _broker_client_command(args: argparse.Namespace) -> int:
+    cfg = config_module.load(args.config, defaults_run_simulator=False)
+    setup_logging(args.log_level or "warning")
+    if args.command == "token":
+        from gatewayd import tokens
+
+        broker = cfg.outputs.local_broker
+        store = tokens.TokenStore(cfg.state_dir())
+        if args.token_command == "list":
+            for entry in store.minted():
+                print(json.dumps(entry))
+            return 0
+        if args.token_command == "purge":
+            print(f"forgot {store.purge()} used or expired tokens")
+            return 0
+        ttl = None
+        if args.ttl is not None:
+            try:
+                ttl = tokens.parse_duration(args.ttl)
+            except ValueError as exc:
+                print(f"gatewayd: --ttl: {exc}", file=sys.stderr)
+                return 2
+        if args.athlete and args.role != "producer":
+            print("gatewayd: --athlete applies to producer tokens only", file=sys.stderr)
+            return 2
+        print(store.create(args.role, athletes=args.athlete, single_use=args.single_use, ttl_s=ttl))
+        if not broker.enabled:
+            print("note: outputs.local_broker is disabled in this config", file=sys.stderr)
+        return 0
+    from gatewayd import tail
+
+    broker = cfg.outputs.local_broker
+    host = "127.0.0.1" if broker.host in ("0.0.0.0", "::", "") else broker.host
+    url = args.url or f"ws://{host}:{broker.port}/connect"
+    token = (
+        args.token or os.environ.get("GATEWAYD_TOKEN") or next(iter(broker.consumer_tokens), None)
+    )
+    if not token:
+        print(
+            "gatewayd: tail needs --token, $GATEWAYD_TOKEN or a consumer token in the config",
+            file=sys.stderr,
+        )
+        return 2
+    wanted = tail.parse_filter(args.athlete, args.type, args.status)
+    return asyncio.run(tail.Tail(url, token, filter_=wanted, as_json=args.json).run())
 
 
 def _reading_json(reading: Reading) -> dict[str, Any]:

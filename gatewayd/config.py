@@ -135,6 +135,10 @@ class LocalBrokerConfig(Section):
     producer_tokens: list[ProducerToken] = []
     board_token: str | None = None
     max_consumers: int = Field(200, ge=1)
+    heartbeat_interval_s: float = Field(40.0, ge=1.0, le=600.0)  # sent in HELLO
+    identify_timeout_s: float = Field(15.0, gt=0.0, le=300.0)
+    send_queue: int = Field(10_000, ge=10)  # DISPATCHes held per slow consumer before dropping
+    replay_retention_h: float = Field(24.0, gt=0.0)  # REPLAY serves this far back (spool caps win)
 
 
 class UpstreamConfig(Section):

@@ -1,0 +1,576 @@
+"""The hub's own broker: Terra's streaming protocol on `ws://<host>:<port>/connect`, plus
+`GET /healthz` (JSON) and `GET /metrics` (Prometheus) on the same port.
+
+A thin shell around gatewayd.protocol: this module does the I/O, the timers and the fan-out.
+
+Fan-out: each Sample gets its seq from the spool and is encoded into a WebSocket frame once;
+every consumer then gets the bytes of its share of a batch in one transport write. A consumer
+whose socket is full gets a bounded send queue: past `send_queue` frames the oldest go (counted,
+logged once per episode) and it can REPLAY them; it never slows the pipeline or other consumers.
+Frames are written straight to the transport because a per-message `send()` per consumer costs
+several times the CPU; this is sound because compression is off (frames are byte-identical for
+every consumer) and the broker never fragments. Closing still goes through websockets.
+
+Device status reaches consumers that asked for it in IDENTIFY (`d.gatewayd.device_status`), as a
+DISPATCH with `t = "DEVICE_STATUS"` and no seq; plain Terra consumers never see it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from gatewayd import __version__
+from gatewayd import protocol as p
+from gatewayd.config import LocalBrokerConfig
+from gatewayd.errors import SpoolError
+from gatewayd.hub import Event, Subscription
+from gatewayd.metrics import CONTENT_TYPE, Metrics
+from gatewayd.model import DeviceState, DeviceStatus, Sample
+from gatewayd.spool import Spool
+from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
+
+log = logging.getLogger(__name__)
+
+# websockets logs every connection at INFO; the broker logs what matters itself.
+_WS_LOG = logging.getLogger(f"{__name__}.websockets")
+_WS_LOG.setLevel(logging.WARNING)
+
+REPLAY_CHUNK = 500
+FLUSH_EVERY_S = 1.0
+BATCH_LIMIT = 5000
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented, uncompressed WebSocket text frame (RFC 6455, 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 1 << 16:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
+class _Session:
+    """One connection: its protocol state, its grant, and (for a consumer) its send queue."""
+
+    def __init__(self, ws: ServerConnection, conn: p.ServerConnection, send_queue: int) -> None:
+        self.ws = ws
+        self.conn = conn
+        self.grant: Grant | None = None
+        self.filter = p.EVERYTHING
+        self.limit = send_queue
+        self.pending: deque[bytes] = deque()
+        self.dropped = 0
+        self.dropping = False
+        self.drainer: asyncio.Task[None] | None = None
+        self.replays: asyncio.Queue[p.ReplayRequested] | None = None
+        self.replayer: asyncio.Task[None] | None = None
+        self.closing = False
+        self.peer = _peer(ws)
+
+    @property
+    def open(self) -> bool:
+        return not self.closing and self.ws.protocol.state is State.OPEN
+
+    def write(self, data: bytes) -> None:
+        if self.open:
+            self.ws.transport.write(data)
+
+    def write_text(self, text: str) -> None:
+        self.write(ws_text_frame(text.encode("utf-8")))
+
+    def offer(self, frames: list[bytes], joined: bytes | None, metrics: Metrics) -> None:
+        """Live DISPATCHes: write now, or queue (dropping the oldest) while the socket is full."""
+        if not self.open:
+            return
+        if not self.ws.paused and not self.pending:
+            self.ws.transport.write(joined if joined is not None else b"".join(frames))
+            return
+        pending = self.pending
+        pending.extend(frames)
+        overflow = len(pending) - self.limit
+        if overflow > 0:
+            for _ in range(overflow):
+                pending.popleft()
+            self.dropped += overflow
+            metrics.dropped.inc(overflow)
+            if not self.dropping:
+                self.dropping = True
+                log.warning(
+                    "consumer %s is not keeping up: dropping its oldest DISPATCHes "
+                    "(send queue of %d full); it can REPLAY them",
+                    self.peer,
+                    self.limit,
+                )
+        if self.drainer is None:
+            self.drainer = asyncio.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending and self.open:
+                await self.ws.drain()
+                if not self.open:
+                    break
+                data = b"".join(self.pending)
+                self.pending.clear()
+                self.ws.transport.write(data)
+            if self.dropping:
+                self.dropping = False
+                log.info(
+                    "consumer %s caught up; %d DISPATCHes dropped so far", self.peer, self.dropped
+                )
+        except ConnectionClosed:
+            pass
+        finally:
+            self.drainer = None
+
+    async def send_reliably(self, frames: list[bytes]) -> None:
+        """REPLAY output: never dropped, paced by the socket instead."""
+        if not self.open:
+            raise ConnectionError("closed")
+        self.ws.transport.write(b"".join(frames))
+        await self.ws.drain()
+
+
+def _peer(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+    except (TypeError, ValueError):
+        return "?"
+    return f"{host}:{port}"
+
+
+class LocalBroker:
+    name = "local_broker"
+
+    def __init__(
+        self,
+        subscription: Subscription,
+        config: LocalBrokerConfig,
+        *,
+        spool: Spool,
+        tokens: TokenStore,
+        publish: Callable[[Event], None] | None = None,
+        health: Callable[[], Mapping[str, Any]] | None = None,
+        metrics: Metrics | None = None,
+        mono: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        timer_interval_s: float = 0.5,
+    ) -> None:
+        self.subscription = subscription
+        self.config = config
+        self.spool = spool
+        self.tokens = tokens
+        self.publish = publish if publish is not None else self._publish_locally
+        self.health = health
+        self.metrics = metrics or Metrics()
+        self.metrics.watch_health(self.health_snapshot)
+        self.mono = mono
+        self.wall = wall
+        self.timer_interval_s = timer_interval_s
+        self.retention_s = config.replay_retention_h * 3600.0
+        self.port = 0
+        self._server: Server | None = None
+        self._sessions: set[_Session] = set()
+        self._consumers: list[_Session] = []
+        self._producers = 0
+        self._last_flush = mono()
+        self._last_submitted: dict[tuple[str, str], float] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._status_wanted = 0  # consumers that opted in to DEVICE_STATUS
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Listen; afterwards `port` holds the bound port (useful with port 0)."""
+        if self._server is not None:
+            return
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            process_request=self._http,
+            compression=None,
+            max_size=p.MAX_FRAME_BYTES,
+            ping_interval=None,  # the protocol's own heartbeats do this job
+            close_timeout=2.0,
+            write_limit=64 * 1024,
+            server_header=f"gatewayd/{__version__}",
+            logger=_WS_LOG,
+        )
+        self.port = int(next(iter(self._server.sockets)).getsockname()[1])
+        log.info("local broker listening on ws://%s:%d/connect", self.config.host, self.port)
+
+    async def run(self) -> None:
+        await self.start()
+        timer = asyncio.create_task(self._timer_loop(), name="local_broker:timers")
+        try:
+            while True:
+                batch = await self.subscription.get_batch(BATCH_LIMIT)
+                self.dispatch(batch)
+        finally:
+            timer.cancel()
+
+    async def close(self) -> None:
+        """Dispatch what is queued, close every client with 1001, stop listening, flush."""
+        with contextlib.suppress(Exception):
+            self.dispatch(self.subscription.get_nowait())
+        sessions = list(self._sessions)
+        for session in sessions:
+            session.conn.shutdown()
+        await asyncio.gather(
+            *(self._close(s, p.CloseCode.GOING_AWAY, "server shutting down") for s in sessions),
+            return_exceptions=True,
+        )
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), 3.0)
+            self._server = None
+        for task in list(self._background):
+            task.cancel()
+        self._flush()
+
+    # ------------------------------------------------------------ fan-out
+
+    def dispatch(self, batch: list[Event]) -> None:
+        """Sequence, spool and send a batch of hub events. Synchronous: never waits on a client."""
+        samples = [e for e in batch if isinstance(e, Sample)]
+        if not samples and not self._status_wanted:
+            return
+        first = self.spool.append(samples) if samples else 0
+        frames: list[bytes] = []
+        keys: list[tuple[str, str, bool]] = []
+        now = self.wall()
+        observe = self.metrics.dispatch_delay.observe
+        seq = first
+        for event in batch:
+            if isinstance(event, Sample):
+                frames.append(ws_text_frame(p.dispatch(seq, event).encode("utf-8")))
+                keys.append((event.uid, event.t, False))
+                observe(max(now - event.ts - 1.0, 0.0))
+                seq += 1
+            elif self._status_wanted:
+                frames.append(ws_text_frame(p.dispatch_status(event).encode("utf-8")))
+                keys.append((event.uid, p.DEVICE_STATUS_TYPE, True))
+        if not frames or not self._consumers:
+            return
+        joined: bytes | None = None
+        plain = frames
+        if self._status_wanted:
+            plain = [frame for frame, key in zip(frames, keys, strict=True) if not key[2]]
+        delivered = 0
+        for session in self._consumers:
+            wanted = session.filter
+            if wanted is p.EVERYTHING:
+                if joined is None:
+                    joined = b"".join(plain)
+                session.offer(plain, joined, self.metrics)
+                delivered += len(plain)
+                continue
+            mine = _select(frames, keys, wanted)
+            if mine:
+                session.offer(mine, None, self.metrics)
+                delivered += len(mine)
+        self.metrics.dispatched.inc(delivered)
+
+    def _publish_locally(self, event: Event) -> None:
+        self.dispatch([event])
+
+    # ------------------------------------------------------------ connections
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = p.ServerConnection(
+            self.mono(),
+            heartbeat_interval_s=self.config.heartbeat_interval_s,
+            identify_timeout_s=self.config.identify_timeout_s,
+        )
+        session = _Session(ws, conn, self.config.send_queue)
+        self._sessions.add(session)
+        session.write_text(conn.hello())
+        try:
+            async for message in ws:
+                for event in conn.receive(message, self.mono()):
+                    await self._act(session, event)
+                if conn.state is p.ServerState.CLOSED:
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            self._forget(session)
+            if ws.close_code is not None and ws.close_code >= 1002 and not session.closing:
+                log.debug("client %s closed with %s", session.peer, ws.close_code)
+
+    async def _act(self, session: _Session, event: p.Event) -> None:
+        if isinstance(event, p.Send):
+            session.write_text(event.text)
+        elif isinstance(event, p.Close):
+            await self._close(session, event.code, event.reason)
+        elif isinstance(event, p.Identified):
+            await self._identify(session, event)
+        elif isinstance(event, p.Submitted):
+            await self._submit(session, event.message)
+        elif isinstance(event, p.StatusReported):
+            await self._status(session, event)
+        elif isinstance(event, p.ReplayRequested):
+            self._queue_replay(session, event)
+
+    async def _identify(self, session: _Session, event: p.Identified) -> None:
+        consumer = event.role is p.Role.CONSUMER
+        grant = self.tokens.check(event.token, CONSUMER if consumer else PRODUCER)
+        if grant is None:
+            log.info(
+                "client %s: %s token refused", session.peer, "consumer" if consumer else "producer"
+            )
+            for close in session.conn.reject():
+                await self._act(session, close)
+            return
+        if consumer and len(self._consumers) >= self.config.max_consumers:
+            log.warning(
+                "client %s refused: the limit of %d consumers is reached",
+                session.peer,
+                self.config.max_consumers,
+            )
+            for close in session.conn.reject(p.CloseCode.CONSUMER_LIMIT, "consumer limit reached"):
+                await self._act(session, close)
+            return
+        session.grant = grant
+        session.filter = event.filter
+        for reply in session.conn.accept(event.role):
+            await self._act(session, reply)
+        if consumer:
+            self._consumers.append(session)
+            self.metrics.consumers.set(len(self._consumers))
+            if event.filter.device_status:
+                self._status_wanted += 1
+        else:
+            self._producers += 1
+            self.metrics.producers.set(self._producers)
+        log.info(
+            "%s %s connected with %s",
+            "consumer" if consumer else "producer",
+            session.peer,
+            grant.label,
+        )
+
+    def _submitter_uid(self, session: _Session, uid: str | None) -> str:
+        grant = session.grant
+        assert grant is not None
+        if uid is None:
+            if len(grant.athletes) != 1:
+                raise p.ProtocolError(
+                    p.CloseCode.MALFORMED,
+                    "SUBMIT needs `uid`: this token is not for exactly one athlete",
+                )
+            return next(iter(grant.athletes))
+        if not grant.may_submit_for(uid):
+            raise p.ProtocolError(p.CloseCode.MALFORMED, f"this token may not submit for {uid!r}")
+        return uid
+
+    async def _submit(self, session: _Session, message: p.Message) -> None:
+        try:
+            uid = self._submitter_uid(session, message.uid)
+            sample = p.sample_from_frame(message, uid)
+        except p.UnknownType:
+            self.metrics.submit_ignored.labels("unknown_type").inc()
+            return
+        except p.ProtocolError as exc:
+            session.conn.reject(exc.code, exc.reason)
+            await self._close(session, exc.code, exc.reason)
+            return
+        key = (sample.uid, str(sample.t))
+        last = self._last_submitted.get(key)
+        if last is None:
+            last = self.spool.last_ts(*key)
+        if last is not None and sample.ts <= last:
+            # At-least-once forwarders re-send after a reconnect; (uid, t, ts) identifies a sample.
+            self.metrics.submit_ignored.labels("duplicate").inc()
+            return
+        self._last_submitted[key] = sample.ts
+        self.metrics.submitted.inc()
+        self.publish(sample._replace(source=sample.source or "submit"))
+
+    async def _status(self, session: _Session, event: p.StatusReported) -> None:
+        grant = session.grant
+        assert grant is not None
+        uid = event.uid
+        if uid is None:
+            uid = next(iter(grant.athletes)) if len(grant.athletes) == 1 else grant.label
+        elif not grant.may_submit_for(uid):
+            reason = f"this token may not report for {uid!r}"
+            session.conn.reject(p.CloseCode.MALFORMED, reason)
+            await self._close(session, p.CloseCode.MALFORMED, reason)
+            return
+        self.publish(
+            DeviceStatus(
+                uid=uid,
+                device_id=event.device_id,
+                source=event.source or "submit",
+                state=DeviceState.CONNECTED if event.connected else DeviceState.LOST,
+                wall=self.wall(),
+                reason=event.reason,
+                battery=event.battery,
+                rssi=event.rssi,
+            )
+        )
+
+    def _queue_replay(self, session: _Session, event: p.ReplayRequested) -> None:
+        if session.replays is None:
+            session.replays = asyncio.Queue()
+            session.replayer = self._spawn(self._replayer(session))
+        session.replays.put_nowait(event)
+
+    async def _replayer(self, session: _Session) -> None:
+        assert session.replays is not None
+        try:
+            while True:
+                request = await session.replays.get()
+                await self._replay(session, request.after, request.before)
+        except (ConnectionError, ConnectionClosed):
+            pass
+
+    async def _replay(self, session: _Session, after: int, before: int) -> None:
+        oldest_ts = self.wall() - self.retention_s
+        cursor = after
+        while session.open:
+            rows = self.spool.read(cursor, before, REPLAY_CHUNK)
+            if not rows:
+                return
+            cursor = rows[-1][0]
+            frames = [
+                ws_text_frame(p.dispatch(seq, s).encode("utf-8"))
+                for seq, s in rows
+                if s.ts >= oldest_ts and session.filter.wants(s.uid, s.t)
+            ]
+            if frames:
+                self.metrics.replayed.inc(len(frames))
+                await session.send_reliably(frames)
+            if len(rows) < REPLAY_CHUNK:
+                return
+
+    async def _close(self, session: _Session, code: int, reason: str) -> None:
+        if session.closing:
+            return
+        self._forget(session)
+        session.closing = True
+        self.metrics.closed.labels(str(code)).inc()
+        if code not in (p.CloseCode.NORMAL, p.CloseCode.GOING_AWAY):
+            log.info("closing %s with %d: %s", session.peer, code, reason)
+        with contextlib.suppress(ConnectionClosed):
+            await session.ws.close(code, reason[:120])
+
+    def _forget(self, session: _Session) -> None:
+        if session not in self._sessions:
+            return
+        self._sessions.discard(session)
+        if session in self._consumers:
+            self._consumers.remove(session)
+            self.metrics.consumers.set(len(self._consumers))
+            if session.filter.device_status:
+                self._status_wanted -= 1
+        elif session.grant is not None:
+            self._producers -= 1
+            self.metrics.producers.set(self._producers)
+        if session.replayer is not None:
+            session.replayer.cancel()
+        session.pending.clear()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # ------------------------------------------------------------ timers
+
+    async def _timer_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timer_interval_s)
+            self.check_timers()
+
+    def check_timers(self) -> None:
+        """Identify and heartbeat deadlines, and the once-a-second spool commit."""
+        now = self.mono()
+        for session in list(self._sessions):
+            for event in session.conn.tick(now):
+                if isinstance(event, p.Close):
+                    self._spawn(self._close(session, event.code, event.reason))
+        if now - self._last_flush >= FLUSH_EVERY_S:
+            self._last_flush = now
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            self.spool.flush()
+        except SpoolError:
+            self.metrics.spool_write_errors.inc()
+
+    # ------------------------------------------------------------ HTTP
+
+    def health_snapshot(self) -> dict[str, Any]:
+        snapshot: dict[str, Any] = dict(self.health()) if self.health is not None else {}
+        snapshot.setdefault("version", __version__)
+        snapshot.setdefault("upstream", None)
+        snapshot["consumers"] = len(self._consumers)
+        snapshot["producers"] = self._producers
+        snapshot["spool_depth"] = self.spool.depth()
+        snapshot["last_seq"] = self.spool.last_seq
+        return snapshot
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/connect":
+            return None
+        if path == "/healthz":
+            try:
+                body = json.dumps(self.health_snapshot(), default=str)
+            except Exception:
+                log.exception("/healthz failed")
+                return _response(
+                    connection, 500, '{"error": "health check failed"}', "application/json"
+                )
+            return _response(connection, 200, body, "application/json")
+        if path == "/metrics":
+            return _response(connection, 200, self.metrics.render().decode("utf-8"), CONTENT_TYPE)
+        return _response(connection, 404, "not found: try /connect, /healthz or /metrics\n", None)
+
+
+def _select(
+    frames: list[bytes], keys: list[tuple[str, str, bool]], wanted: p.Filter
+) -> list[bytes]:
+    athletes = wanted.athletes
+    out: list[bytes] = []
+    for frame, (uid, t, is_status) in zip(frames, keys, strict=True):
+        if is_status:
+            if wanted.device_status and (athletes is None or uid in athletes):
+                out.append(frame)
+        elif wanted.wants(uid, t):
+            out.append(frame)
+    return out
+
+
+def _response(
+    connection: ServerConnection, status: int, body: str, content_type: str | None
+) -> Response:
+    response = connection.respond(status, body)
+    if content_type is not None:
+        headers: Headers = response.headers
+        del headers["Content-Type"]
+        headers["Content-Type"] = content_type
+    headers = response.headers
+    headers["Cache-Control"] = "no-store"
+    return response

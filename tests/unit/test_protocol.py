@@ -1,0 +1,326 @@
+"""The sans-I/O protocol core: frames in, events out, time as an input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gatewayd import protocol as p
+from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, parse_ts
+
+TS = "2026-11-24T14:30:05.000Z"
+
+
+def identified_server(role: p.Role, now: float = 0.0, **kw: float) -> p.ServerConnection:
+    conn = p.ServerConnection(now, **kw)
+    events = conn.receive(p.identify("tok", role), now)
+    assert isinstance(events[0], p.Identified)
+    assert conn.accept(role) == [p.Send('{"op":4}')]
+    return conn
+
+
+def close_code(events: list[p.Event]) -> int:
+    assert len(events) == 1 and isinstance(events[0], p.Close), events
+    return events[0].code
+
+
+# ------------------------------------------------------------------ frames
+
+
+def test_hello_carries_the_interval_in_ms() -> None:
+    conn = p.ServerConnection(0.0, heartbeat_interval_s=40.0)
+    assert json.loads(conn.hello()) == {"op": 2, "d": {"heartbeat_interval": 40000}}
+
+
+def test_dispatch_has_terra_shape() -> None:
+    sample = Sample("ath1", DataType.HEART_RATE, parse_ts(TS), val=71)
+    assert json.loads(p.dispatch(73, sample)) == {
+        "op": 5,
+        "d": {"ts": TS, "val": 71},
+        "uid": "ath1",
+        "seq": 73,
+        "t": "HEART_RATE",
+    }
+    rr = Sample("ath1", DataType.RR_INTERVAL, parse_ts(TS), d=(812.0, 790.5))
+    assert json.loads(p.dispatch(1, rr))["d"] == {"ts": TS, "d": [812.0, 790.5]}
+
+
+def test_submit_round_trips_through_the_server_parser() -> None:
+    sample = Sample("ath1", DataType.POWER, parse_ts(TS), val=250)
+    message = p.parse(p.submit(sample, with_uid=True))
+    assert message.uid == "ath1"
+    assert p.sample_from_frame(message, "ath1") == Sample(
+        "ath1", DataType.POWER, parse_ts(TS), val=250
+    )
+    assert p.parse(p.submit(sample)).uid is None
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("not json", 1007),
+        ("{", 1007),
+        ("[1, 2]", 1003),
+        ('"op"', 1003),
+        ("{}", 1003),
+        ('{"op": "0"}', 1003),
+        ('{"op": true}', 1003),
+        ('{"op": 99}', 4004),
+        ('{"op": 5, "uid": 7}', 1003),
+        ('{"op": 5, "seq": "x"}', 1003),
+    ],
+)
+def test_parse_refuses_bad_frames_with_the_documented_code(text: str, code: int) -> None:
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse(text)
+    assert info.value.code == code
+
+
+def test_binary_frames_are_malformed() -> None:
+    with pytest.raises(p.ProtocolError) as info:
+        p.parse(b'{"op": 0}')
+    assert info.value.code == 1003
+
+
+@given(st.text(max_size=200))
+def test_any_text_parses_or_raises_protocol_error(text: str) -> None:
+    try:
+        p.parse(text)
+    except p.ProtocolError as exc:
+        assert exc.code in (1003, 1007, 4004)
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        None,
+        {"val": 1},
+        {"ts": "yesterday", "val": 1},
+        {"ts": TS},
+        {"ts": TS, "val": 1, "d": [1]},
+        {"ts": TS, "val": "71"},
+        {"ts": TS, "val": True},
+        {"ts": TS, "d": [1, "x"]},
+        {"ts": TS, "d": 3},
+    ],
+)
+def test_malformed_submits_are_1003(d: object) -> None:
+    message = p.Message(p.Op.SUBMIT, d, t="HEART_RATE")
+    with pytest.raises(p.ProtocolError) as info:
+        p.sample_from_frame(message, "u")
+    assert info.value.code == 1003
+    assert not isinstance(info.value, p.UnknownType)
+
+
+def test_unknown_data_type_is_its_own_error() -> None:
+    message = p.Message(p.Op.SUBMIT, {"ts": TS, "d": [0.1, 0.2, 9.8]}, t="GYROSCOPE")
+    with pytest.raises(p.UnknownType):
+        p.sample_from_frame(message, "u")
+
+
+def test_nan_is_refused() -> None:
+    message = p.parse('{"op": 6, "t": "POWER", "d": {"ts": "' + TS + '", "val": NaN}}')
+    with pytest.raises(p.ProtocolError):
+        p.sample_from_frame(message, "u")
+
+
+# ------------------------------------------------------------------ server lifecycle
+
+
+def test_identify_then_ready_for_a_consumer_with_a_filter() -> None:
+    conn = p.ServerConnection(0.0)
+    wanted = p.Filter(frozenset({"a"}), frozenset({"HEART_RATE"}), device_status=True)
+    [event] = conn.receive(p.identify("secret", p.Role.CONSUMER, wanted), 1.0)
+    assert event == p.Identified("secret", p.Role.CONSUMER, wanted)
+    assert conn.state is p.ServerState.AUTHENTICATING
+    assert conn.accept(p.Role.CONSUMER) == [p.Send(p.ready())]
+    assert conn.filter.wants("a", "HEART_RATE")
+    assert not conn.filter.wants("b", "HEART_RATE")
+    assert not conn.filter.wants("a", "POWER")
+
+
+def test_identify_timeout_closes_4000_only_after_15_s() -> None:
+    conn = p.ServerConnection(100.0)
+    assert conn.next_deadline() == 115.0
+    assert conn.tick(114.99) == []
+    assert close_code(conn.tick(115.0)) == 4000
+    assert conn.tick(200.0) == []  # closed once
+
+
+def test_identify_while_authenticating_does_not_time_out() -> None:
+    conn = p.ServerConnection(0.0)
+    conn.receive(p.identify("t", p.Role.CONSUMER), 14.0)
+    assert conn.tick(16.0) == []
+
+
+def test_reject_is_4001() -> None:
+    conn = p.ServerConnection(0.0)
+    conn.receive(p.identify("t", p.Role.CONSUMER), 0.0)
+    assert close_code(conn.reject()) == 4001
+    assert conn.receive(p.heartbeat(), 1.0) == []
+
+
+def test_second_identify_is_4003() -> None:
+    conn = identified_server(p.Role.CONSUMER)
+    assert close_code(conn.receive(p.identify("t", p.Role.CONSUMER), 1.0)) == 4003
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        None,
+        {"type": 1},
+        {"token": "", "type": 1},
+        {"token": "t", "type": 2},
+        {"token": "t", "type": "1"},
+        {"token": "t", "type": 1, "gatewayd": []},
+        {"token": "t", "type": 1, "gatewayd": {"athletes": "a"}},
+        {"token": "t", "type": 1, "gatewayd": {"device_status": 1}},
+    ],
+)
+def test_bad_identify_is_1003(d: object) -> None:
+    conn = p.ServerConnection(0.0)
+    assert close_code(conn.receive(json.dumps({"op": 3, "d": d}), 0.0)) == 1003
+
+
+def test_heartbeat_is_acked_and_moves_the_window() -> None:
+    conn = identified_server(p.Role.CONSUMER, heartbeat_interval_s=40.0)
+    window = 40.0 * (1 + p.HEARTBEAT_GRACE)
+    assert conn.receive(p.heartbeat(), 30.0) == [p.Send('{"op":1}')]
+    assert conn.next_deadline() == 30.0 + window
+    assert conn.tick(30.0 + window - 0.01) == []
+    assert close_code(conn.tick(30.0 + window)) == 4005
+
+
+def test_no_heartbeat_at_all_is_4005() -> None:
+    conn = identified_server(p.Role.PRODUCER, heartbeat_interval_s=1.0)
+    assert close_code(conn.tick(1.25)) == 4005
+
+
+@pytest.mark.parametrize("op", [1, 2, 4, 5])
+def test_server_only_opcodes_from_a_client_are_4004(op: int) -> None:
+    conn = identified_server(p.Role.CONSUMER)
+    assert close_code(conn.receive(json.dumps({"op": op}), 1.0)) == 4004
+
+
+def test_opcodes_wrong_for_the_role_are_4004() -> None:
+    submit = p.submit(Sample("a", DataType.HEART_RATE, 0.0, val=60))
+    assert close_code(identified_server(p.Role.CONSUMER).receive(submit, 1.0)) == 4004
+    assert close_code(identified_server(p.Role.PRODUCER).receive(p.replay(1, 5), 1.0)) == 4004
+    status = '{"op": 8, "d": {"connected": true, "device_id": "x"}}'
+    assert close_code(identified_server(p.Role.CONSUMER).receive(status, 1.0)) == 4004
+
+
+def test_data_opcodes_before_ready_are_4004() -> None:
+    conn = p.ServerConnection(0.0)
+    assert close_code(conn.receive(p.replay(1, 5), 1.0)) == 4004
+
+
+def test_replay_request_and_its_validation() -> None:
+    conn = identified_server(p.Role.CONSUMER)
+    assert conn.receive(p.replay(28, 43), 1.0) == [p.ReplayRequested(28, 43)]
+    for d in [
+        None,
+        {"after": 5},
+        {"after": 5, "before": 5},
+        {"after": -1, "before": 3},
+        {"after": 1.5, "before": 3},
+        {"after": 9, "before": 3},
+    ]:
+        conn = identified_server(p.Role.CONSUMER)
+        assert close_code(conn.receive(json.dumps({"op": 7, "d": d}), 1.0)) == 1003, d
+
+
+def test_submit_and_status_from_a_producer() -> None:
+    conn = identified_server(p.Role.PRODUCER)
+    sample = Sample("a", DataType.HEART_RATE, parse_ts(TS), val=60)
+    [event] = conn.receive(p.submit(sample, with_uid=True), 1.0)
+    assert isinstance(event, p.Submitted)
+    assert p.sample_from_frame(event.message, event.message.uid or "") == sample
+    status = DeviceStatus("a", "120:1", "ant", DeviceState.LOST, 0.0, reason="silent", battery=40)
+    [reported] = conn.receive(p.status(status, with_uid=True), 2.0)
+    assert reported == p.StatusReported("a", "120:1", "ant", False, "silent", 40, None)
+    bad = '{"op": 8, "d": {"connected": "yes", "device_id": "x"}}'
+    assert close_code(conn.receive(bad, 3.0)) == 1003
+
+
+def test_shutdown_is_1001() -> None:
+    assert close_code(identified_server(p.Role.CONSUMER).shutdown()) == 1001
+
+
+# ------------------------------------------------------------------ client side
+
+
+def test_client_identifies_on_hello_and_heartbeats_on_schedule() -> None:
+    conn = p.ClientConnection("tok", p.Role.PRODUCER, jitter=0.5)
+    conn.start(0.0)
+    events = conn.receive(p.hello(10_000), 0.0)
+    assert events[0] == p.Hello(10.0)
+    assert events[1] == p.Send(p.identify("tok", p.Role.PRODUCER))
+    assert conn.receive(p.ready(), 0.1) == [p.Ready()]
+    assert conn.next_deadline() == 5.0
+    assert conn.tick(4.9) == []
+    assert conn.tick(5.0) == [p.Send(p.heartbeat())]
+    assert conn.receive(p.heartbeat_ack(), 5.1) == [p.Acked(None)]
+    assert conn.next_deadline() == 15.0
+
+
+def test_client_ack_reports_the_last_submit_before_the_heartbeat() -> None:
+    conn = p.ClientConnection("tok", p.Role.PRODUCER, jitter=0.0)
+    conn.receive(p.hello(1000), 0.0)
+    conn.receive(p.ready(), 0.0)
+    sample = Sample("a", DataType.HEART_RATE, 0.0, val=60)
+    conn.submit(sample, marker=10)
+    conn.heartbeat_now(0.1)
+    conn.submit(sample, marker=11)  # sent after the heartbeat: not covered by its ACK
+    conn.heartbeat_now(0.2)
+    assert conn.receive(p.heartbeat_ack(), 0.3) == [p.Acked(10)]
+    assert conn.receive(p.heartbeat_ack(), 0.4) == [p.Acked(11)]
+
+
+def test_client_closes_when_an_ack_is_missed() -> None:
+    conn = p.ClientConnection("tok", p.Role.CONSUMER, jitter=0.0)
+    conn.receive(p.hello(1000), 0.0)
+    conn.receive(p.ready(), 0.0)
+    assert conn.tick(0.0) == [p.Send(p.heartbeat())]
+    assert conn.next_deadline() == 1.0
+    [event] = conn.tick(1.0)
+    assert isinstance(event, p.Close)
+    assert conn.state is p.ClientState.CLOSED
+
+
+def test_client_gives_up_without_hello() -> None:
+    conn = p.ClientConnection("tok", p.Role.CONSUMER)
+    conn.start(0.0)
+    assert conn.tick(14.0) == []
+    assert isinstance(conn.tick(15.0)[0], p.Close)
+
+
+def test_consumer_sees_dispatches_and_tracks_the_last_seq() -> None:
+    conn = p.ClientConnection("tok", p.Role.CONSUMER, filter_=p.Filter(frozenset({"a"})))
+    events = conn.receive(p.hello(), 0.0)
+    assert json.loads(events[1].text)["d"]["gatewayd"] == {"athletes": ["a"]}  # type: ignore[union-attr]
+    conn.receive(p.ready(), 0.0)
+    sample = Sample("a", DataType.HEART_RATE, 0.0, val=60)
+    [event] = conn.receive(p.dispatch(7, sample), 1.0)
+    assert isinstance(event, p.Dispatched) and event.message.seq == 7
+    conn.receive(p.dispatch(5, sample), 1.0)
+    assert conn.last_seq == 7
+
+
+def test_device_status_dispatch_has_no_seq() -> None:
+    status = DeviceStatus("a", "C0:FF:EE:00:00:01", "ble", DeviceState.CONNECTED, 0.0, rssi=-60)
+    frame = json.loads(p.dispatch_status(status))
+    assert frame["t"] == "DEVICE_STATUS" and "seq" not in frame
+    assert frame["d"]["state"] == "connected" and frame["d"]["rssi"] == -60
+
+
+def test_backoff_grows_to_the_cap_with_jitter() -> None:
+    assert p.backoff_delay(0, 0.0) == 0.5
+    assert p.backoff_delay(0, 1.0) == 1.0
+    assert p.backoff_delay(3, 1.0) == 8.0
+    assert p.backoff_delay(40, 1.0) == 30.0
+    assert 15.0 <= p.backoff_delay(40, 0.3) <= 30.0

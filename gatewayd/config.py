@@ -213,6 +213,31 @@ class OutputsConfig(Section):
     mqtt: MqttConfig = MqttConfig()
 
 
+class BoardConfig(Section):
+    """The gym board served at `/` on the local broker's port (a TV or tablet shows it)."""
+
+    enabled: bool = True
+    title: str = ""  # default: hub.name
+    # Lower bounds of zones 1-5 in percent of max HR (below the first: no zone).
+    zones: list[float] = [50.0, 60.0, 70.0, 80.0, 90.0]
+    # For athletes with neither max_hr nor age, e.g. an unknown strap; unset shows bpm only.
+    default_max_hr: int | None = Field(None, ge=100, le=250)
+    low_battery_pct: float = Field(20.0, ge=0.0, le=100.0)
+    # A lost athlete's tile stays (marked "signal lost") this long, then leaves the board.
+    forget_after_s: float = Field(600.0, ge=10.0)
+
+    @field_validator("zones")
+    @classmethod
+    def _five_ascending(cls, zones: list[float]) -> list[float]:
+        if len(zones) != 5:
+            raise ValueError("give exactly five lower bounds, e.g. [50, 60, 70, 80, 90]")
+        if any(b <= a for a, b in zip(zones, zones[1:], strict=False)):
+            raise ValueError("zone lower bounds must strictly increase, e.g. [50, 60, 70, 80, 90]")
+        if zones[0] <= 0 or zones[-1] > 150:
+            raise ValueError("zone lower bounds are percent of max HR, between 0 and 150")
+        return zones
+
+
 class SpoolConfig(Section):
     max_bytes: int = Field(1 << 30, ge=1 << 20)
     max_age_days: float = Field(7.0, gt=0.0)
@@ -248,6 +273,7 @@ class Config(BaseSettings):
     pipeline: PipelineConfig = PipelineConfig()
     sources: SourcesConfig = SourcesConfig()
     outputs: OutputsConfig = OutputsConfig()
+    board: BoardConfig = BoardConfig()
     spool: SpoolConfig = SpoolConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -24,7 +24,7 @@ from gatewayd.errors import GatewayError
 from gatewayd.hub import Hub
 from gatewayd.metrics import Metrics
 from gatewayd.pipeline import FrameQueue, Pipeline
-from gatewayd.roster import Roster
+from gatewayd.roster import AthleteInfo, Roster
 from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
@@ -33,6 +33,7 @@ from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
 from gatewayd.spool import Spool
 from gatewayd.tokens import TokenStore
+from gatewayd.web import Board, new_token
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class App:
         )
         self.metrics = Metrics()
         self.spool: Spool | None = None
+        self.board: Board | None = None
         self.sinks: list[Sink] = self._build_sinks()
         self.on_ready: list[Callable[[], None]] = []
         self.on_stopping: list[Callable[[], None]] = []
@@ -126,6 +128,9 @@ class App:
         consumer_tokens = list(settings.consumer_tokens)
         if settings.board_token:
             consumer_tokens.append(settings.board_token)
+        self.board = self._build_board()
+        if self.board is not None and not settings.board_token:
+            consumer_tokens.append(self.board.token)  # generated: valid for this run only
         tokens = TokenStore(
             state_dir,
             consumer_tokens=consumer_tokens,
@@ -139,7 +144,23 @@ class App:
             publish=self.hub.publish,
             health=self.health,
             metrics=self.metrics,
+            board=None if self.board is None else self.board.respond,
         )
+
+    def _build_board(self) -> Board | None:
+        if not self.config.board.enabled:
+            return None
+        return Board(
+            self.config.board,
+            token=self.config.outputs.local_broker.board_token or new_token(),
+            title=self.config.hub.name,
+            lost_after_s=self.config.pipeline.lost_after_s,
+            athletes=self._athletes,
+        )
+
+    def _athletes(self) -> list[AthleteInfo]:
+        # Looked up per call: SIGHUP swaps the pipeline's roster.
+        return self.pipeline.roster.athletes()
 
     def _build_roster(self, config: Config) -> Roster:
         roster = config.roster()

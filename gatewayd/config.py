@@ -7,6 +7,7 @@ and what was expected, as a ConfigError; the CLI turns that into exit status 78.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -231,7 +232,7 @@ class BoardConfig(Section):
     def _five_ascending(cls, zones: list[float]) -> list[float]:
         if len(zones) != 5:
             raise ValueError("give exactly five lower bounds, e.g. [50, 60, 70, 80, 90]")
-        if any(b <= a for a, b in zip(zones, zones[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(zones)):
             raise ValueError("zone lower bounds must strictly increase, e.g. [50, 60, 70, 80, 90]")
         if zones[0] <= 0 or zones[-1] > 150:
             raise ValueError("zone lower bounds are percent of max HR, between 0 and 150")

@@ -42,6 +42,7 @@ from gatewayd.metrics import CONTENT_TYPE, Metrics
 from gatewayd.model import DeviceState, DeviceStatus, Sample
 from gatewayd.spool import Spool
 from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
+from gatewayd.web import Page, board_url
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,10 @@ class LocalBroker:
         mono: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         timer_interval_s: float = 0.5,
+        board: Callable[[str], Page | None] | None = None,
     ) -> None:
         self.subscription = subscription
+        self.board = board  # extra GET pages (the gym board); None serves none
         self.config = config
         self.spool = spool
         self.tokens = tokens
@@ -214,6 +217,8 @@ class LocalBroker:
         )
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
         log.info("local broker listening on ws://%s:%d/connect", self.config.host, self.port)
+        if self.board is not None:
+            log.info("board: %s", board_url(self.config.host, self.port))
 
     async def run(self) -> None:
         await self.start()
@@ -546,6 +551,12 @@ class LocalBroker:
             return _response(connection, 200, body, "application/json")
         if path == "/metrics":
             return _response(connection, 200, self.metrics.render().decode("utf-8"), CONTENT_TYPE)
+        page = self.board(path) if self.board is not None else None
+        if page is not None:
+            response = _response(connection, page.status, page.text, page.content_type)
+            for name, value in page.headers:
+                response.headers[name] = value
+            return response
         return _response(connection, 404, "not found: try /connect, /healthz or /metrics\n", None)
 
 

@@ -40,9 +40,12 @@
 
   // The hub's clock, as seen here: the newest sample second, advanced by local elapsed time.
   // Staleness is judged on it, so a TV whose clock is wrong still marks lost athletes right.
+  // A second's samples leave the hub when the second is over plus a grace of about 0.25 s.
+  const SECOND_LAG_S = 1.25;
   let hubTs = null;
   let hubTsAt = 0;
-  const hubNow = () => (hubTs === null ? null : hubTs + (performance.now() - hubTsAt) / 1000);
+  const hubNow = () =>
+    hubTs === null ? null : hubTs + SECOND_LAG_S + (performance.now() - hubTsAt) / 1000;
 
   // ------------------------------------------------------------------ connection
 
@@ -273,7 +276,8 @@
   }
 
   function onStatus(uid, d) {
-    const a = athletes.get(uid) || (d.state === "connected" ? athlete(uid) : null);
+    // Tiles come from samples only: a device that connects shows once it has something to show.
+    const a = athletes.get(uid);
     if (!a) return;
     if (typeof d.device_id === "string") a.devices.set(d.device_id, d.state);
     if (typeof d.battery === "number") a.battery = d.battery;
@@ -310,21 +314,22 @@
     const batt = span("batt", "");
     batt.hidden = true;
     head.append(name, batt);
-    const main = div("main");
-    const hr = span("hr", "--");
+    const hr = div("hr");
+    hr.textContent = "--";
+    const row = div("row");
     const pct = span("pct", "");
-    main.append(hr, pct);
-    const meta = div("meta");
     const zone = span("zone", "");
+    const canvas = document.createElement("canvas");
+    row.append(pct, zone, canvas);
+    const meta = div("meta");
     const power = span("power", "");
     const cadence = span("cadence", "");
-    meta.append(zone, power, cadence);
-    const canvas = document.createElement("canvas");
+    meta.append(power, cadence);
     const lost = div("lostmark");
     lost.append(document.createTextNode("Signal lost"));
     const lostFor = document.createElement("small");
     lost.append(lostFor);
-    tile.append(head, main, meta, canvas, lost);
+    tile.append(head, hr, row, meta, lost);
     return { tile, name, batt, hr, pct, zone, power, cadence, canvas, lostFor };
   }
 
@@ -364,8 +369,13 @@
     relayout();
   }
 
+  function lostSince(a) {
+    if (a.lostAt !== null) return a.lostAt;
+    return a.lastTs === null ? null : a.lastTs + 1;
+  }
+
   function fresh(m, now) {
-    return m !== null && now !== null && now - m.ts <= config.lost_after_s + 1;
+    return m !== null && now !== null && now - m.ts <= config.lost_after_s + SECOND_LAG_S + 1;
   }
 
   function zoneOf(pct) {
@@ -383,7 +393,7 @@
     const lost = a.lostAt !== null || !anyLive;
     let zone = 0;
     if (lost) {
-      const since = a.lostAt !== null ? a.lostAt : a.lastTs;
+      const since = lostSince(a);
       el.lostFor.textContent = since !== null && now !== null ? `for ${ago(now - since)}` : "";
     }
     if (hrLive) {
@@ -508,7 +518,7 @@
     const n = Math.max(1, grid.children.length);
     const style = getComputedStyle(document.documentElement);
     const gap = parseFloat(style.getPropertyValue("--gap")) || 8;
-    const header = parseFloat(style.getPropertyValue("--header")) || 56;
+    const header = document.querySelector(".top").offsetHeight || 56;
     const width = document.documentElement.clientWidth - 2 * gap;
     const height = window.innerHeight - header - gap;
     let best = null;
@@ -548,7 +558,7 @@
     renderPending = false;
     const now = hubNow();
     for (const a of [...athletes.values()]) {
-      const since = a.lostAt !== null ? a.lostAt : a.lastTs;
+      const since = lostSince(a);
       if (now !== null && since !== null && a.state === "lost" && now - since > config.forget_after_s) {
         removeTile(a);
         continue;

@@ -482,7 +482,9 @@
     ctx.fillStyle = ink;
     // one run per stretch without a gap: a dropout shows as a gap, not as a straight line
     let run = [];
+    let runs = 0;
     const flush = () => {
+      if (run.length) runs += 1;
       if (run.length === 1) {
         ctx.fillRect(x(run[0][0]) - ctx.lineWidth / 2, y(run[0][1]) - ctx.lineWidth / 2, ctx.lineWidth, ctx.lineWidth);
       } else if (run.length > 1) {
@@ -507,6 +509,7 @@
       prev = p[0];
     }
     flush();
+    a.el.tile.dataset.gaps = String(Math.max(0, runs - 1)); // for tests and the curious
   }
 
   // ------------------------------------------------------------------ layout

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
@@ -14,7 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gatewayd.config import BoardConfig, LocalBrokerConfig
+from gatewayd.config import DEFAULT_CONFIG_PATH, BoardConfig, LocalBrokerConfig
 from gatewayd.hub import Hub
 from gatewayd.roster import AthleteInfo
 from gatewayd.sinks.local_broker import LocalBroker
@@ -22,6 +26,7 @@ from gatewayd.spool import Spool
 from gatewayd.tokens import TokenStore
 from gatewayd.web import Board, new_token
 
+ROOT = Path(__file__).resolve().parents[2]
 WAIT = 10.0  # a guard on waits for events, never a sleep
 
 
@@ -119,3 +124,39 @@ async def test_a_board_connection_cannot_submit(served) -> None:
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), WAIT)
         assert ws.close_code == 4004
+
+
+def test_run_without_a_config_logs_the_board_url_and_serves_it(tmp_path: Path) -> None:
+    if DEFAULT_CONFIG_PATH.exists():
+        pytest.skip(f"{DEFAULT_CONFIG_PATH} exists, so `gatewayd run` would not run bare")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),
+        "HOME": str(tmp_path),
+        "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
+        "GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT": "0",  # parallel-safe; everything else default
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gatewayd", "run"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert process.stderr is not None
+    try:
+        url = None
+        for line in process.stderr:  # ends if the daemon dies; pytest's timeout guards a hang
+            found = re.search(r"board: (http://127\.0\.0\.1:\d+/)$", line.strip())
+            if found:
+                url = found.group(1)
+                break
+        assert url is not None, "no board URL in the log"
+        status, _, body = get(url)
+        assert status == 200 and "board.js" in body
+        status, _, body = get(url + "board/config.json")
+        assert status == 200 and len(json.loads(body)["athletes"]) == 8  # the default simulator
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=15)
+    assert process.returncode == 0

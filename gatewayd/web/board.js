@@ -49,7 +49,11 @@
 
   // ------------------------------------------------------------------ connection
 
-  let ws = null;
+  // A link that dies without a close (Wi-Fi gone) must still be noticed: the page gives the hub
+  // this long to answer, and heartbeats at least this often (more often than HELLO asks is
+  // harmless: the hub answers every HEARTBEAT).
+  const ANSWER_TIMEOUT_MS = 10000;
+  const MAX_HEARTBEAT_MS = 10000;
   let attempt = 0;
   let online = false;
   let offlineSince = null;
@@ -61,13 +65,17 @@
   async function connect() {
     retryTimer = null;
     setBanner();
+    const abort = new AbortController();
+    const abortTimer = setTimeout(() => abort.abort(), ANSWER_TIMEOUT_MS);
     try {
-      const response = await fetch("board/config.json", { cache: "no-store" });
+      const response = await fetch("board/config.json", { cache: "no-store", signal: abort.signal });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       applyConfig(await response.json());
     } catch (err) {
       retry("cannot reach the hub");
       return;
+    } finally {
+      clearTimeout(abortTimer);
     }
     const url = new URL("connect", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
@@ -78,8 +86,8 @@
       retry("cannot open a connection");
       return;
     }
-    ws = socket;
     const session = { heartbeat: null, awaitingAck: false, firstLive: null };
+    const readyTimer = setTimeout(() => socket.close(), ANSWER_TIMEOUT_MS);
 
     socket.onmessage = (event) => {
       let msg;
@@ -90,7 +98,8 @@
       }
       switch (msg.op) {
         case OP.HELLO: {
-          const interval = Number(msg.d && msg.d.heartbeat_interval) || 40000;
+          const asked = Number(msg.d && msg.d.heartbeat_interval) || 40000;
+          const interval = Math.min(asked, MAX_HEARTBEAT_MS);
           socket.send(JSON.stringify({
             op: OP.IDENTIFY,
             d: {
@@ -112,6 +121,7 @@
           break;
         }
         case OP.READY:
+          clearTimeout(readyTimer);
           attempt = 0;
           setOnline(true);
           break;
@@ -128,7 +138,7 @@
 
     socket.onclose = (event) => {
       clearTimeout(session.heartbeat);
-      if (ws === socket) ws = null;
+      clearTimeout(readyTimer);
       retry(CLOSE_REASONS[event.code] || (online ? "the connection closed" : "cannot connect"));
     };
   }
@@ -202,8 +212,12 @@
     $("title").textContent = config.title;
     renderLegend();
     for (const a of athletes.values()) {
-      a.name = displayName(a.uid);
-      a.el.name.textContent = a.name;
+      const name = displayName(a.uid);
+      if (name !== a.name) {
+        a.name = name;
+        a.el.name.textContent = name;
+        placeTile(a); // a renamed athlete moves to their new place in the order
+      }
       a.dirty = true;
     }
     relayout();
@@ -235,7 +249,8 @@
       hr: null, // {ts, val}
       power: null,
       cadence: null,
-      battery: null,
+      battery: null, // percent
+      batteryTs: -Infinity,
       hist: [], // [ts, bpm], ascending ts
       devices: new Map(), // device id -> "connected" | "lost"
       lostAt: null, // hub time at which every device was reported lost
@@ -260,16 +275,19 @@
     if (!existing && now - ts > config.forget_after_s) return;
     const a = existing || athlete(uid);
     if (a.lastTs === null || ts > a.lastTs) a.lastTs = ts;
+    // A lost device's streams end when it is declared lost, so a measurement of a later second
+    // means this athlete is still heard (another device, or the same one back).
+    if (a.lostAt !== null && t !== "BATTERY" && ts >= a.lostAt) a.lostAt = null;
     if (t === "HEART_RATE") {
       insertHistory(a.hist, ts, val);
       if (!a.hr || ts >= a.hr.ts) a.hr = { ts, val };
-      if (a.lostAt !== null && ts > a.lostAt) a.lostAt = null; // it came back
     } else if (t === "POWER") {
       if (!a.power || ts >= a.power.ts) a.power = { ts, val };
     } else if (t === "BIKE_CADENCE") {
       if (!a.cadence || ts >= a.cadence.ts) a.cadence = { ts, val };
-    } else if (t === "BATTERY") {
+    } else if (t === "BATTERY" && ts >= a.batteryTs) {
       a.battery = val;
+      a.batteryTs = ts;
     }
     a.dirty = true;
     scheduleRender();
@@ -280,10 +298,13 @@
     const a = athletes.get(uid);
     if (!a) return;
     if (typeof d.device_id === "string") a.devices.set(d.device_id, d.state);
-    if (typeof d.battery === "number") a.battery = d.battery;
+    const ts = Date.parse(d.ts) / 1000;
+    if (typeof d.battery === "number" && Number.isFinite(ts) && ts >= a.batteryTs) {
+      a.battery = d.battery;
+      a.batteryTs = ts;
+    }
     const states = [...a.devices.values()];
     if (d.state === "lost" && states.every((s) => s === "lost")) {
-      const ts = Date.parse(d.ts) / 1000;
       a.lostAt = Number.isFinite(ts) ? ts : hubNow() || 0;
     } else if (d.state === "connected") {
       a.lostAt = null;

@@ -114,7 +114,7 @@
               return;
             }
             session.awaitingAck = true;
-            socket.send('{"op":0}');
+            socket.send(JSON.stringify({ op: OP.HEARTBEAT }));
             session.heartbeat = setTimeout(beat, interval);
           };
           session.heartbeat = setTimeout(beat, interval * Math.random());

@@ -246,9 +246,12 @@ def test_board_shows_every_athlete_live_marks_lost_ones_and_survives_outages(
 
         # 12 tiles, ordered by name, with heart rates that move.
         page.wait_for_function(
-            """(n) => document.querySelectorAll('.tile').length === n
-                && document.querySelectorAll('.tile[data-state=live]').length >= n - 1""",
-            arg=ATHLETES,
+            """([n, dropped]) => {
+                 const tiles = [...document.querySelectorAll('.tile')];
+                 return tiles.length === n && tiles.every(
+                   t => t.dataset.uid === dropped || t.dataset.state === 'live');
+               }""",
+            arg=[ATHLETES, DROPPED],
             timeout=15_000,
         )
         assert page.locator(".tile").count() == ATHLETES
@@ -315,3 +318,61 @@ def test_board_shows_every_athlete_live_marks_lost_ones_and_survives_outages(
         daemon.stop()
     assert daemon.process.returncode == 0, "".join(daemon.log)
     assert os.path.getsize(ARTIFACTS / "board.png") > 10_000
+
+
+LAYOUT = """() => {
+  const tiles = [...document.querySelectorAll('.tile')];
+  const cols = new Set(tiles.map(t => Math.round(t.getBoundingClientRect().left))).size;
+  const inside = tiles.every(t => {
+    const r = t.getBoundingClientRect();
+    return r.left >= 0 && r.right <= innerWidth && r.top >= 0 && r.bottom <= innerHeight;
+  });
+  const clipped = tiles.filter(t => {
+    const hr = t.querySelector('.hr');
+    return hr.offsetParent !== null && hr.scrollWidth > hr.clientWidth;
+  }).length;
+  const digits = Math.min(...tiles.map(t =>
+    parseFloat(getComputedStyle(t.querySelector('.hr')).fontSize)));
+  return {
+    cols, inside, clipped, digits,
+    scrollsSideways: document.documentElement.scrollWidth > innerWidth,
+  };
+}"""
+
+
+def test_sixty_athletes_fit_a_tv_and_reflow_on_a_tablet(
+    tmp_path: Path, browser_page: object
+) -> None:
+    page = browser_page
+    assert isinstance(page, playwright_sync.Page)
+    config = tmp_path / "sixty.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "hub": {"state_dir": str(tmp_path / "state")},
+                "sources": {"simulator": {"enabled": True, "athletes": 60}},
+                "outputs": {"local_broker": {"host": "127.0.0.1", "port": 0}},
+            }
+        )
+    )
+    daemon = Daemon(config, tmp_path)
+    try:
+        page.goto(daemon.url)
+        page.wait_for_function(
+            "() => document.querySelectorAll('.tile[data-state=live]').length === 60",
+            timeout=20_000,
+        )
+        tv = page.evaluate(LAYOUT)
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "board-60.png"))
+        # All 60 on one 1920x1080 screen, digits big enough to read across a room.
+        assert tv["inside"] and not tv["scrollsSideways"], tv
+        assert tv["clipped"] == 0 and tv["digits"] >= 60, tv
+        page.set_viewport_size({"width": 800, "height": 1280})
+        page.wait_for_function(f"() => ({LAYOUT})().cols < {tv['cols']}", timeout=5_000)
+        tablet = page.evaluate(LAYOUT)
+        page.screenshot(path=str(ARTIFACTS / "board-tablet.png"))
+        assert not tablet["scrollsSideways"] and tablet["clipped"] == 0, tablet
+        assert tablet["digits"] >= 40, tablet
+    finally:
+        daemon.stop()

@@ -28,6 +28,7 @@ from gatewayd.roster import Roster
 from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
+from gatewayd.sinks.upstream import UpstreamSink
 from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
 from gatewayd.spool import Spool
@@ -76,6 +77,7 @@ class App:
         )
         self.metrics = Metrics()
         self.spool: Spool | None = None
+        self.upstream: UpstreamSink | None = None
         self.sinks: list[Sink] = self._build_sinks()
         self.on_ready: list[Callable[[], None]] = []
         self.on_stopping: list[Callable[[], None]] = []
@@ -109,17 +111,32 @@ class App:
             )
         if outputs.local_broker.enabled:
             sinks.append(self._build_local_broker())
+        if outputs.upstream.enabled:
+            # One spool for both: the broker appends (its seqs are the DISPATCH seqs) and the
+            # upstream reads it by cursor; without a broker the upstream appends itself.
+            self.upstream = UpstreamSink(
+                self.hub.subscribe("upstream"),
+                outputs.upstream,
+                spool=self._spool(),
+                append=not outputs.local_broker.enabled,
+            )
+            sinks.append(self.upstream)
         return sinks
+
+    def _spool(self) -> Spool:
+        if self.spool is None:
+            self.spool = Spool(
+                self.config.state_dir() / "spool.db",
+                retention_s=self.config.outputs.local_broker.replay_retention_h * 3600.0,
+                max_age_s=self.config.spool.max_age_days * 86400.0,
+                max_bytes=self.config.spool.max_bytes,
+            )
+        return self.spool
 
     def _build_local_broker(self) -> LocalBroker:
         settings = self.config.outputs.local_broker
         state_dir = self.config.state_dir()
-        self.spool = Spool(
-            state_dir / "spool.db",
-            retention_s=settings.replay_retention_h * 3600.0,
-            max_age_s=self.config.spool.max_age_days * 86400.0,
-            max_bytes=self.config.spool.max_bytes,
-        )
+        spool = self._spool()
         consumer_tokens = list(settings.consumer_tokens)
         if settings.board_token:
             consumer_tokens.append(settings.board_token)
@@ -131,7 +148,7 @@ class App:
         return LocalBroker(
             self.hub.subscribe("local_broker"),
             settings,
-            spool=self.spool,
+            spool=spool,
             tokens=tokens,
             publish=self.hub.publish,
             health=self.health,
@@ -165,6 +182,7 @@ class App:
                 sub.name: {"queued": len(sub), "dropped": sub.dropped}
                 for sub in self.hub.subscriptions()
             },
+            "upstream": None if self.upstream is None else self.upstream.state(),
         }
 
     def status_line(self) -> str:

@@ -482,6 +482,7 @@ class Lane:
         elif isinstance(event, p.Acked):
             if event.marker is not None and self.active_generation == self.generation:
                 self.acked = max(self.acked, event.marker)
+                self.sink.updates.set()
             for waiter in self._ack_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -593,7 +594,10 @@ class UpstreamSink:
         self.spool_error: str | None = None
         self._unroutable_uids: set[str] = set()
         self._rewind: int | None = None
+        self._read_high = 0
         self._wake = asyncio.Event()
+        # Set when a connection changes state or an ACK vouches for more rows (health, tests).
+        self.updates = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._saved: dict[str, int] = {}
         self._closing = False
@@ -626,7 +630,7 @@ class UpstreamSink:
             stale = not self.terra or other[len(prefix) :] not in self.lanes
             if other.startswith(prefix) and stale:
                 self.spool.drop_cursor(other)
-        self.pos = self.cursor = base
+        self.pos = self.cursor = self._read_high = base
         self._saved = {name: base}
 
     def save_cursors(self) -> None:
@@ -656,6 +660,7 @@ class UpstreamSink:
 
     def changed(self) -> None:
         self._wake.set()
+        self.updates.set()
 
     async def run(self) -> None:
         self._tasks = [
@@ -718,15 +723,16 @@ class UpstreamSink:
             for lane in self.lanes.values()
         )
 
-    def _route(self, sample: Sample) -> Lane | None:
+    def _route(self, sample: Sample, fresh: bool) -> Lane | None:
+        """The lane for a row; `fresh` when the reader sees it for the first time (not a rewind)."""
         if not self.terra:
             return self.lanes[ALL]
         if sample.t in TERRA_SKIPPED:
-            self.skipped_types += 1
+            self.skipped_types += fresh
             return None
         lane = self.lanes.get(sample.uid)
         if lane is None:
-            self.unroutable += 1
+            self.unroutable += fresh
             if sample.uid not in self._unroutable_uids:
                 self._unroutable_uids.add(sample.uid)
                 log.warning(
@@ -755,8 +761,9 @@ class UpstreamSink:
                 await self._wake.wait()
                 continue
             batches: dict[str, list[tuple[int, Sample]]] = {}
+            high = self._read_high
             for seq, sample in rows:
-                lane = self._route(sample)
+                lane = self._route(sample, seq > high)
                 if lane is None or seq <= lane.sent:
                     continue
                 if lane.active:
@@ -766,6 +773,7 @@ class UpstreamSink:
                     lane.skip(seq)
             pos = rows[-1][0]
             self.pos = pos
+            self._read_high = max(high, pos)
             for key, batch in batches.items():
                 if await self.lanes[key].submit(batch):
                     self.forwarded += len(batch)

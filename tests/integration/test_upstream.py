@@ -1,0 +1,431 @@
+"""The upstream forwarder against a real gatewayd broker on 127.0.0.1 port 0.
+
+The gateway side runs the simulator through the real pipeline on a hand-driven clock
+(tests/helpers.SimulatedRoom); the sink under test reads the gateway's spool and forwards over a
+real socket. Every wait is on an event (a spool listener), with a generous timeout as a guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import urllib.parse
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd.config import LocalBrokerConfig, ProducerToken, UpstreamConfig
+from gatewayd.hub import Hub
+from gatewayd.model import DataType, Sample
+from gatewayd.sinks.local_broker import LocalBroker
+from gatewayd.sinks.upstream import UpstreamSink
+from gatewayd.spool import Spool
+from gatewayd.tokens import TokenStore
+from tests.helpers import SimulatedRoom
+
+HUB_TOKEN = "hub-to-hub-secret"
+WAIT = 30.0  # a guard on waits for events, never a sleep
+Key = tuple[str, str, float, object]
+
+
+def key(sample: Sample) -> Key:
+    return (sample.uid, str(sample.t), sample.ts, sample.val if sample.d is None else sample.d)
+
+
+class Watch:
+    """Wakes a waiter on every append to a spool."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self.event = asyncio.Event()
+        spool.add_listener(lambda first, last: self.event.set())
+
+    async def until(self, condition: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+        async def wait() -> None:
+            while not condition():
+                self.event.clear()
+                await self.event.wait()
+
+        try:
+            await asyncio.wait_for(wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"timed out waiting for {what}") from None
+
+
+class Upstream:
+    """A real gatewayd broker with its own spool: the cloud hub. Can stop and start on one port."""
+
+    def __init__(self, tmp: Path, heartbeat_interval_s: float = 1.0, **overrides: Any) -> None:
+        self.tmp = tmp
+        self.port = 0
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.overrides = overrides
+        self.tokens = TokenStore(
+            tmp / "up-state", producer_tokens=[(HUB_TOKEN, []), *overrides.pop("producers", [])]
+        )
+        self.broker: LocalBroker | None = None
+        self.spool: Spool | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.watch: Watch | None = None
+        self.duplicates = 0
+        self.starts = 0
+
+    async def start(self) -> None:
+        hub = Hub()
+        self.spool = Spool(self.tmp / "up.db")
+        self.watch = Watch(self.spool)
+        settings = LocalBrokerConfig(
+            host="127.0.0.1",
+            port=self.port,
+            producer_tokens=[ProducerToken(token=HUB_TOKEN, athletes=[])],
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            **self.overrides,
+        )
+        self.broker = LocalBroker(
+            hub.subscribe("local_broker"),
+            settings,
+            spool=self.spool,
+            tokens=self.tokens,
+            publish=hub.publish,
+        )
+        await self.broker.start()
+        self.port = self.broker.port
+        self.task = asyncio.create_task(self.broker.run())
+        self.starts += 1
+
+    async def stop(self) -> None:
+        assert self.broker is not None and self.task is not None and self.spool is not None
+        await self.broker.close()
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.duplicates += self._duplicates()
+        self.spool.close()
+        self.broker = None
+
+    def _duplicates(self) -> int:
+        assert self.broker is not None
+        text = self.broker.metrics.render().decode()
+        for line in text.splitlines():
+            if line.startswith('gatewayd_broker_submit_ignored_total{reason="duplicate"}'):
+                return int(float(line.split()[-1]))
+        return 0
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/connect"
+
+    def received(self) -> list[Sample]:
+        assert self.spool is not None
+        return [s for _, s in self.spool.read(0, 1 << 62, limit=10**7)]
+
+    def keys(self) -> list[Key]:
+        return [key(s) for s in self.received()]
+
+
+@pytest.fixture
+async def upstream(tmp_path: Path) -> AsyncIterator[Upstream]:
+    up = Upstream(tmp_path)
+    await up.start()
+    yield up
+    if up.broker is not None:
+        await up.stop()
+
+
+def settings(url: str, **kw: Any) -> UpstreamConfig:
+    base: dict[str, Any] = {
+        "enabled": True,
+        "mode": "gatewayd",
+        "url": url,
+        "token": HUB_TOKEN,
+        "backoff_min_s": 0.05,
+        "backoff_max_s": 0.2,
+        "ack_interval_s": 0.1,
+    }
+    base.update(kw)
+    return UpstreamConfig(**base)
+
+
+class Gateway:
+    """The hub under test: simulator -> pipeline -> hub -> spool -> UpstreamSink."""
+
+    def __init__(self, tmp: Path, config: UpstreamConfig, athletes: int = 4, **sim: Any) -> None:
+        self.room = SimulatedRoom(athletes=athletes, **sim)
+        self.spool = Spool(tmp / "gw.db")
+        self.watch = Watch(self.spool)
+        self.sink = UpstreamSink(
+            self.room.hub.subscribe("upstream"), config, spool=self.spool, append=True
+        )
+        self.produced: list[Sample] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Gateway:
+        self.task = asyncio.create_task(self.sink.run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.sink.close()
+        assert self.task is not None
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        self.spool.close()
+
+    async def run_for(self, seconds: float) -> None:
+        """Simulate `seconds`, one second at a time, letting the sink spool each second."""
+        for _ in range(int(seconds)):
+            self.room.run_for(1.0)
+            self.produced += self.room.samples()
+            want = len(self.produced)
+            await self.watch.until(lambda want=want: self.spool.last_seq >= want, "spooling")
+
+    def per_athlete(self) -> dict[str, list[Key]]:
+        return by_athlete(self.produced)
+
+
+def by_athlete(samples: list[Sample]) -> dict[str, list[Key]]:
+    out: dict[str, list[Key]] = defaultdict(list)
+    for s in samples:
+        out[s.uid].append(key(s))
+    return dict(out)
+
+
+async def test_an_outage_loses_nothing_and_delivers_once_in_order(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    async with Gateway(tmp_path, settings(upstream.url)) as gw:
+        await gw.run_for(5)
+        assert upstream.watch is not None
+        await upstream.watch.until(lambda: len(upstream.keys()) >= len(gw.produced), "live")
+        await upstream.stop()
+        await gw.run_for(20)  # the outage: samples wait in the spool
+        assert gw.sink.state()["backlog"] > 0
+        await upstream.start()
+        await gw.run_for(5)  # live samples keep coming while the backlog drains
+        await upstream.watch.until(lambda: len(upstream.keys()) >= len(gw.produced), "drain")
+        got = upstream.received()
+        assert sorted(map(key, got)) == sorted(map(key, gw.produced)), "lost or doubled"
+        assert by_athlete(got) == gw.per_athlete(), "out of order for an athlete"
+        assert len({s.uid for s in got}) == 4
+        state = gw.sink.state()
+        assert state["state"] == "connected"
+        assert state["forwarded"] >= len(gw.produced)
+
+
+async def test_rows_sent_but_not_acknowledged_go_again_after_a_crash(tmp_path: Path) -> None:
+    # A 40 s HELLO interval and no extra heartbeats: nothing is vouched for when the sink dies.
+    up = Upstream(tmp_path, heartbeat_interval_s=40.0)
+    await up.start()
+    assert up.watch is not None
+    gw = Gateway(tmp_path, settings(up.url, ack_interval_s=3600.0))
+    task = asyncio.create_task(gw.sink.run())
+    await gw.run_for(3)
+    await up.watch.until(lambda: len(up.keys()) >= len(gw.produced), "live")
+    gw.sink.save_cursors()
+    assert gw.spool.cursor("upstream") == 0
+    sockets = [lane.ws for lane in gw.sink.lanes.values() if lane.ws is not None]
+    task.cancel()  # a crash: no last ACK, no goodbye
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    for ws in sockets:
+        ws.transport.abort()
+    gw.spool.close()
+
+    again = Gateway(tmp_path, settings(up.url))
+    async with again:
+        assert again.sink.cursor == 0
+        await until_updates(again.sink, lambda: again.sink.cursor >= gw.spool.last_seq)
+    assert up._duplicates() == len(gw.produced), "every unacknowledged row goes again"
+    got = up.keys()
+    assert sorted(got) == sorted(map(key, gw.produced))
+    await up.stop()
+
+
+async def until_updates(sink: UpstreamSink, condition: Callable[[], bool]) -> None:
+    async def wait() -> None:
+        while True:
+            sink.updates.clear()
+            sink.save_cursors()
+            if condition():
+                return
+            await sink.updates.wait()
+
+    await asyncio.wait_for(wait(), WAIT)
+
+
+# ---------------------------------------------------------------- terra mode and token minting
+
+DEV_ID = "gym-dev-7"
+API_KEY = "terra-api-key-do-not-log"
+
+
+class MintServer:
+    """Terra's `POST /auth/user?id=<user>` on 127.0.0.1 port 0, minting real single-use tokens
+    of the upstream broker. It refuses wrong headers with 403 and, if told to, answers the first
+    request for a user with a token the broker does not know (the broker then closes with 4001)."""
+
+    def __init__(self, up: Upstream, athletes: dict[str, str], stale_first: set[str]) -> None:
+        self.up = up
+        self.athletes = athletes  # Terra user id -> athlete
+        self.stale_first = set(stale_first)
+        # Its own view of the broker's token file, as a separate minting process would have.
+        self.store = TokenStore(up.tmp / "up-state")
+        self.requests: list[dict[str, str]] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                user = urllib.parse.parse_qs(url.query).get("id", [""])[0]
+                with server.lock:
+                    server.requests.append(
+                        {
+                            "path": url.path,
+                            "id": user,
+                            "dev-id": self.headers.get("dev-id", ""),
+                            "x-api-key": self.headers.get("x-api-key", ""),
+                        }
+                    )
+                    stale = user in server.stale_first
+                    server.stale_first.discard(user)
+                good = (
+                    url.path == "/auth/user"
+                    and self.headers.get("dev-id") == DEV_ID
+                    and self.headers.get("x-api-key") == API_KEY
+                    and user in server.athletes
+                )
+                if not good:
+                    self.send_response(403)
+                    self.end_headers()
+                    self.wfile.write(b"Forbidden")
+                    return
+                token = (
+                    "already-used-token"
+                    if stale
+                    else server.store.create(
+                        "producer", athletes=[server.athletes[user]], single_use=True
+                    )
+                )
+                body = json.dumps({"status": "success", "token": token}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> MintServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def count(self, user: str) -> int:
+        with self.lock:
+            return sum(1 for r in self.requests if r["id"] == user)
+
+
+async def test_terra_mode_mints_a_token_per_connection_and_again_after_4001(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    up = Upstream(tmp_path, producers=[("static-token-sim-03", ["sim-03"])])
+    await up.start()
+    assert up.watch is not None
+    key_file = tmp_path / "terra.key"
+    key_file.write_text(API_KEY + "\n")
+    with MintServer(up, {"tu-1": "sim-01", "tu-2": "sim-02"}, stale_first={"tu-1"}) as mint:
+        config = settings(
+            up.url,
+            mode="terra",
+            token=None,
+            terra_user_ids={"sim-01": "tu-1", "sim-02": "tu-2"},
+            tokens={"sim-03": "static-token-sim-03"},
+            dev_id=DEV_ID,
+            api_key_file=key_file,
+            api_base_url=mint.url,
+            ack_interval_s=None,
+        )
+        async with Gateway(tmp_path, config, athletes=4) as gw:
+            await gw.run_for(6)
+            routed = [s for s in gw.produced if s.uid != "sim-04" and s.t != DataType.BATTERY]
+            await up.watch.until(lambda: len(up.keys()) >= len(routed), "every athlete's samples")
+            state = gw.sink.state()
+            assert by_athlete(up.received()) == by_athlete(routed)
+            assert mint.count("tu-1") == 2, "the token refused with 4001 is replaced by a new one"
+            assert mint.count("tu-2") == 1
+            assert all(r["dev-id"] == DEV_ID and r["x-api-key"] == API_KEY for r in mint.requests)
+            assert state["tokens_minted"] == 3
+            assert state["unroutable"] == sum(1 for s in gw.produced if s.uid == "sim-04")
+            assert state["athletes"]["sim-01"]["state"] == "ready"
+            assert set(state["athletes"]) == {"sim-01", "sim-02", "sim-03"}
+    await up.stop()
+    assert API_KEY not in caplog.text
+    assert "4001" in caplog.text and "minting a new one" in caplog.text
+    assert "sim-04 has no token" in caplog.text
+
+
+async def test_refused_credentials_are_loud_and_back_off_long(
+    tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = settings(upstream.url, token="not-the-hub-token", fatal_backoff_s=600.0)
+    async with Gateway(tmp_path, config) as gw:
+        await gw.run_for(1)
+        await until_updates(gw.sink, lambda: gw.sink.state()["state"] == "down")
+        state = gw.sink.state()
+        assert "4001" in state["last_error"] and "outputs.upstream.token" in state["last_error"]
+        assert state["retry_in_s"] > 500
+        assert state["backlog"] == len(gw.produced)
+    assert any(
+        r.levelname == "ERROR" and "fix outputs.upstream.token" in r.getMessage()
+        for r in caplog.records
+    )
+    assert "not-the-hub-token" not in caplog.text
+
+
+async def test_a_wrong_api_key_is_refused_loudly_and_not_logged(
+    tmp_path: Path, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    with MintServer(upstream, {"tu-1": "sim-01"}, stale_first=set()) as mint:
+        config = settings(
+            upstream.url,
+            mode="terra",
+            token=None,
+            terra_user_ids={"sim-01": "tu-1"},
+            dev_id=DEV_ID,
+            api_key_env="GW_TEST_TERRA_KEY",
+            api_base_url=mint.url,
+        )
+        sink = UpstreamSink(
+            Hub().subscribe("x"),
+            config,
+            spool=Spool(tmp_path / "s.db"),
+            env={"GW_TEST_TERRA_KEY": "wrong-key-123"},
+        )
+        sink.spool.append([Sample("sim-01", DataType.HEART_RATE, 1000.0, val=70)])
+        task = asyncio.create_task(sink.run())
+        try:
+            await until_updates(sink, lambda: sink.state()["state"] == "down")
+        finally:
+            await sink.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert mint.requests[0]["x-api-key"] == "wrong-key-123"
+        assert "HTTP 403" in sink.state()["athletes"]["sim-01"]["last_error"]
+    assert "wrong-key-123" not in caplog.text
+    assert any(r.levelname == "ERROR" and "HTTP 403" in r.getMessage() for r in caplog.records)

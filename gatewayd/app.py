@@ -169,6 +169,7 @@ class App:
     # -- state for health checks and sd_notify -------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        upstream = None if self.upstream is None else self.upstream.state()
         return {
             "version": __version__,
             "hub": self.config.hub.id,
@@ -182,8 +183,21 @@ class App:
                 sub.name: {"queued": len(sub), "dropped": sub.dropped}
                 for sub in self.hub.subscriptions()
             },
-            "upstream": None if self.upstream is None else self.upstream.state(),
+            "upstream": upstream,
+            **self._spool_health(upstream),
         }
+
+    def _spool_health(self, upstream: dict[str, Any] | None) -> dict[str, Any]:
+        """Flat numbers for /metrics (the collector reads top-level keys)."""
+        out: dict[str, Any] = {}
+        if self.spool is not None:
+            out["spool_evicted"] = self.spool.evicted
+            out["spool_error"] = self.spool.error
+        if upstream is not None:
+            out["upstream_backlog"] = upstream["backlog"]
+            out["upstream_backlog_age_seconds"] = upstream["backlog_age_s"] or 0.0
+            out["upstream_connected"] = int(upstream["state"] in ("connected", "idle"))
+        return out
 
     def status_line(self) -> str:
         health = self.health()

@@ -60,7 +60,8 @@ END = 1 << 62
 SAVE_EVERY_S = 1.0
 FLUSH_EVERY_S = 1.0
 GATEWAYD_ACK_INTERVAL_S = 2.0
-CLOSE_ACK_WAIT_S = 2.0
+CLOSE_DRAIN_S = 1.0
+CLOSE_ACK_WAIT_S = 1.5
 MINT_TIMEOUT_S = 15.0
 MAX_MINT_ANSWER = 64 * 1024
 # Close codes that a plain retry will not fix (PROTOCOL.md: "not retry blindly").
@@ -596,6 +597,7 @@ class UpstreamSink:
         self._rewind: int | None = None
         self._read_high = 0
         self._wake = asyncio.Event()
+        self._advanced = asyncio.Event()
         # Set when a connection changes state or an ACK vouches for more rows (health, tests).
         self.updates = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -687,12 +689,15 @@ class UpstreamSink:
         self._closing = True
         reader = next((t for t in self._tasks if t.get_name() == "upstream: reader"), None)
         if reader is not None:
+            if self.append:
+                with contextlib.suppress(Exception):
+                    self._append(self.subscription.get_nowait())
+            # Send what the last second added (SIGTERM: drain), within the shutdown budget.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._caught_up(), CLOSE_DRAIN_S)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
-        if self.append:
-            with contextlib.suppress(Exception):
-                self._append(self.subscription.get_nowait())
         await asyncio.gather(*(lane.settle(CLOSE_ACK_WAIT_S) for lane in self.lanes.values()))
         self.save_cursors()
         for lane in self.lanes.values():
@@ -705,6 +710,11 @@ class UpstreamSink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.append:
             self._flush()
+
+    async def _caught_up(self) -> None:
+        while self.pos < self.spool.last_seq:
+            self._advanced.clear()
+            await self._advanced.wait()
 
     def _sync_lanes(self) -> None:
         for lane in self.lanes.values():
@@ -758,6 +768,7 @@ class UpstreamSink:
                 continue
             rows = self.spool.read(pos, END, READ_CHUNK)
             if not rows:
+                self._advanced.set()
                 await self._wake.wait()
                 continue
             batches: dict[str, list[tuple[int, Sample]]] = {}
@@ -777,6 +788,7 @@ class UpstreamSink:
             for key, batch in batches.items():
                 if await self.lanes[key].submit(batch):
                     self.forwarded += len(batch)
+            self._advanced.set()
             if len(rows) < READ_CHUNK:
                 # Caught up: let the appender and the sockets breathe before the next read.
                 await asyncio.sleep(0)

@@ -633,6 +633,12 @@ class UpstreamSink:
             if other.startswith(prefix) and stale:
                 self.spool.drop_cursor(other)
         self.pos = self.cursor = self._read_high = base
+        if name not in known:
+            # From now on retention keeps every row until this upstream has it.
+            try:
+                self.spool.set_cursor(name, base)
+            except SpoolError as exc:
+                self._spool_failed(str(exc))
         self._saved = {name: base}
 
     def save_cursors(self) -> None:

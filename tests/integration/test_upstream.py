@@ -155,9 +155,16 @@ def settings(url: str, **kw: Any) -> UpstreamConfig:
 class Gateway:
     """The hub under test: simulator -> pipeline -> hub -> spool -> UpstreamSink."""
 
-    def __init__(self, tmp: Path, config: UpstreamConfig, athletes: int = 4, **sim: Any) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        config: UpstreamConfig,
+        athletes: int = 4,
+        spool: dict[str, Any] | None = None,
+        **sim: Any,
+    ) -> None:
         self.room = SimulatedRoom(athletes=athletes, **sim)
-        self.spool = Spool(tmp / "gw.db")
+        self.spool = Spool(tmp / "gw.db", **(spool or {}))
         self.watch = Watch(self.spool)
         self.sink = UpstreamSink(
             self.room.hub.subscribe("upstream"), config, spool=self.spool, append=True
@@ -184,6 +191,7 @@ class Gateway:
             self.produced += self.room.samples()
             want = len(self.produced)
             await self.watch.until(lambda want=want: self.spool.last_seq >= want, "spooling")
+            self.spool.flush()  # the once-a-second commit, on the simulated clock
 
     def per_athlete(self) -> dict[str, list[Key]]:
         return by_athlete(self.produced)
@@ -429,3 +437,32 @@ async def test_a_wrong_api_key_is_refused_loudly_and_not_logged(
         assert "HTTP 403" in sink.state()["athletes"]["sim-01"]["last_error"]
     assert "wrong-key-123" not in caplog.text
     assert any(r.levelname == "ERROR" and "HTTP 403" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_size_cap_evicts_the_oldest_counts_them_and_the_rest_arrives(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    up = Upstream(tmp_path)
+    await up.start()
+    await up.stop()  # down from the start: everything waits in the spool
+    async with Gateway(tmp_path, settings(up.url), athletes=8, spool={"max_bytes": 64_000}) as gw:
+        await gw.run_for(60)
+        held = [key(s) for _, s in gw.spool.read(0, 1 << 62, limit=10**6)]
+        assert gw.spool.evicted > 0
+        assert gw.spool.evicted + len(held) == len(gw.produced)
+        assert held == [key(s) for s in gw.produced[-len(held) :]], "the oldest go first"
+        state = gw.sink.state()
+        assert state["spool_evicted"] == gw.spool.evicted
+        assert state["backlog"] == len(held)
+        assert state["backlog_age_s"] is not None
+        await up.start()
+        assert up.watch is not None
+        await up.watch.until(lambda: len(up.keys()) >= len(held), "the rest")
+        assert up.keys() == held
+    await up.stop()
+    assert any(
+        r.levelname == "WARNING"
+        and "evicted" in r.getMessage()
+        and "not been forwarded" in r.getMessage()
+        for r in caplog.records
+    )

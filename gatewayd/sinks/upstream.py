@@ -40,6 +40,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from gatewayd import __version__
 from gatewayd import protocol as p
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 ALL = "*"  # the one lane of gatewayd mode
 READ_CHUNK = 2000
+SEND_BATCH = 500
 # While a lane is connecting, the reader runs at most this far past the first row it had to skip
 # for it: a connection that comes up a moment later then costs a short re-read, not a rescan.
 CONNECT_WINDOW = 20_000
@@ -261,6 +263,8 @@ class Lane:
         self.statuses: dict[str, DeviceStatus] = {}
         self.wanted = asyncio.Event()
         self.last_probe = 0.0
+        self.probed_marker: int | None = None
+        self._kick = asyncio.Event()
         self._ack_waiters: list[asyncio.Future[None]] = []
         self._own_close: p.Close | None = None
 
@@ -334,19 +338,22 @@ class Lane:
         if ws is None or conn is None or not self.usable():
             return False
         with_uid = self.sink.with_uid
+        protocol = ws.protocol
         try:
-            for seq, sample in rows:
-                # submit() marks the seq and the send writes it before any other frame can
-                # slip in, so a later HEARTBEAT's ACK vouches exactly for this row.
-                await ws.send(conn.submit(sample, marker=seq, with_uid=with_uid))
+            for start in range(0, len(rows), SEND_BATCH):
+                if protocol.state is not State.OPEN:
+                    return False
+                # The frames of a batch go out in one write: a send() per frame costs several
+                # times the CPU. submit() marks each seq, and nothing can slip in between
+                # marking and writing, so a later HEARTBEAT's ACK vouches exactly for them.
+                for seq, sample in rows[start : start + SEND_BATCH]:
+                    protocol.send_text(conn.submit(sample, marker=seq, with_uid=with_uid).encode())
+                ws.transport.write(b"".join(protocol.data_to_send()))
+                await ws.drain()  # the socket's flow control paces a backlog
             self.submitted += len(rows)
-            interval = self.sink.ack_interval_s
-            now = self.sink.mono()
-            if interval is not None and now - self.last_probe >= interval and self.usable():
-                self.last_probe = now
-                await ws.send(conn.heartbeat_now(now).text)
-        except ConnectionClosed:
+        except (ConnectionClosed, ConnectionError):
             return False
+        self._kick.set()  # the timers decide when a HEARTBEAT asks for the ACK
         return True
 
     async def send_status(self, event: DeviceStatus) -> None:
@@ -451,6 +458,7 @@ class Lane:
         self.ws, self.conn = ws, conn
         self.connects += 1
         self._own_close = None
+        self.probed_marker = None
         timers = asyncio.create_task(self._timers(ws, conn), name=f"{self.label}: timers")
         try:
             async for message in ws:
@@ -468,17 +476,45 @@ class Lane:
             await ws.close()
         return self._after_close(ws, self._own_close)
 
+    def _probe_at(self, conn: p.ClientConnection) -> float | None:
+        """When to send an extra HEARTBEAT so the ACK vouches for the rows sent since the last.
+
+        At most one per `ack_interval_s`, and only for rows no HEARTBEAT has followed yet."""
+        interval = self.sink.ack_interval_s
+        if (
+            interval is None
+            or conn.state is not p.ClientState.READY
+            or conn.last_marker is None
+            or conn.last_marker == self.probed_marker
+        ):
+            return None
+        return self.last_probe + interval
+
     async def _timers(self, ws: ClientConnection, conn: p.ClientConnection) -> None:
+        mono = self.sink.mono
         while True:
             deadline = conn.next_deadline()
             if deadline is None:
                 return
-            await asyncio.sleep(max(0.0, deadline - self.sink.mono()))
-            for event in conn.tick(self.sink.mono()):
+            probe = self._probe_at(conn)
+            if probe is not None:
+                deadline = min(deadline, probe)
+            self._kick.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), max(0.0, deadline - mono()))
+            now = mono()
+            probe = self._probe_at(conn)
+            if probe is not None and now >= probe:
+                self.last_probe = now
+                await self._act(ws, conn.heartbeat_now(now))
+            for event in conn.tick(now):
                 await self._act(ws, event)
 
     async def _act(self, ws: ClientConnection, event: p.Event) -> None:
         if isinstance(event, p.Send):
+            if event.text == p.heartbeat() and self.conn is not None:
+                # Every HEARTBEAT, regular or extra, asks for the rows sent so far.
+                self.probed_marker = self.conn.last_marker
             await ws.send(event.text)
         elif isinstance(event, p.Acked):
             if event.marker is not None and self.active_generation == self.generation:

@@ -136,7 +136,7 @@ class Credentials:
             ssl.create_default_context(
                 cafile=None if config.tls_ca_file is None else str(config.tls_ca_file)
             )
-            if self.base_url.startswith("https://")
+            if self._user_ids and self.base_url.startswith("https://")
             else None
         )
 
@@ -251,6 +251,7 @@ class Lane:
         self.active_generation = 0
         # connection, owned by run()
         self.generation = 0  # +1 per connection that reached READY
+        self.link_ready = False  # from READY until the connection ends
         self.ws: ClientConnection | None = None
         self.conn: p.ClientConnection | None = None
         self.state = "idle"  # idle | connecting | ready | backoff
@@ -277,20 +278,14 @@ class Lane:
     def usable(self) -> bool:
         conn = self.conn
         return (
-            self.ws is not None
-            and conn is not None
-            and conn.state is p.ClientState.READY
+            self.link_ready
             and self.active_generation == self.generation
+            and (conn is None or conn.state is p.ClientState.READY)
         )
 
     def connectable(self) -> bool:
         """A READY connection the reader has not taken into use yet."""
-        return (
-            not self.active
-            and self.ws is not None
-            and self.conn is not None
-            and self.conn.state is p.ClientState.READY
-        )
+        return not self.active and self.link_ready
 
     def activate(self) -> int | None:
         """Take the new connection into use; return where the reader must rewind to, if anywhere."""
@@ -310,6 +305,12 @@ class Lane:
             start = self.acked + 1
             self.resend_from = start if self.resend_from is None else min(self.resend_from, start)
             self.sent = self.acked
+
+    def on_ack(self, marker: int | None) -> None:
+        """A HEARTBEAT_ACK: the rows up to `marker` on the active connection have arrived."""
+        if marker is not None and self.active_generation == self.generation:
+            self.acked = max(self.acked, marker)
+            self.sink.updates.set()
 
     def skip(self, seq: int) -> None:
         if self.resend_from is None:
@@ -517,15 +518,14 @@ class Lane:
                 self.probed_marker = self.conn.last_marker
             await ws.send(event.text)
         elif isinstance(event, p.Acked):
-            if event.marker is not None and self.active_generation == self.generation:
-                self.acked = max(self.acked, event.marker)
-                self.sink.updates.set()
+            self.on_ack(event.marker)
             for waiter in self._ack_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
             self._ack_waiters.clear()
         elif isinstance(event, p.Ready):
             self.generation += 1
+            self.link_ready = True
             self.state = "ready"
             self.attempt = 0
             self.last_error = ""
@@ -574,6 +574,7 @@ class Lane:
         return self._backoff()
 
     def _gone(self) -> None:
+        self.link_ready = False
         if self.ws is not None:
             self.ws = None
             self.conn = None
@@ -796,15 +797,37 @@ class UpstreamSink:
                 )
         return lane
 
+    def deal(self, rows: list[tuple[int, Sample]]) -> dict[str, list[tuple[int, Sample]]]:
+        """Hand rows (in seq order, after `pos`) to their lanes: what each active lane must send
+        now; a lane that is down remembers the first row it missed."""
+        batches: dict[str, list[tuple[int, Sample]]] = {}
+        high = self._read_high
+        for seq, sample in rows:
+            lane = self._route(sample, seq > high)
+            if lane is None or seq <= lane.sent:
+                continue  # not forwarded, or this lane already sent it
+            if lane.active:
+                lane.sent = seq
+                batches.setdefault(lane.key, []).append((seq, sample))
+            else:
+                lane.skip(seq)
+        if rows:
+            self.pos = rows[-1][0]
+            self._read_high = max(high, self.pos)
+        return batches
+
+    def rewind(self) -> None:
+        """Take READY connections into use and move `pos` back to what they must resend."""
+        self._sync_lanes()
+        if self._rewind is not None:
+            self.pos = min(self.pos, self._rewind)
+            self._rewind = None
+
     async def _reader(self) -> None:
-        pos = self.pos
         while True:
             self._wake.clear()
-            self._sync_lanes()
-            if self._rewind is not None:
-                pos = min(pos, self._rewind)
-                self._rewind = None
-                self.pos = pos
+            self.rewind()
+            pos = self.pos
             if self._window_full(pos):
                 await self._wake.wait()
                 continue
@@ -813,20 +836,7 @@ class UpstreamSink:
                 self._advanced.set()
                 await self._wake.wait()
                 continue
-            batches: dict[str, list[tuple[int, Sample]]] = {}
-            high = self._read_high
-            for seq, sample in rows:
-                lane = self._route(sample, seq > high)
-                if lane is None or seq <= lane.sent:
-                    continue
-                if lane.active:
-                    lane.sent = seq
-                    batches.setdefault(lane.key, []).append((seq, sample))
-                else:
-                    lane.skip(seq)
-            pos = rows[-1][0]
-            self.pos = pos
-            self._read_high = max(high, pos)
+            batches = self.deal(rows)
             for key, batch in batches.items():
                 if await self.lanes[key].submit(batch):
                     self.forwarded += len(batch)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
+import subprocess
 import threading
 import urllib.parse
 from collections import defaultdict
@@ -466,3 +468,145 @@ async def test_the_size_cap_evicts_the_oldest_counts_them_and_the_rest_arrives(
         and "not been forwarded" in r.getMessage()
         for r in caplog.records
     )
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_pki(tmp: Path) -> dict[str, Path]:
+    """A private CA, a server certificate for 127.0.0.1 and a client certificate."""
+    pki = {
+        name: tmp / f"{name}.pem" for name in ("ca", "ca-key", "srv", "srv-key", "cli", "cli-key")
+    }
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl(
+        "req",
+        "-x509",
+        *curve,
+        "-keyout",
+        str(pki["ca-key"]),
+        "-out",
+        str(pki["ca"]),
+        "-days",
+        "1",
+        "-subj",
+        "/CN=test CA",
+    )
+    for name, cn, ext in (
+        ("srv", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("cli", "gym-hub", "extendedKeyUsage=clientAuth"),
+    ):
+        csr, extfile = tmp / f"{name}.csr", tmp / f"{name}.ext"
+        extfile.write_text(ext + "\n")
+        openssl(
+            "req",
+            "-new",
+            *curve,
+            "-keyout",
+            str(pki[f"{name}-key"]),
+            "-out",
+            str(csr),
+            "-subj",
+            f"/CN={cn}",
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(pki["ca"]),
+            "-CAkey",
+            str(pki["ca-key"]),
+            "-CAcreateserial",
+            "-out",
+            str(pki[name]),
+            "-days",
+            "1",
+            "-extfile",
+            str(extfile),
+        )
+    return pki
+
+
+class TlsFront:
+    """TLS in front of the real broker (as a cloud load balancer would be), requiring a client
+    certificate from the private CA; bytes are piped through unchanged."""
+
+    def __init__(self, pki: dict[str, Path], backend_port: int) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca"]))
+        self.context.load_cert_chain(str(pki["srv"]), str(pki["srv-key"]))
+        self.context.verify_mode = ssl.CERT_REQUIRED
+        self.backend_port = backend_port
+        self.server: asyncio.Server | None = None
+        self.pipes: set[asyncio.Task[None]] = set()
+        self.handshakes = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0, ssl=self.context)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.handshakes += 1
+        back_reader, back_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, ssl.SSLError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        for task in (
+            asyncio.create_task(pipe(reader, back_writer)),
+            asyncio.create_task(pipe(back_reader, writer)),
+        ):
+            self.pipes.add(task)
+            task.add_done_callback(self.pipes.discard)
+
+    async def stop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in list(self.pipes):
+            task.cancel()
+        await asyncio.gather(*self.pipes, return_exceptions=True)
+
+
+async def test_wss_with_a_private_ca_and_a_client_certificate(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    pki = make_pki(tmp_path)
+    front = TlsFront(pki, upstream.port)
+    port = await front.start()
+    url = f"wss://127.0.0.1:{port}/connect"
+    try:
+        config = settings(
+            url, tls_ca_file=pki["ca"], tls_client_cert=pki["cli"], tls_client_key=pki["cli-key"]
+        )
+        async with Gateway(tmp_path, config) as gw:
+            await gw.run_for(3)
+            assert upstream.watch is not None
+            await upstream.watch.until(lambda: len(upstream.keys()) >= len(gw.produced), "data")
+            assert upstream.keys() == [key(s) for s in gw.produced]
+        # Without the client certificate the front refuses the handshake: a loud, clear error.
+        bare = UpstreamSink(
+            Hub().subscribe("x"),
+            settings(url, tls_ca_file=pki["ca"]),
+            spool=Spool(tmp_path / "b.db"),
+        )
+        task = asyncio.create_task(bare.run())
+        try:
+            await until_updates(bare, lambda: bare.state()["state"] == "down")
+            assert "cannot connect" in bare.state()["last_error"]
+        finally:
+            await bare.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    finally:
+        await front.stop()

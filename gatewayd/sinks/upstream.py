@@ -539,7 +539,6 @@ class Lane:
             await ws.close(event.code, event.reason[:120])
 
     def _after_close(self, ws: ClientConnection, own: p.Close | None) -> float:
-        config = self.sink.config
         was_ready = self.state == "ready"
         received = ws.protocol.close_rcvd
         if own is not None:
@@ -549,10 +548,18 @@ class Lane:
         else:
             code, reason, by = 1006, "connection lost", "the link dropped"
         what = f"{by} with {code}" + (f" ({reason})" if reason else "")
+        return self.close_delay(code, what, was_ready=was_ready)
+
+    def close_delay(self, code: int, what: str, *, was_ready: bool) -> float:
+        """What a close code means for the next attempt (PROTOCOL.md, Close codes)."""
+        config = self.sink.config
         if code == p.CloseCode.BAD_TOKEN:
             if self.sink.credentials.mints(self.key):
                 self._fail(f"{what}: token refused, minting a new one")
-                return self._backoff() if self.attempt else 0.0
+                if self.attempt == 0:
+                    self.attempt = 1  # at once the first time; a refusal loop backs off
+                    return 0.0
+                return self._backoff()
             self._fail(
                 f"{what}: the configured token is refused; fix outputs.upstream."
                 + ("token" if self.key == ALL else f"tokens.{self.key}"),

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 
 from gatewayd.config import LocalBrokerConfig, ProducerToken, UpstreamConfig
-from gatewayd.hub import Hub
-from gatewayd.model import DataType, Sample
+from gatewayd.hub import Hub, Subscription
+from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.sinks.upstream import UpstreamSink
 from gatewayd.spool import Spool
@@ -75,11 +75,13 @@ class Upstream:
         self.spool: Spool | None = None
         self.task: asyncio.Task[None] | None = None
         self.watch: Watch | None = None
+        self.events: Subscription | None = None
         self.duplicates = 0
         self.starts = 0
 
     async def start(self) -> None:
         hub = Hub()
+        self.events = hub.subscribe("observer", 10**6)  # what producers report, e.g. STATUS
         self.spool = Spool(self.tmp / "up.db")
         self.watch = Watch(self.spool)
         settings = LocalBrokerConfig(
@@ -172,6 +174,7 @@ class Gateway:
             self.room.hub.subscribe("upstream"), config, spool=self.spool, append=True
         )
         self.produced: list[Sample] = []
+        self.statuses: list[DeviceStatus] = []
         self.task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Gateway:
@@ -190,7 +193,11 @@ class Gateway:
         """Simulate `seconds`, one second at a time, letting the sink spool each second."""
         for _ in range(int(seconds)):
             self.room.run_for(1.0)
-            self.produced += self.room.samples()
+            for event in self.room.events.get_nowait():
+                if isinstance(event, Sample):
+                    self.produced.append(event)
+                else:
+                    self.statuses.append(event)
             want = len(self.produced)
             await self.watch.until(lambda want=want: self.spool.last_seq >= want, "spooling")
             self.spool.flush()  # the once-a-second commit, on the simulated clock
@@ -610,3 +617,25 @@ async def test_wss_with_a_private_ca_and_a_client_certificate(
                 await task
     finally:
         await front.stop()
+
+
+async def test_device_connects_and_losses_go_upstream_as_status(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    gw = Gateway(tmp_path, settings(upstream.url), athletes=3, drop_after_s={"sim-02": 3})
+    async with gw:
+        await gw.run_for(12)
+        lost = [s for s in gw.statuses if s.state is DeviceState.LOST]
+        assert lost and {s.uid for s in lost} == {"sim-02"}
+        wanted = {(s.uid, s.device_id, s.source, s.state) for s in gw.statuses}
+        seen: set[tuple[str, str, str, DeviceState]] = set()
+        assert upstream.events is not None
+
+        async def collect() -> None:
+            while not wanted <= seen:
+                assert upstream.events is not None
+                for event in await upstream.events.get_batch():
+                    if isinstance(event, DeviceStatus):
+                        seen.add((event.uid, event.device_id, event.source, event.state))
+
+        await asyncio.wait_for(collect(), WAIT)

@@ -224,17 +224,62 @@ async def test_a_full_disk_is_a_clear_error_and_the_local_broker_keeps_serving(
         health = await fetch_json(port, "/healthz")
         assert health["spool_error"] and "cannot write" in health["spool_error"]
         assert health["upstream"]["spool_write_errors"] > 0
+        code, out = await status(port)
+        assert code == 0
+        assert "spool:" in out and "ERROR cannot write" in out
+        assert re.search(r"upstream \(gatewayd\) ws://127\.0\.0\.1:\d+/connect: connected", out)
     finally:
         assert await gateway.stop() == 0, gateway.log()
 
 
-async def fetch_json(port: int, path: str) -> dict[str, Any]:
+async def status(port: int) -> tuple[int, str]:
+    """`gatewayd status` against the daemon's broker."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gatewayd",
+        "status",
+        "--url",
+        f"http://127.0.0.1:{port}",
+        stdout=asyncio.subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), WAIT)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def fetch_text(port: int, path: str) -> str:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     raw = await asyncio.wait_for(reader.read(), WAIT)
     writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
-    data = json.loads(body)
+    return body.decode()
+
+
+async def fetch_json(port: int, path: str) -> dict[str, Any]:
+    data = json.loads(await fetch_text(port, path))
     assert isinstance(data, dict)
     return data
+
+
+async def test_status_shows_an_upstream_that_refuses_us(tmp_path: Path, upstream: Upstream) -> None:
+    config = daemon_config(tmp_path, upstream.url, upstream={"token": "a-wrong-token"})
+    gateway = Daemon(tmp_path, config)
+    await gateway.start()
+    try:
+        port = int((await gateway.line(r"listening on ws://127\.0\.0\.1:(\d+)/connect"))[1])
+        await gateway.line(r"ERROR.*fix outputs\.upstream\.token")
+        code, out = await status(port)
+        assert code == 2, out
+        assert re.search(r"upstream \(gatewayd\) \S+: down; backlog \d+ samples", out), out
+        assert "4001" in out and "retry in" in out
+        metrics = await fetch_text(port, "/metrics")
+        assert "gatewayd_upstream_connected 0.0" in metrics
+        assert re.search(r"^gatewayd_upstream_backlog \d", metrics, re.M)
+        assert re.search(r"^gatewayd_spool_evicted_total 0", metrics, re.M)
+    finally:
+        assert await gateway.stop() == 0, gateway.log()
+    assert "a-wrong-token" not in "\n".join(gateway.lines)

@@ -28,7 +28,7 @@ from gatewayd.roster import Roster
 from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
-from gatewayd.sinks.upstream import UpstreamSink
+from gatewayd.sinks.upstream import UpstreamSink, forget_cursors
 from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
 from gatewayd.spool import Spool
@@ -121,6 +121,8 @@ class App:
                 append=not outputs.local_broker.enabled,
             )
             sinks.append(self.upstream)
+        elif self.spool is not None:
+            forget_cursors(self.spool, outputs.upstream.name)
         return sinks
 
     def _spool(self) -> Spool:

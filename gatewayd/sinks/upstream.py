@@ -601,6 +601,14 @@ class Lane:
         return out
 
 
+def forget_cursors(spool: Spool, name: str) -> None:
+    """The upstream is off: its cursors must not hold spool retention back any longer."""
+    for cursor in spool.cursors():
+        if cursor == name or cursor.startswith(f"{name}/"):
+            spool.drop_cursor(cursor)
+            log.info("upstream off: forgot spool cursor %s", cursor)
+
+
 class UpstreamSink:
     name = "upstream"
 

@@ -283,3 +283,36 @@ async def test_status_shows_an_upstream_that_refuses_us(tmp_path: Path, upstream
     finally:
         assert await gateway.stop() == 0, gateway.log()
     assert "a-wrong-token" not in "\n".join(gateway.lines)
+
+
+async def test_an_upstream_outage_while_the_daemon_runs_loses_nothing(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    assert upstream.watch is not None
+    gateway = Daemon(tmp_path, daemon_config(tmp_path, upstream.url))
+    await gateway.start()
+    try:
+        port = int((await gateway.line(r"listening on ws://127\.0\.0\.1:(\d+)/connect"))[1])
+        await gateway.line(r"upstream: connected")
+        await upstream.watch.until(lambda: len(upstream.keys()) >= 6, "live data")
+        await upstream.stop()
+        # The outage lasts while the hub's own broker serves three more seconds of samples.
+        async with connect(f"ws://127.0.0.1:{port}/connect") as ws:
+            await asyncio.wait_for(ws.recv(), WAIT)
+            await ws.send(p.identify(CONSUMER_TOKEN, p.Role.CONSUMER))
+            seconds: set[float] = set()
+            while len(seconds) < 4:
+                frame = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+                if frame.get("t") == "HEART_RATE":
+                    seconds.add(parse_ts(frame["d"]["ts"]))
+        await gateway.line(r"upstream: (cannot connect|the server closed|the link dropped)")
+        await upstream.start()  # the same port
+        await upstream.watch.until(
+            lambda: max(s.ts for s in upstream.received()) >= max(seconds), "the backlog"
+        )
+    finally:
+        assert await gateway.stop() == 0, gateway.log()
+    held = spool_rows(tmp_path / "state" / "spool.db")
+    got = upstream.keys()
+    assert set(held) <= set(got), "every spooled sample reached the upstream"
+    assert len(got) == len(set(got)) and in_order(got)

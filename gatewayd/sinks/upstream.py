@@ -256,6 +256,7 @@ class Lane:
         self.conn: p.ClientConnection | None = None
         self.state = "idle"  # idle | connecting | ready | backoff
         self.attempt = 0
+        self.failures = 0  # since the last READY
         self.last_error = ""
         self.retry_at: float | None = None
         self.ready_since: float | None = None
@@ -413,10 +414,12 @@ class Lane:
         self.last_error = message
         if loud:
             log.error("%s: %s", self.label, message)
-        elif self.attempt == 0 or self.attempt % 10 == 0:
+        elif self.failures % 10 == 0:
+            # The first failure of an outage, then every tenth: visible, but no flood.
             log.warning("%s: %s (retrying with backoff)", self.label, message)
         else:
             log.debug("%s: %s", self.label, message)
+        self.failures += 1
 
     async def _session(self) -> float:
         """One connection, from the token to the close; returns the delay before the next."""
@@ -528,6 +531,7 @@ class Lane:
             self.link_ready = True
             self.state = "ready"
             self.attempt = 0
+            self.failures = 0
             self.last_error = ""
             self.ready_since = self.sink.mono()
             log.info("%s: connected to %s", self.label, safe_url(self.sink.config.url))

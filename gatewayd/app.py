@@ -28,6 +28,7 @@ from gatewayd.roster import AthleteInfo, Roster
 from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
+from gatewayd.sinks.upstream import UpstreamSink, forget_cursors
 from gatewayd.sources.ant import AntSource
 from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
@@ -79,6 +80,7 @@ class App:
         self.metrics = Metrics()
         self.spool: Spool | None = None
         self.board: Board | None = None
+        self.upstream: UpstreamSink | None = None
         self.sinks: list[Sink] = self._build_sinks()
         self.on_ready: list[Callable[[], None]] = []
         self.on_stopping: list[Callable[[], None]] = []
@@ -114,17 +116,34 @@ class App:
             )
         if outputs.local_broker.enabled:
             sinks.append(self._build_local_broker())
+        if outputs.upstream.enabled:
+            # One spool for both: the broker appends (its seqs are the DISPATCH seqs) and the
+            # upstream reads it by cursor; without a broker the upstream appends itself.
+            self.upstream = UpstreamSink(
+                self.hub.subscribe("upstream"),
+                outputs.upstream,
+                spool=self._spool(),
+                append=not outputs.local_broker.enabled,
+            )
+            sinks.append(self.upstream)
+        elif self.spool is not None:
+            forget_cursors(self.spool, outputs.upstream.name)
         return sinks
+
+    def _spool(self) -> Spool:
+        if self.spool is None:
+            self.spool = Spool(
+                self.config.state_dir() / "spool.db",
+                retention_s=self.config.outputs.local_broker.replay_retention_h * 3600.0,
+                max_age_s=self.config.spool.max_age_days * 86400.0,
+                max_bytes=self.config.spool.max_bytes,
+            )
+        return self.spool
 
     def _build_local_broker(self) -> LocalBroker:
         settings = self.config.outputs.local_broker
         state_dir = self.config.state_dir()
-        self.spool = Spool(
-            state_dir / "spool.db",
-            retention_s=settings.replay_retention_h * 3600.0,
-            max_age_s=self.config.spool.max_age_days * 86400.0,
-            max_bytes=self.config.spool.max_bytes,
-        )
+        spool = self._spool()
         consumer_tokens = list(settings.consumer_tokens)
         if settings.board_token:
             consumer_tokens.append(settings.board_token)
@@ -139,7 +158,7 @@ class App:
         return LocalBroker(
             self.hub.subscribe("local_broker"),
             settings,
-            spool=self.spool,
+            spool=spool,
             tokens=tokens,
             publish=self.hub.publish,
             health=self.health,
@@ -176,6 +195,7 @@ class App:
     # -- state for health checks and sd_notify -------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        upstream = None if self.upstream is None else self.upstream.state()
         return {
             "version": __version__,
             "hub": self.config.hub.id,
@@ -189,7 +209,21 @@ class App:
                 sub.name: {"queued": len(sub), "dropped": sub.dropped}
                 for sub in self.hub.subscriptions()
             },
+            "upstream": upstream,
+            **self._spool_health(upstream),
         }
+
+    def _spool_health(self, upstream: dict[str, Any] | None) -> dict[str, Any]:
+        """Flat numbers for /metrics (the collector reads top-level keys)."""
+        out: dict[str, Any] = {}
+        if self.spool is not None:
+            out["spool_evicted"] = self.spool.evicted
+            out["spool_error"] = self.spool.error
+        if upstream is not None:
+            out["upstream_backlog"] = upstream["backlog"]
+            out["upstream_backlog_age_seconds"] = upstream["backlog_age_s"] or 0.0
+            out["upstream_connected"] = int(upstream["state"] in ("connected", "idle"))
+        return out
 
     def status_line(self) -> str:
         health = self.health()

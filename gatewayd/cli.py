@@ -152,6 +152,14 @@ def _broker_commands(commands: Any) -> None:
     tail.add_argument("--status", action="store_true", help="also show device status changes")
     tail.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
+    status = commands.add_parser(
+        "status",
+        help="ask the running daemon (its broker's /healthz) how it and each upstream are doing",
+    )
+    _config_option(status)
+    status.add_argument("--url", help="default: this hub's broker, http://HOST:PORT")
+    status.add_argument("--json", action="store_true", help="print /healthz as it is")
+
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -184,6 +192,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         config_module.load(path)
         print(f"{path or 'built-in defaults'}: OK")
         return 0
+    if args.command == "status":
+        return _status(args)
     if args.command in ("token", "tail"):
         return _broker_client_command(args)
     cfg = config_module.load(args.config)
@@ -339,3 +349,63 @@ def _decode(profile: str, hex_frames: list[str], interval: float) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _status(args: argparse.Namespace) -> int:
+    """Exit 0 when the daemon answers, 1 when it does not; 2 when an upstream is down."""
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if url is None:
+        broker = config_module.load(args.config, defaults_run_simulator=False).outputs.local_broker
+        host = "127.0.0.1" if broker.host in ("0.0.0.0", "::", "") else broker.host
+        url = f"http://{host}:{broker.port}"
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/healthz", timeout=5) as answer:
+            health = json.loads(answer.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"gatewayd: no answer from {url}/healthz: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(health, indent=1))
+    else:
+        for line in status_lines(health):
+            print(line)
+    upstream = health.get("upstream")
+    return 2 if isinstance(upstream, dict) and upstream.get("state") == "down" else 0
+
+
+def status_lines(health: dict[str, Any]) -> list[str]:
+    lines = [
+        f"gatewayd {health.get('version', '?')}, hub {health.get('hub', '?')}:"
+        f" {health.get('devices_live', 0)} devices live, {health.get('samples', 0)} samples,"
+        f" {health.get('consumers', 0)} consumers"
+    ]
+    spool = f"spool: {health.get('spool_depth', 0)} samples held"
+    if health.get("spool_evicted"):
+        spool += f", {health['spool_evicted']} evicted by the caps"
+    if health.get("spool_error"):
+        spool += f"; ERROR {health['spool_error']}"
+    lines.append(spool)
+    upstream = health.get("upstream")
+    if not isinstance(upstream, dict):
+        lines.append("upstream: off")
+        return lines
+    age = upstream.get("backlog_age_s")
+    text = (
+        f"upstream ({upstream.get('mode')}) {upstream.get('url')}: {upstream.get('state')};"
+        f" backlog {upstream.get('backlog', 0)} samples"
+        + (f", oldest {age:.0f} s old" if isinstance(age, int | float) else "")
+    )
+    if upstream.get("last_error"):
+        text += f"; last error: {upstream['last_error']}"
+    if upstream.get("retry_in_s") is not None:
+        text += f"; retry in {upstream['retry_in_s']} s"
+    lines.append(text)
+    for athlete, lane in sorted((upstream.get("athletes") or {}).items()):
+        detail = f"  {athlete}: {lane.get('state')}"
+        if lane.get("last_error"):
+            detail += f" ({lane['last_error']})"
+        lines.append(detail)
+    return lines

@@ -17,7 +17,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -143,10 +145,67 @@ class LocalBrokerConfig(Section):
 
 
 class UpstreamConfig(Section):
+    """The forwarder (sinks/upstream.py). Secrets are SecretStr so no repr or log shows them."""
+
     enabled: bool = False
+    # The spool cursor's name: renaming it makes a fresh start from the oldest spooled sample.
+    name: str = Field("upstream", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     mode: Literal["terra", "gatewayd"] = "gatewayd"
     url: str = "wss://ws.tryterra.co/connect"
-    token: str | None = None
+    # gatewayd mode: the other hub's producer token (one connection, SUBMITs carry uid).
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    # terra mode: one connection per athlete, with a static token per athlete ...
+    tokens: dict[str, SecretStr] = {}
+    # ... or a token minted for each connection: athlete id -> Terra user id.
+    terra_user_ids: dict[str, str] = {}
+    dev_id: str | None = None
+    api_key_file: Path | None = None
+    api_key_env: str = "TERRA_API_KEY"
+    api_base_url: str = "https://ws.tryterra.co"
+    # TLS (wss): the system CA store, or this CA file; optional client certificate.
+    tls_ca_file: Path | None = None
+    tls_client_cert: Path | None = None
+    tls_client_key: Path | None = None
+    backoff_min_s: float = Field(1.0, gt=0.0, le=60.0)
+    backoff_max_s: float = Field(30.0, gt=0.0, le=3600.0)
+    # After a close code that retrying will not fix (4000, 4003, 4004, 1003, 1007, refused keys).
+    fatal_backoff_s: float = Field(300.0, gt=0.0, le=86400.0)
+    # Extra HEARTBEATs while sending, so the cursor follows within seconds rather than once per
+    # HELLO interval. None: 2 s to a gatewayd, none to Terra (it asks for no more than one per
+    # interval).
+    ack_interval_s: float | None = Field(None, gt=0.0)
+    connect_timeout_s: float = Field(15.0, gt=0.0, le=300.0)
+
+    @field_validator("url", "api_base_url")
+    @classmethod
+    def _scheme(cls, value: str, info: ValidationInfo) -> str:
+        schemes = ("ws://", "wss://") if info.field_name == "url" else ("http://", "https://")
+        if not value.startswith(schemes):
+            raise ValueError(f"must start with {' or '.join(schemes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> UpstreamConfig:
+        if self.backoff_max_s < self.backoff_min_s:
+            raise ValueError("backoff_max_s must not be below backoff_min_s")
+        if (self.tls_client_key is not None) and self.tls_client_cert is None:
+            raise ValueError("tls_client_key needs tls_client_cert")
+        if not self.enabled:
+            return self
+        if self.mode == "gatewayd" and self.token is None and self.token_file is None:
+            raise ValueError(
+                "mode gatewayd needs `token` (or `token_file`): a producer token of the other hub"
+            )
+        if self.mode == "terra":
+            if not self.tokens and not self.terra_user_ids:
+                raise ValueError(
+                    "mode terra needs `tokens` (athlete id -> token) or `terra_user_ids` "
+                    "(athlete id -> Terra user id, tokens minted with dev_id and the API key)"
+                )
+            if self.terra_user_ids and not self.dev_id:
+                raise ValueError("`terra_user_ids` needs `dev_id` (and an API key) to mint tokens")
+        return self
 
 
 class MqttTlsConfig(Section):

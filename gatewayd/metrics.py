@@ -23,6 +23,26 @@ _FROM_HEALTH: dict[str, tuple[str, str, bool]] = {
     "frames_dropped": ("gatewayd_frames_dropped", "Frames dropped by a full frame queue", True),
     "devices_live": ("gatewayd_devices_live", "Devices heard within the dropout window", False),
     "spool_depth": ("gatewayd_spool_depth", "Samples held in the spool", False),
+    "spool_evicted": (
+        "gatewayd_spool_evicted",
+        "Spooled samples removed by the size or age cap before every upstream had them",
+        True,
+    ),
+    "upstream_backlog": (
+        "gatewayd_upstream_backlog",
+        "Spooled samples not yet acknowledged by the upstream",
+        False,
+    ),
+    "upstream_backlog_age_seconds": (
+        "gatewayd_upstream_backlog_age_seconds",
+        "Age of the oldest sample not yet acknowledged by the upstream",
+        False,
+    ),
+    "upstream_connected": (
+        "gatewayd_upstream_connected",
+        "1 when every upstream connection that has data to send is up",
+        False,
+    ),
 }
 
 

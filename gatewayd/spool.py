@@ -88,6 +88,7 @@ class Spool:
         self._last_prune = 0.0
         self._more_to_prune = False
         self._failing = False
+        self.error: str | None = None  # why the last commit failed; None once one succeeds
         self._db = self._open(path)
         row = self._db.execute("SELECT max(seq), min(seq), count(*) FROM samples").fetchone()
         reserved = int(self._meta("reserved", "0"))
@@ -221,6 +222,7 @@ class Spool:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             self.write_errors += 1
+            self.error = f"cannot write {self.path}: {exc}"
             if not self._failing:
                 self._failing = True
                 log.error(
@@ -230,6 +232,7 @@ class Spool:
                     len(rows),
                 )
             raise SpoolError(f"spool {self.path}: {exc}") from None
+        self.error = None
         if self._failing:
             self._failing = False
             log.warning("spool %s writes again", self.path)

@@ -93,6 +93,11 @@ class TokenStore:
                 return grant if grant.role == role else None
         self._reload()
         entry = self._minted.get(d)
+        if entry is None:
+            # A token minted within the file system's timestamp granularity of the last reload
+            # leaves the mtime unchanged: look again before refusing it.
+            self._reload(force=True)
+            entry = self._minted.get(d)
         if entry is None or entry.role != role or entry.used:
             return None
         if entry.expires is not None and self.clock() >= entry.expires:

@@ -199,10 +199,12 @@ def test_write_failure_keeps_rows_and_the_live_path(tmp_path: Path) -> None:
         assert type(exc).__name__ == "SpoolError"
     else:
         raise AssertionError("flush should fail while the database is locked")
+    assert spool.error is not None and "locked" in spool.error
     assert spool.append([hr(3)]) == 3  # seqs keep coming
     assert [seq for seq, _ in spool.read(0, 10)] == [1, 2, 3]
     other.execute("ROLLBACK")
     assert spool.flush() == 2
+    assert spool.error is None
     spool.close()
     assert [seq for seq, _ in Spool(tmp_path / "s.db").read(0, 10)] == [1, 2, 3]
 

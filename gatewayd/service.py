@@ -67,9 +67,6 @@ class Notifier:
     def stopping(self, status: str | None = None) -> bool:
         return self.send("STOPPING=1", *_status_field(status))
 
-    def reloading(self) -> bool:
-        return self.send("RELOADING=1")
-
     def status(self, text: str) -> bool:
         return self.send(*_status_field(text))
 
@@ -139,13 +136,6 @@ class Service:
 
     def stopping(self) -> None:
         self.notifier.stopping("stopping: draining outputs")
-
-    def reloading(self) -> None:
-        self.notifier.reloading()
-
-    def reloaded(self) -> None:
-        self._last_status = self.summary()
-        self.notifier.send("READY=1", *_status_field(self._last_status))
 
     def refresh_status(self) -> None:
         status = self.summary()

@@ -32,10 +32,6 @@ BUILD_TIMEOUT_S = 600
 COMMAND_TIMEOUT_S = 120
 RUN_GUARD_S = 60
 
-# One build and one sandbox for the module: with `--dist loadgroup` xdist keeps these tests on one
-# worker, running beside the rest of the suite.
-pytestmark = pytest.mark.xdist_group("deb")
-
 
 def _why_not() -> str | None:
     if os.geteuid() != 0:
@@ -45,6 +41,9 @@ def _why_not() -> str | None:
         return f"missing {', '.join(missing)} (apt-get install debhelper dpkg-dev systemd)"
     if "overlay" not in Path("/proc/filesystems").read_text():
         return "the kernel has no overlayfs for the install sandbox"
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        return "cannot make a mount namespace for the install sandbox (needs CAP_SYS_ADMIN)"
     return None
 
 
@@ -64,14 +63,7 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
     """`dpkg-buildpackage -b -us -uc` on a copy of the checkout (it writes into ../ and debian/)."""
     base = tmp_path_factory.mktemp("deb-build")
     source = base / "gatewayd"
-    shutil.copytree(
-        ROOT,
-        source,
-        symlinks=True,
-        ignore=shutil.ignore_patterns(
-            ".git", ".venv", "__pycache__", ".*_cache", "*.egg-info", "build", "dist"
-        ),
-    )
+    shutil.copytree(ROOT, source, symlinks=True, ignore=_not_source)
     log = base / "build.log"
     with log.open("w") as out:
         result = subprocess.run(
@@ -89,6 +81,18 @@ def packages(tmp_path_factory: pytest.TempPathFactory) -> Packages:
         native=base / f"gatewayd-pydantic_{__version__}_{arch}.deb",
         log=log,
     )
+
+
+_JUNK = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".*_cache", "*.egg-info")
+# What an in-place `dpkg-buildpackage` leaves in debian/ (see debian/.gitignore).
+_BUILD_LEFTOVERS = {".debhelper", "debhelper-build-stamp", "files", "gatewayd", "gatewayd-pydantic"}
+
+
+def _not_source(directory: str, names: list[str]) -> set[str]:
+    ignored = set(_JUNK(directory, names))
+    if Path(directory) == ROOT / "debian":
+        ignored |= {n for n in names if n in _BUILD_LEFTOVERS or n.endswith(".substvars")}
+    return ignored
 
 
 class Sandbox:
@@ -172,20 +176,7 @@ def _lines(stream: IO[str], guard_s: float) -> Iterator[str]:
         yield line
 
 
-@pytest.fixture(scope="module")
-def sandbox(tmp_path_factory: pytest.TempPathFactory, packages: Packages) -> Iterator[Sandbox]:
-    box = Sandbox(tmp_path_factory.mktemp("deb-sandbox"))
-    try:
-        box.run("dpkg", "-i", str(packages.all), str(packages.native))
-        yield box
-    finally:
-        # Whatever the tests did, purge: a failed assertion must not leave the package behind
-        # (the sandbox vanishes with its namespace anyway, but dpkg -P is what is under test).
-        box.run("dpkg", "-P", "gatewayd", "gatewayd-pydantic", check=False)
-        box.close()
-
-
-def test_one_arch_independent_package_with_no_compiled_file(packages: Packages) -> None:
+def check_one_arch_independent_package_with_no_compiled_file(packages: Packages) -> None:
     assert packages.all.exists(), f"expected {packages.all.name}; see {packages.log}"
     assert _run(["dpkg-deb", "-f", str(packages.all), "Architecture"]).stdout.strip() == "all"
     contents = _run(["dpkg-deb", "-c", str(packages.all)]).stdout
@@ -198,7 +189,7 @@ def test_one_arch_independent_package_with_no_compiled_file(packages: Packages) 
     assert {t.split("-")[0] for t in top} == {"pydantic", "pydantic_core"}
 
 
-def test_install_creates_the_user_state_config_and_enables_the_unit(sandbox: Sandbox) -> None:
+def check_install_creates_the_user_state_config_and_enables_the_unit(sandbox: Sandbox) -> None:
     passwd = sandbox.run("getent", "passwd", "gatewayd").stdout.strip().split(":")
     assert passwd[5] == "/var/lib/gatewayd" and passwd[6] == "/usr/sbin/nologin"
     groups = sandbox.run("id", "-nG", "gatewayd").stdout.split()
@@ -210,6 +201,7 @@ def test_install_creates_the_user_state_config_and_enables_the_unit(sandbox: San
     conffiles = sandbox.run("dpkg-query", "-W", "-f=${Conffiles}", "gatewayd").stdout
     assert "/etc/gatewayd/gatewayd.yaml" in conffiles
     assert sandbox.exists("/etc/systemd/system/multi-user.target.wants/gatewayd.service")
+    assert sandbox.exists("/usr/share/doc/gatewayd/install.md")  # the unit's Documentation=
     rule = sandbox.run("cat", "/lib/udev/rules.d/99-gatewayd-ant.rules").stdout
     for product in ("1008", "1009"):
         assert re.search(
@@ -219,7 +211,7 @@ def test_install_creates_the_user_state_config_and_enables_the_unit(sandbox: San
         )
 
 
-def test_the_installed_unit_verifies_and_is_hardened(sandbox: Sandbox) -> None:
+def check_the_installed_unit_verifies_and_is_hardened(sandbox: Sandbox) -> None:
     unit = "/lib/systemd/system/gatewayd.service"
     verify = sandbox.run("systemd-analyze", "verify", unit, check=False)
     complaints = [
@@ -231,7 +223,7 @@ def test_the_installed_unit_verifies_and_is_hardened(sandbox: Sandbox) -> None:
     assert score < 4.0, security
 
 
-def test_the_installed_daemon_runs_the_simulator_as_its_user(sandbox: Sandbox) -> None:
+def check_the_installed_daemon_runs_the_simulator_as_its_user(sandbox: Sandbox) -> None:
     process = subprocess.Popen(
         sandbox.argv(
             [
@@ -281,7 +273,7 @@ def test_the_installed_daemon_runs_the_simulator_as_its_user(sandbox: Sandbox) -
     assert sandbox.run("dpkg", "-V", "gatewayd", "gatewayd-pydantic").stdout == ""
 
 
-def test_a_bad_config_exits_78(sandbox: Sandbox) -> None:
+def check_a_bad_config_exits_78(sandbox: Sandbox) -> None:
     result = sandbox.run(
         "env",
         "GATEWAYD_OUTPUTS__MQTT__PORT=99999",
@@ -299,13 +291,15 @@ def test_a_bad_config_exits_78(sandbox: Sandbox) -> None:
     assert "outputs.mqtt.port" in result.stderr
 
 
-def test_dpkg_verify_is_clean(sandbox: Sandbox) -> None:
+def check_dpkg_verify_is_clean(sandbox: Sandbox) -> None:
     result = sandbox.run("dpkg", "-V", "gatewayd", "gatewayd-pydantic")
     assert result.stdout == "" and result.stderr == ""
 
 
-def test_purge_leaves_nothing_behind(sandbox: Sandbox) -> None:
-    # Last in the module: it consumes the installation the other tests share.
+def check_purge_leaves_nothing_behind(sandbox: Sandbox) -> None:
+    uid = sandbox.run("id", "-u", "gatewayd").stdout.strip()
+    processes = sandbox.run("ps", "-o", "pid,ppid,etime,args", "-U", uid, check=False).stdout
+    assert len(processes.splitlines()) <= 1, f"still running as gatewayd:\n{processes}"
     sandbox.run("dpkg", "-P", "gatewayd", "gatewayd-pydantic")
     for path in ("/var/lib/gatewayd", "/etc/gatewayd", "/usr/lib/gatewayd", "/usr/bin/gatewayd"):
         assert not sandbox.exists(path), path
@@ -325,3 +319,25 @@ def test_purge_leaves_nothing_behind(sandbox: Sandbox) -> None:
         if "gatewayd" in path and not path.startswith("/var/log/")
     ]
     assert leftovers == []
+
+
+def test_build_install_run_verify_purge(
+    packages: Packages, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """One test, steps in order: under xdist it runs on one worker, beside the rest of the suite,
+    with one build and one installation (each step needs the state the previous one left)."""
+    check_one_arch_independent_package_with_no_compiled_file(packages)
+    box = Sandbox(tmp_path_factory.mktemp("deb-sandbox"))
+    try:
+        box.run("dpkg", "-i", str(packages.all), str(packages.native))
+        check_install_creates_the_user_state_config_and_enables_the_unit(box)
+        check_the_installed_unit_verifies_and_is_hardened(box)
+        check_the_installed_daemon_runs_the_simulator_as_its_user(box)
+        check_a_bad_config_exits_78(box)
+        check_dpkg_verify_is_clean(box)
+        check_purge_leaves_nothing_behind(box)
+    finally:
+        # A failed step must not leave the package installed for a re-run (the sandbox goes with
+        # its namespace anyway, but dpkg -P is what is under test).
+        box.run("dpkg", "-P", "gatewayd", "gatewayd-pydantic", check=False)
+        box.close()

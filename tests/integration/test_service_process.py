@@ -108,3 +108,36 @@ async def test_a_bad_config_exits_78_naming_the_key_and_never_says_ready(
     assert process.returncode == EX_CONFIG == 78
     assert "outputs.mqtt.port" in err.decode()
     assert not [m for m in notify.pending() if b"READY=1" in m]
+
+
+async def _stderr_until(process: asyncio.subprocess.Process, text: str) -> str:
+    assert process.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(process.stderr.readline(), GUARD_S)).decode()
+        assert line, f"the daemon exited before logging {text!r}"
+        if text in line:
+            return line
+
+
+async def test_reload_takes_the_new_roster_and_keeps_running(tmp_path: Path, notify: NotifySocket):
+    config = "sources: {simulator: {enabled: true, athletes: 1}}\n"
+    process = await start(tmp_path, config, NOTIFY_SOCKET=notify.address)
+    try:
+        await notify.until("READY")
+        # What `systemctl reload gatewayd` does (ExecReload=kill -HUP $MAINPID).
+        (tmp_path / "gatewayd.yaml").write_text(
+            config + "athletes: [{id: carol, devices: [{source: ant, id: '120:23456'}]}]\n"
+        )
+        process.send_signal(signal.SIGHUP)
+        assert "(1 athletes)" in await _stderr_until(process, "roster reloaded")
+        # A broken file is refused and the running roster kept: the daemon stays up.
+        (tmp_path / "gatewayd.yaml").write_text("athletes: [{devices: 3}]\n")
+        process.send_signal(signal.SIGHUP)
+        assert "athletes.0" in await _stderr_until(process, "config not reloaded")
+        assert process.returncode is None
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), GUARD_S) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -335,6 +335,10 @@ def test_build_install_run_verify_purge(
         check_the_installed_daemon_runs_the_simulator_as_its_user(box)
         check_a_bad_config_exits_78(box)
         check_dpkg_verify_is_clean(box)
+        # Installing over an installation (what an upgrade does) runs every maintainer script
+        # again: they must be idempotent.
+        box.run("dpkg", "-i", str(packages.all), str(packages.native))
+        check_install_creates_the_user_state_config_and_enables_the_unit(box)
         check_purge_leaves_nothing_behind(box)
     finally:
         # A failed step must not leave the package installed for a re-run (the sandbox goes with

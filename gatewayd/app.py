@@ -25,6 +25,7 @@ from gatewayd.hub import Hub
 from gatewayd.metrics import Metrics
 from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import AthleteInfo, Roster
+from gatewayd.service import Service
 from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
@@ -38,7 +39,8 @@ from gatewayd.web import Board, new_token
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_BUDGET_S = 4.0  # systemd waits 5 s by our unit's TimeoutStopSec; leave a margin
+STARTUP_BUDGET_S = 10.0  # READY=1 goes out by then even if a listening output cannot bind yet
+SHUTDOWN_BUDGET_S = 4.0  # the promise is "exit within 5 s"; the unit's TimeoutStopSec= is 10 s
 
 
 class Source(Protocol):
@@ -62,6 +64,7 @@ class App:
         *,
         clock: Clock | None = None,
         config_path: Path | None = None,
+        service: Service | None = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
@@ -82,8 +85,10 @@ class App:
         self.board: Board | None = None
         self.upstream: UpstreamSink | None = None
         self.sinks: list[Sink] = self._build_sinks()
-        self.on_ready: list[Callable[[], None]] = []
-        self.on_stopping: list[Callable[[], None]] = []
+        # systemd (Type=notify): READY=1 once everything is up, the watchdog from this loop.
+        self.service = service if service is not None else Service.from_env(self.status_line)
+        self.on_ready: list[Callable[[], None]] = [self.service.ready]
+        self.on_stopping: list[Callable[[], None]] = [self.service.stopping]
         self._stop: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -226,9 +231,17 @@ class App:
         return out
 
     def status_line(self) -> str:
+        """systemd's STATUS= (shown by `systemctl status gatewayd`): one line, no newlines."""
         health = self.health()
+        consumers = sum(
+            int(sink.health_snapshot()["consumers"])
+            for sink in self.sinks
+            if isinstance(sink, LocalBroker)
+        )
+        backlog = sum(output["queued"] for output in health["outputs"].values())
         return (
-            f"{health['devices_live']} devices live, {health['samples']} samples, "
+            f"{health['devices_live']} devices live, {consumers} consumers, "
+            f"backlog {backlog}, {health['samples']} samples, "
             f"{health['decode_errors']} bad frames"
         )
 
@@ -251,6 +264,7 @@ class App:
             if isinstance(sink, MqttSink):
                 sink.set_roster(roster)
         log.info("SIGHUP: roster reloaded (%d athletes)", len(fresh.athletes))
+        self.service.refresh_status()
 
     async def run(self, *, seconds: float | None = None) -> int:
         loop = asyncio.get_running_loop()
@@ -263,6 +277,7 @@ class App:
         ):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, handler)
+        await self._start_listeners()
         for sink in self.sinks:
             self._spawn(f"sink:{sink.name}", sink.run)
         pipeline_task = asyncio.create_task(self.pipeline.run(), name="pipeline")
@@ -275,6 +290,7 @@ class App:
             ", ".join(source.name for source in self.sources) or "none",
             ", ".join(sink.name for sink in self.sinks) or "none",
         )
+        self._tasks.append(asyncio.create_task(self.service.run(), name="service"))
         for callback in self.on_ready:
             callback()
         stop_wait = asyncio.create_task(self._stop.wait())
@@ -289,6 +305,19 @@ class App:
         stop_wait.cancel()
         await self._shutdown(pipeline_task)
         return 0
+
+    async def _start_listeners(self) -> None:
+        """READY=1 promises clients can connect: bind the outputs that listen before saying it.
+
+        One that cannot bind yet (port taken) is logged; its supervised run() keeps retrying.
+        """
+        for sink in self.sinks:
+            if not isinstance(sink, LocalBroker):
+                continue
+            try:
+                await asyncio.wait_for(sink.start(), STARTUP_BUDGET_S)
+            except (OSError, TimeoutError) as exc:
+                log.error("%s cannot listen yet (%s); retrying in the background", sink.name, exc)
 
     def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
         self._tasks.append(asyncio.create_task(self._supervise(name, factory), name=name))
@@ -329,6 +358,7 @@ class App:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.spool is not None:
             self.spool.close()
+        self.service.close()
         log.info("stopped")
 
 

@@ -239,9 +239,14 @@ class App:
             if isinstance(sink, LocalBroker)
         )
         backlog = sum(output["queued"] for output in health["outputs"].values())
+        upstream = ""
+        if self.upstream is not None:
+            upstream = (
+                f"upstream {self.upstream.state()['state']} ({self.upstream.backlog()} behind), "
+            )
         return (
             f"{health['devices_live']} devices live, {consumers} consumers, "
-            f"backlog {backlog}, {health['samples']} samples, "
+            f"backlog {backlog}, {upstream}{health['samples']} samples, "
             f"{health['decode_errors']} bad frames"
         )
 

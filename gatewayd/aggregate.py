@@ -118,15 +118,17 @@ class Aggregator:
         elif stream.owner != key:
             self.shadowed_values += 1
             return None
-        second = math.floor(wall)
-        if self._next_second is not None and second < self._next_second:
+        second = int(wall)  # floor: wall clock seconds are positive
+        next_second = self._next_second
+        if next_second is not None and second < next_second:
             self.late_values += 1
-            second = self._next_second
-        if stream.first_second is None:
-            stream.first_second = second
-        bucket = stream.pending.get(second)
+            second = next_second
+        pending = stream.pending
+        bucket = pending.get(second)
         if bucket is None:
-            bucket = stream.pending[second] = []
+            if stream.first_second is None:
+                stream.first_second = second
+            bucket = pending[second] = []
         if d is not None:
             bucket.extend(d)
         elif val is not None:

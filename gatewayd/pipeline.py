@@ -158,7 +158,7 @@ class Pipeline:
         key = route.key
         self.processed += 1
         try:
-            readings = decode(frame)
+            readings = decode(frame)  # the only decoder entry point: it also names unknown kinds
         except DecodeError as exc:
             self.decode_errors[(key, exc.profile)] += 1
             self._decode_log.warning(

@@ -99,6 +99,21 @@ class BleConfig(Section):
     adapters: dict[str, int] = {}  # per-adapter slot count override, e.g. {hci1: 7}
     stale_adapter_s: float = Field(90.0, gt=5.0)
     battery_interval_s: float = Field(600.0, gt=10.0)
+    connect_timeout_s: float = Field(20.0, gt=1.0, le=120.0)
+    adapter_fail_limit: int = Field(5, ge=1, le=100)  # failed connects in a row -> power-cycle
+    device_timeout_s: float = Field(15.0, gt=1.0)  # unheard this long: out of range, not tried
+    reconnect_max_s: float = Field(60.0, gt=0.0)  # cap of the per-device connect backoff
+    min_rssi: int = Field(-100, ge=-127, le=0)  # ignore fitness devices heard weaker than this
+
+    @field_validator("adapters")
+    @classmethod
+    def _slots(cls, value: dict[str, int]) -> dict[str, int]:
+        for name, slots in value.items():
+            if not name.startswith("hci") or not name[3:].isdigit():
+                raise ValueError(f"adapter name {name!r} must look like hci0, hci1 ...")
+            if not 1 <= slots <= 20:
+                raise ValueError(f"{name}: slot count {slots} must be between 1 and 20")
+        return value
 
 
 class AntConfig(Section):

@@ -98,7 +98,7 @@ def power_services(battery: int = 64) -> list[ServiceSpec]:
 
 
 def polar_advert(hr: int, counter: int) -> bytes:
-    """Polar's HR broadcast block: flags (battery ok, contact, counter, broadcast), kHz, fast, slow."""
+    """Polar's HR broadcast block: flags (battery, contact, counter, broadcast), kHz, fast, slow."""
     flags = 0x01 | 0x02 | ((counter & 0x07) << 2) | 0x20
     return bytes([flags, 0x1B, hr & 0xFF, hr & 0xFF])
 
@@ -127,6 +127,7 @@ class Stats:
     max_connected: dict[str, int] = field(default_factory=dict)
     power_offs: dict[str, int] = field(default_factory=dict)
     notifications: int = 0
+    ever_connected: set[str] = field(default_factory=set)
 
 
 # --------------------------------------------------------------------------- D-Bus objects
@@ -417,7 +418,9 @@ def dev_path(adapter: FakeAdapter, address: str) -> str:
 
 
 class FakeBlueZ:
-    def __init__(self, bus_address: str, *, advert_interval: float = 0.1, connect_delay: float = 0.02) -> None:
+    def __init__(
+        self, bus_address: str, *, advert_interval: float = 0.1, connect_delay: float = 0.02
+    ) -> None:
         self.bus_address = bus_address
         self.advert_interval = advert_interval
         self.connect_delay = connect_delay
@@ -487,16 +490,29 @@ class FakeBlueZ:
                 self._export_link(spec, self.adapters[hci])
         return spec
 
-    def add_strap(self, address: str, hear: dict[str, int], *, polar: bool = False, hz: float = 4.0,
-                  hr: int = 60) -> FakeDeviceSpec:
+    def add_strap(
+        self,
+        address: str,
+        hear: dict[str, int],
+        *,
+        polar: bool = False,
+        hz: float = 4.0,
+        hr: int = 60,
+    ) -> FakeDeviceSpec:
         name = f"Polar H10 {address[-5:].replace(':', '')}" if polar else f"HRM {address[-5:]}"
         return self.add_device(
-            FakeDeviceSpec(address, name, heart_rate_services(), ["180d"], hear, polar=polar, hz=hz, hr=hr)
+            FakeDeviceSpec(
+                address, name, heart_rate_services(), ["180d"], hear, polar=polar, hz=hz, hr=hr
+            )
         )
 
-    def add_power_meter(self, address: str, hear: dict[str, int], *, hz: float = 4.0) -> FakeDeviceSpec:
+    def add_power_meter(
+        self, address: str, hear: dict[str, int], *, hz: float = 4.0
+    ) -> FakeDeviceSpec:
         return self.add_device(
-            FakeDeviceSpec(address, f"Power {address[-5:]}", power_services(), ["1818"], hear, hz=hz)
+            FakeDeviceSpec(
+                address, f"Power {address[-5:]}", power_services(), ["1818"], hear, hz=hz
+            )
         )
 
     def _export_link(self, spec: FakeDeviceSpec, adapter: FakeAdapter) -> None:
@@ -563,9 +579,9 @@ class FakeBlueZ:
     def is_connected(self, address: str) -> bool:
         return any(link.connected for link in self._links_of(address))
 
-    async def wait_until(self, predicate: Any, timeout: float = 30.0) -> None:
+    async def wait_until(self, predicate: Any, limit_s: float = 30.0) -> None:
         """Wait for a connection change that makes `predicate()` true (never polls a timer)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(limit_s):
             while not predicate():
                 self.changed.clear()
                 await self.changed.wait()
@@ -598,9 +614,12 @@ class FakeBlueZ:
             if adapter.stuck:
                 # a wedged controller never completes the page; bleak's timeout calls Disconnect
                 await asyncio.wait(
-                    [asyncio.ensure_future(link.cancel_connect.wait()),
-                     asyncio.ensure_future(adapter.unstuck.wait())],
-                    timeout=60, return_when=asyncio.FIRST_COMPLETED,
+                    [
+                        asyncio.ensure_future(link.cancel_connect.wait()),
+                        asyncio.ensure_future(adapter.unstuck.wait()),
+                    ],
+                    timeout=60,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 raise DBusError(FAILED, "le-connection-abort-by-local (timeout)")
             if not self.present[address]:
@@ -616,9 +635,12 @@ class FakeBlueZ:
         finally:
             adapter.connecting = False
         self.stats.connects_ok += 1
+        self.stats.ever_connected.add(address)
         self._set_connected(link, True)
         connected = len(self.connected_on(adapter.hci))
-        self.stats.max_connected[adapter.hci] = max(self.stats.max_connected[adapter.hci], connected)
+        self.stats.max_connected[adapter.hci] = max(
+            self.stats.max_connected[adapter.hci], connected
+        )
 
     def _disconnect(self, link: Link, why: str) -> None:
         link.cancel_connect.set()
@@ -710,14 +732,19 @@ class FakeBlueZ:
 
 @contextlib.asynccontextmanager
 async def private_system_bus() -> AsyncIterator[str]:
-    """A dbus-daemon of our own; yields its address. The caller points DBUS_SYSTEM_BUS_ADDRESS at it."""
+    """A dbus-daemon of our own; yields its address (for DBUS_SYSTEM_BUS_ADDRESS)."""
     daemon = shutil.which("dbus-daemon")
     if daemon is None:
         raise RuntimeError("dbus-daemon is not installed (apt-get install dbus)")
     with tempfile.TemporaryDirectory(prefix="fake-bluez-") as tmp:
         proc = await asyncio.create_subprocess_exec(
-            daemon, "--session", "--nofork", "--print-address=1", f"--address=unix:dir={tmp}",
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            daemon,
+            "--session",
+            "--nofork",
+            "--print-address=1",
+            f"--address=unix:dir={tmp}",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
         try:
             assert proc.stdout is not None

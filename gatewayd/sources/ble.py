@@ -62,6 +62,26 @@ _BASE_UUID_TAIL = "-0000-1000-8000-00805f9b34fb"
 _RADIO_ERRORS = (BleakError, DBusError, TimeoutError, EOFError, OSError, AssertionError)
 
 
+async def _disconnect(client: BleakClient) -> None:
+    with contextlib.suppress(*_RADIO_ERRORS):
+        async with asyncio.timeout(5):
+            await client.disconnect()
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    """Wait for `event` at most `seconds`; True if it was set.
+
+    asyncio.timeout rather than wait_for: on Python 3.11 wait_for can swallow a cancellation
+    that arrives as the event fires, and a source that cannot be cancelled hangs shutdown.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
+
+
 def short_uuid(uuid: str) -> str | None:
     """'0000180d-0000-1000-8000-00805f9b34fb' -> '180d'; None for a vendor 128-bit UUID."""
     uuid = uuid.lower()
@@ -92,6 +112,7 @@ class BleTiming:
     """Every delay the source uses, so tests can shrink them instead of sleeping through them."""
 
     device_timeout_s: float = 15.0  # unheard this long: out of range, not tried
+    settle_s: float = 1.0  # a new device is listened to this long before it is connected
     absent_s: float = 3.0  # heard again after this much silence: it returned, retry at once
     connect_timeout_s: float = 20.0
     backoff_min_s: float = 1.0
@@ -214,6 +235,7 @@ class BleSource:
         self._bluez: BluezAdapters | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.unavailable: str | None = None  # why BLE cannot run right now, for status output
         self.changed = asyncio.Event()  # set on every connect, drop and recovery; tests wait on it
 
     @classmethod
@@ -252,15 +274,18 @@ class BleSource:
                     level = logging.DEBUG if warned else logging.WARNING
                     log.log(
                         level,
-                        "BLE unavailable: %s; retrying every %.0f s, the rest of the "
+                        "BLE unavailable: %s; retrying every %g s, the rest of the "
                         "gateway keeps running",
                         exc,
                         self.timing.bluez_retry_s,
                     )
                     warned = True
+                    self.unavailable = str(exc)
+                    self._changed()
                     await asyncio.sleep(self.timing.bluez_retry_s)
                     continue
                 warned = False
+                self.unavailable = None
                 self._bluez = bluez
                 if not bluez.adapters:
                     log.warning(
@@ -279,7 +304,7 @@ class BleSource:
                     await asyncio.gather(*workers, return_exceptions=True)
                     bluez.close()
                     for name in list(self._adapters):
-                        self._adapter_gone(name)
+                        self._adapter_gone(name, quiet=True)
                     self._bluez = None
                 await asyncio.sleep(self.timing.bluez_retry_s)
         finally:
@@ -299,7 +324,8 @@ class BleSource:
             await asyncio.wait(pending, timeout=5)
         for scanner in scanners:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(scanner.stop(), 2)
+                async with asyncio.timeout(2):
+                    await scanner.stop()
         if self._bluez is not None:
             self._bluez.close()
 
@@ -337,11 +363,15 @@ class BleSource:
         elif ad.scanner is None and not ad.starting:
             self._spawn(self._start_scanner(ad), f"ble-scan-{ad.name}")
 
-    def _adapter_gone(self, name: str) -> None:
+    def _adapter_gone(self, name: str, *, quiet: bool = False) -> None:
         ad = self._adapters.pop(name, None)
         if ad is None:
             return
-        log.warning("BLE: adapter %s went away; its devices move to other adapters", name)
+        log.log(
+            logging.DEBUG if quiet else logging.WARNING,
+            "BLE: adapter %s went away; its devices move to other adapters",
+            name,
+        )
         scanner, ad.scanner = ad.scanner, None
         if scanner is not None:
             self._spawn(self._stop_scanner(scanner), f"ble-unscan-{name}")
@@ -359,7 +389,8 @@ class BleSource:
                 lambda device, adv: self._on_advert(ad.name, device, adv),
                 bluez={"adapter": ad.name},
             )
-            await asyncio.wait_for(scanner.start(), self.timing.connect_timeout_s)
+            async with asyncio.timeout(self.timing.connect_timeout_s):
+                await scanner.start()
         except _RADIO_ERRORS as exc:
             log.warning("BLE: cannot scan on %s (%s); retrying", ad.name, exc or type(exc).__name__)
             return
@@ -376,7 +407,8 @@ class BleSource:
     @staticmethod
     async def _stop_scanner(scanner: BleakScanner) -> None:
         with contextlib.suppress(*_RADIO_ERRORS):
-            await asyncio.wait_for(scanner.stop(), 5)
+            async with asyncio.timeout(5):
+                await scanner.stop()
 
     # ------------------------------------------------------------------ adverts
 
@@ -470,8 +502,7 @@ class BleSource:
         while True:
             self._wake.clear()
             delay = self._schedule()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await _wait(self._wake, delay)
 
     def _schedule(self) -> float:
         """Start connections where slots allow; return how long until a backoff ends."""
@@ -485,6 +516,10 @@ class BleSource:
         ]
         waiting.sort(key=lambda d: d.first_seen)
         for dev in waiting:
+            if dev.first_seen + self.timing.settle_s > now:
+                # give every adapter a chance to hear a new device before picking the best one
+                next_due = min(next_due, dev.first_seen + self.timing.settle_s - now)
+                continue
             if dev.next_attempt > now:
                 next_due = min(next_due, dev.next_attempt - now)
                 continue
@@ -524,11 +559,11 @@ class BleSource:
             ad.fail_streak = 0
             self.stats.connects += 1
             log.info(
-                "BLE: connected %s %r on %s (%d/%d slots)",
+                "BLE: connected %s %r on %s (%d of %d slots connected)",
                 dev.address,
                 dev.name,
                 ad.name,
-                len(ad.members),
+                sum(1 for a in ad.members if self._devices[a].connected),
                 ad.slots,
             )
             self._changed()
@@ -543,8 +578,8 @@ class BleSource:
                 self._connect_failed(dev, ad, started, reason)
         finally:
             if client is not None and client.is_connected:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(asyncio.wait_for(client.disconnect(), 5))
+                # shielded: a link cancelled by shutdown or recovery still releases the device
+                await asyncio.shield(_disconnect(client))
             was_connected = dev.connected
             dev.connected = False
             dev.link = None
@@ -614,8 +649,7 @@ class BleSource:
                 value = await self._read(client, dev, ad.name, battery, BATTERY_LEVEL)
                 if value:
                     dev.battery = value[0]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(dropped.wait(), self.timing.battery_interval_s)
+            if await _wait(dropped, self.timing.battery_interval_s):
                 return
 
     async def _read(
@@ -739,7 +773,8 @@ class BleSource:
             if scanner is not None:
                 await self._stop_scanner(scanner)
             try:
-                await asyncio.wait_for(bluez.power_cycle(ad.name, self.timing.power_off_s), 15)
+                async with asyncio.timeout(15):
+                    await bluez.power_cycle(ad.name, self.timing.power_off_s)
             except (SourceUnavailable, TimeoutError) as exc:
                 log.warning("BLE: power-cycling %s failed: %s", ad.name, exc)
             ad.fail_streak = 0

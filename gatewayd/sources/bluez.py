@@ -69,6 +69,7 @@ class BluezAdapters:
         self._on_removed = on_removed
         self._bus: MessageBus | None = None
         self._adapters: dict[str, AdapterInfo] = {}
+        self._resync: asyncio.Task[None] | None = None
 
     @property
     def adapters(self) -> dict[str, AdapterInfo]:
@@ -113,9 +114,25 @@ class BluezAdapters:
             bus.disconnect()
             raise
         self._bus = bus
-        for path, interfaces in reply.body[0].items():
+        self._add_all(reply.body[0])
+
+    def _add_all(self, objects: dict[str, dict[str, Any]]) -> None:
+        for path, interfaces in objects.items():
             if ADAPTER in interfaces:
                 self._add(path, interfaces[ADAPTER])
+
+    async def _read_adapters(self) -> None:
+        bus = self._bus
+        if bus is None:
+            return
+        try:
+            reply = await _call(
+                bus, BLUEZ, "/", OBJECT_MANAGER, member="GetManagedObjects", args=("", [])
+            )
+        except SourceUnavailable as exc:
+            log.warning("BlueZ is back but its adapters cannot be read: %s", exc)
+            return
+        self._add_all(reply.body[0])
 
     def close(self) -> None:
         if self._bus is not None:
@@ -175,7 +192,10 @@ class BluezAdapters:
                     self._on_added(info)
         elif msg.member == "NameOwnerChanged" and msg.interface == DBUS:
             _name, _old_owner, new_owner = msg.body
-            if not new_owner:
+            if new_owner:
+                # bluetoothd restarted: its adapters come back without InterfacesAdded for us
+                self._resync = asyncio.get_running_loop().create_task(self._read_adapters())
+            else:
                 log.warning(
                     "BlueZ left the system bus; all Bluetooth adapters are gone until it returns"
                 )

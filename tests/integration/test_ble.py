@@ -1,0 +1,328 @@
+"""The BLE source with bleak's real BlueZ backend against a fake BlueZ on a private dbus-daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from gatewayd.config import BleConfig
+from gatewayd.model import Frame
+from gatewayd.pipeline import FrameQueue
+from gatewayd.sources.ble import BleSource, BleTiming
+from tests.fakes.fake_bluez import FAILED, IN_PROGRESS, FakeBlueZ, private_system_bus
+
+FAST = BleTiming(
+    device_timeout_s=3.0,
+    settle_s=0.2,
+    absent_s=0.5,
+    connect_timeout_s=3.0,
+    backoff_min_s=0.05,
+    backoff_max_s=0.5,
+    stale_adapter_s=1.0,
+    adapter_fail_limit=5,
+    battery_interval_s=60.0,
+    bluez_retry_s=0.2,
+    tick_s=0.1,
+    power_off_s=0.05,
+)
+
+
+def addr(i: int, prefix: str = "C0:FF:EE:00:00") -> str:
+    return f"{prefix}:{i:02X}"
+
+
+@pytest.fixture
+async def bus(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
+    async with private_system_bus() as address:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
+        yield address
+
+
+@pytest.fixture
+async def fake(bus: str) -> AsyncIterator[FakeBlueZ]:
+    bluez = FakeBlueZ(bus)
+    await bluez.start()
+    try:
+        yield bluez
+    finally:
+        await bluez.close()
+
+
+class Collector:
+    """The consumer end of the FrameQueue: keeps every frame and wakes waiters."""
+
+    def __init__(self, queue: FrameQueue) -> None:
+        self.queue = queue
+        self.frames: list[Frame] = []
+        self.event = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            await self.queue.wait(1.0)
+            batch = self.queue.take_all()
+            if batch:
+                self.frames.extend(batch)
+                self.event.set()
+
+    def kinds_by_device(self) -> dict[str, set[str]]:
+        seen: dict[str, set[str]] = {}
+        for frame in self.frames:
+            seen.setdefault(frame.device_id, set()).add(frame.kind)
+        return seen
+
+
+@contextlib.asynccontextmanager
+async def running(source: BleSource) -> AsyncIterator[Collector]:
+    queue = FrameQueue()
+    collector = Collector(queue)
+    tasks = [asyncio.create_task(source.run(queue)), asyncio.create_task(collector.run())]
+    try:
+        yield collector
+        assert not tasks[0].done(), "the BLE source must never stop on its own"
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until(predicate: Callable[[], bool], *events: asyncio.Event, limit: float = 30.0) -> None:
+    """Wait for the events that can make `predicate` true; the limit is only a guard."""
+    async with asyncio.timeout(limit):
+        while not predicate():
+            for event in events:
+                event.clear()
+            if predicate():
+                return
+            waiters = [asyncio.ensure_future(event.wait()) for event in events]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+
+def source_for(**config: object) -> BleSource:
+    return BleSource(BleConfig(enabled=True, **config), timing=FAST)  # type: ignore[arg-type]
+
+
+async def test_room_of_straps_over_two_adapters_respects_slots(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0", limit=7)
+    fake.add_adapter("hci1", limit=7)
+    straps = [addr(i) for i in range(12)]
+    meters = [addr(i, "C0:FF:EE:00:01") for i in range(3)]
+    polars = [addr(i, "A0:9E:1A:00:00") for i in range(4)]
+    for i, a in enumerate(straps):
+        # half the room is heard by both adapters, with different strengths
+        hear = {"hci0": -50 - i, "hci1": -70 + i} if i % 2 else {f"hci{i // 2 % 2}": -60}
+        fake.add_strap(a, hear, hr=60 + i)
+    for a in meters:
+        fake.add_power_meter(a, {"hci0": -65, "hci1": -55})
+    for i, a in enumerate(polars):
+        fake.add_strap(a, {"hci0": -60, "hci1": -62}, polar=True, hr=100 + i)
+    source = source_for(slots_per_adapter=5)
+    wanted = set(straps) | set(meters)
+
+    async with running(source) as out:
+        seen = out.kinds_by_device
+
+        def served(devices: set[str]) -> bool:
+            kinds = seen()
+            return all({"2a37", "2a63"} & kinds.get(a, set()) for a in devices)
+
+        # ten slots, fifteen connectable devices: exactly ten connected, five waiting
+        await until(lambda: len(source.connected()) == 10, source.changed)
+        first = set(source.connected())
+        await until(lambda: served(first), out.event)
+        await until(lambda: all("mfr:006b" in seen().get(a, set()) for a in polars), out.event)
+        assert len(fake.connected_on("hci0")) == len(fake.connected_on("hci1")) == 5
+        # the rest are served as slots free up: athletes leave, the waiting ones get connected
+        leaving = sorted(first)[:5]
+        for a in leaving:
+            fake.disappear(a)
+        staying = wanted - set(leaving)
+        await until(lambda: set(source.connected()) == staying, source.changed)
+        await until(lambda: served(wanted), out.event)
+        kinds = seen()
+        assert all({"2a38", "2a19"} <= kinds[a] for a in straps)
+        assert all("2a19" in kinds[a] for a in meters)
+
+    assert fake.stats.max_connected["hci0"] <= 5
+    assert fake.stats.max_connected["hci1"] <= 5
+    assert source.stats.connects >= 15
+    # advertising straps never took a slot
+    assert not fake.stats.ever_connected & set(polars)
+    # connects were serialized per adapter: BlueZ never had to answer InProgress
+    assert fake.stats.in_progress_answers == 0
+    assert fake.stats.over_limit == 0
+    hr = [f for f in out.frames if f.kind == "2a37"]
+    assert {f.adapter for f in hr} == {"hci0", "hci1"}
+    assert all(f.source == "ble" and f.device_id == f.device_id.upper() for f in out.frames)
+    assert all(f.payload[1] == 60 + straps.index(f.device_id) for f in hr)
+    advert = next(f for f in out.frames if f.kind == "mfr:006b")
+    assert advert.payload[2] in range(100, 104)
+    assert advert.rssi is not None and advert.rssi < 0
+
+
+async def test_connection_goes_to_the_adapter_that_hears_best(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0")
+    fake.add_adapter("hci1")
+    fake.add_strap(addr(1), {"hci0": -80, "hci1": -45})
+    fake.add_strap(addr(2), {"hci0": -40, "hci1": -75})
+    source = source_for()
+    async with running(source):
+        await until(lambda: len(source.connected()) == 2, source.changed)
+        assert source.connected() == {addr(1): "hci1", addr(2): "hci0"}
+
+
+async def test_roster_mode_takes_only_listed_devices_and_connect_flag(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50})
+    fake.add_strap(addr(2), {"hci0": -50})
+    fake.add_strap(addr(3), {"hci0": -50}, polar=True)
+    roster = {addr(1).lower(): False, addr(3): True}  # the Polar strap is connected anyway (RR)
+    source = BleSource(BleConfig(enabled=True, auto=False), roster, timing=FAST)
+    async with running(source):
+        await until(lambda: len(source.connected()) == 2, source.changed)
+    assert fake.stats.ever_connected == {addr(1), addr(3)}
+
+
+async def test_strap_that_leaves_and_returns_is_reconnected_within_5_s(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50})
+    fake.add_strap(addr(2), {"hci0": -55})
+    source = source_for()
+    async with running(source) as out:
+        await until(lambda: len(source.connected()) == 2, source.changed)
+        fake.disappear(addr(1))
+        await until(lambda: addr(1) not in source.connected(), source.changed)
+        assert addr(2) in source.connected()
+        returned = time.monotonic()
+        fake.reappear(addr(1))
+        await until(lambda: addr(1) in source.connected(), source.changed)
+        assert time.monotonic() - returned < 5.0
+        count = len(out.frames)
+        await until(lambda: any(f.device_id == addr(1) for f in out.frames[count:]), out.event)
+        assert source.slots_in_use() == {"hci0": 2}
+    assert source.stats.drops >= 1
+
+
+async def test_dropped_link_reconnects_and_frees_its_slot(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50})
+    source = source_for(slots_per_adapter=1)
+    async with running(source):
+        await until(lambda: addr(1) in source.connected(), source.changed)
+        before = fake.stats.connects_ok
+        fake.drop(addr(1))
+        await until(
+            lambda: fake.stats.connects_ok > before and fake.is_connected(addr(1)), fake.changed
+        )
+        assert source.slots_in_use() == {"hci0": 1}
+
+
+async def test_deaf_adapter_is_power_cycled_and_its_devices_come_back(
+    fake: FakeBlueZ, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "gatewayd.sources.ble")
+    fake.add_adapter("hci0")
+    fake.add_adapter("hci1")
+    on0 = [addr(i) for i in range(3)]
+    on1 = [addr(i, "C0:FF:EE:00:01") for i in range(2)]
+    for a in on0:
+        fake.add_strap(a, {"hci0": -50})
+    for a in on1:
+        fake.add_strap(a, {"hci1": -50})
+    source = source_for()
+    async with running(source) as out:
+        await until(lambda: len(source.connected()) == 5, source.changed)
+        connects_on1 = fake.stats.connects_ok
+        fake.stick("hci0")
+        await until(lambda: source.stats.recoveries_by_adapter.get("hci0", 0) >= 1, source.changed)
+        await until(lambda: all(fake.is_connected(a) for a in on0), fake.changed)
+        await until(lambda: all(source.connected().get(a) == "hci0" for a in on0), source.changed)
+        mark = len(out.frames)
+        await until(
+            lambda: {f.device_id for f in out.frames[mark:] if f.kind == "2a37"} >= set(on0),
+            out.event,
+        )
+    assert fake.stats.power_offs["hci0"] >= 1
+    assert fake.stats.power_offs["hci1"] == 0
+    # hci1's links were never touched: only the three hci0 straps connected again
+    assert fake.stats.connects_ok - connects_on1 == len(on0)
+    assert "power-cycling" in caplog.text and "hci0" in caplog.text
+
+
+async def test_connects_failing_are_retried_without_leaking_slots(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50})
+    fake.add_strap(addr(2), {"hci0": -50})
+    fake.add_strap(addr(3), {"hci0": -50})
+    fake.fail_connects(addr(1), 3, IN_PROGRESS)
+    fake.fail_connects(addr(2), 4, FAILED)
+    source = source_for(slots_per_adapter=3)
+    async with running(source) as out:
+        await until(lambda: len(source.connected()) == 3, source.changed)
+        await until(
+            lambda: (
+                {f.device_id for f in out.frames if f.kind == "2a37"} == {addr(1), addr(2), addr(3)}
+            ),
+            out.event,
+        )
+        assert source.slots_in_use() == {"hci0": 3}
+    assert source.stats.connect_failures == 7
+    assert fake.stats.max_connected["hci0"] == 3
+    assert source.stats.recoveries == 0  # a few failures are not a wedged adapter
+
+
+async def test_adapter_that_keeps_failing_connects_is_power_cycled(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50})
+    fake.fail_connects(addr(1), 6, FAILED)
+    source = source_for()
+    async with running(source):
+        await until(lambda: source.stats.recoveries >= 1, source.changed)
+        await until(lambda: addr(1) in source.connected(), source.changed)
+    assert fake.stats.power_offs["hci0"] == 1
+
+
+async def test_adapters_plugged_in_and_removed_at_run_time(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50, "hci1": -60})
+    fake.add_strap(addr(2), {"hci0": -50, "hci1": -60})
+    source = source_for(slots_per_adapter=1)
+    async with running(source):
+        await until(lambda: len(source.connected()) == 1, source.changed)
+        fake.add_adapter("hci1")
+        await until(lambda: len(source.connected()) == 2, source.changed)
+        assert sorted(source.connected().values()) == ["hci0", "hci1"]
+        on1 = next(a for a, hci in source.connected().items() if hci == "hci1")
+        fake.remove_adapter("hci1")
+        await until(
+            lambda: on1 not in source.connected() and "hci1" not in source.slots_in_use(),
+            source.changed,
+        )
+        assert len(source.connected()) == 1
+
+
+async def test_no_bluez_warns_and_keeps_retrying_until_it_appears(
+    bus: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "gatewayd.sources.ble")
+    source = source_for()
+    async with running(source) as out:
+        await until(lambda: source.unavailable is not None, source.changed)
+        assert not any(source.slots_in_use().values())
+        late = FakeBlueZ(bus)
+        await late.start()
+        try:
+            late.add_adapter("hci0")
+            late.add_strap(addr(1), {"hci0": -50})
+            await until(lambda: any(f.kind == "2a37" for f in out.frames), out.event)
+        finally:
+            await late.close()
+    assert "BLE unavailable" in caplog.text

@@ -31,6 +31,7 @@ from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
 from gatewayd.sinks.upstream import UpstreamSink, forget_cursors
 from gatewayd.sources.ant import AntSource
+from gatewayd.sources.ble import BleSource
 from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
 from gatewayd.spool import Spool
@@ -103,6 +104,8 @@ class App:
             sources.append(ReplaySource(settings.replay, self.clock))
         if settings.ant.enabled:
             sources.append(AntSource(settings.ant, self.clock))
+        if settings.ble.enabled:
+            sources.append(BleSource.from_config(self.config, self.clock))
         return sources
 
     def _build_sinks(self) -> list[Sink]:

@@ -17,8 +17,10 @@ from gatewayd import config as config_module
 from gatewayd.decode import DECODERS, PROFILES, describe_profile
 from gatewayd.decode.antplus import KIND_SERIAL, parse_frame
 from gatewayd.decode.counters import Deriver
-from gatewayd.errors import EX_CONFIG, ConfigError, DecodeError
+from gatewayd.errors import EX_CONFIG, ConfigError, DecodeError, SourceUnavailable
 from gatewayd.model import Reading
+
+EX_UNAVAILABLE = 69  # sysexits.h: a service the command needs (BlueZ, an adapter) is not there
 
 log = logging.getLogger("gatewayd")
 
@@ -79,6 +81,19 @@ def _parser() -> argparse.ArgumentParser:
     rec.add_argument("--out", type=Path, required=True, help="capture file (JSON lines)")
     rec.add_argument("--simulate", type=int, metavar="N", help="record N simulated athletes")
     rec.add_argument("--seconds", type=float, help="stop after this many seconds")
+
+    scan = commands.add_parser(
+        "scan",
+        help="list nearby fitness devices and print a roster to paste into the config",
+        description=(
+            "Listen on every Bluetooth adapter, list the fitness devices heard (name, address, "
+            "profiles, RSSI, battery) and print a ready-to-paste `athletes:` roster."
+        ),
+    )
+    scan.add_argument("--seconds", type=float, default=10.0, help="how long to listen (10)")
+    scan.add_argument(
+        "--no-battery", action="store_true", help="do not connect briefly to read battery levels"
+    )
 
     # One line per profile, from the decoder's docstring; raw, so no profile name is hyphen-wrapped.
     width = max(len(name) for name in PROFILES)
@@ -187,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "decode":
         return _decode(args.profile, args.hex, args.interval)
+    if args.command == "scan":
+        return _scan(args.seconds, read_battery=not args.no_battery, level=args.log_level)
     if args.command == "check-config":
         path = config_module.resolve_path(args.file)
         config_module.load(path)
@@ -301,6 +318,19 @@ def _broker_client_command(args: argparse.Namespace) -> int:
         return 2
     wanted = tail.parse_filter(args.athlete, args.type, args.status)
     return asyncio.run(tail.Tail(url, token, filter_=wanted, as_json=args.json).run())
+
+
+def _scan(seconds: float, *, read_battery: bool, level: str | None) -> int:
+    from gatewayd.sources import ble
+
+    setup_logging(level or "warning")
+    try:
+        entries = asyncio.run(ble.scan(seconds, read_battery=read_battery))
+    except SourceUnavailable as exc:
+        print(f"gatewayd scan: Bluetooth is not available: {exc}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    print(ble.format_scan(entries, seconds), end="")
+    return 0
 
 
 def _reading_json(reading: Reading) -> dict[str, Any]:

@@ -23,7 +23,6 @@ import contextlib
 import functools
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +34,7 @@ from bleak.backends.scanner import AdvertisementData
 from bleak.exc import BleakError
 from dbus_fast import DBusError
 
+from gatewayd.clock import Clock, SystemClock
 from gatewayd.config import BleConfig, Config
 from gatewayd.decode import DECODERS
 from gatewayd.errors import DecodeError, SourceUnavailable
@@ -214,21 +214,23 @@ class _Adapter:
 class BleSource:
     """The BLE source: `await run(frames)` until cancelled; never raises for radio trouble."""
 
+    name = SOURCE
+
     def __init__(
         self,
         config: BleConfig,
         roster: Mapping[str, bool] | None = None,
         *,
         timing: BleTiming | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         self.timing = timing or BleTiming.from_config(config)
         self.roster = {address.upper(): connect for address, connect in (roster or {}).items()}
         self.stats = BleStats()
-        self._clock = clock
-        self._wall = wall
+        clock = clock or SystemClock()
+        self._clock = clock.mono
+        self._wall = clock.wall
         self._adapters: dict[str, _Adapter] = {}
         self._devices: dict[str, _Device] = {}
         self._frames: FrameQueue | None = None
@@ -239,14 +241,14 @@ class BleSource:
         self.changed = asyncio.Event()  # set on every connect, drop and recovery; tests wait on it
 
     @classmethod
-    def from_config(cls, config: Config) -> BleSource:
+    def from_config(cls, config: Config, clock: Clock | None = None) -> BleSource:
         roster = {
             device.id: device.connect
             for athlete in config.athletes
             for device in athlete.devices
             if device.source == SOURCE
         }
-        return cls(config.sources.ble, roster)
+        return cls(config.sources.ble, roster, clock=clock)
 
     # ------------------------------------------------------------------ public view
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from gatewayd.config import BleConfig
-from gatewayd.model import Frame
-from gatewayd.pipeline import FrameQueue
+from gatewayd.clock import SystemClock
+from gatewayd.config import BleConfig, PipelineConfig
+from gatewayd.decode import DECODERS
+from gatewayd.hub import Hub
+from gatewayd.model import DataType, Frame, Sample
+from gatewayd.pipeline import FrameQueue, Pipeline
+from gatewayd.roster import Roster
 from gatewayd.sources.ble import BleSource, BleTiming
 from tests.fakes.fake_bluez import FAILED, IN_PROGRESS, FakeBlueZ, private_system_bus
 
@@ -53,21 +58,38 @@ async def fake(bus: str) -> AsyncIterator[FakeBlueZ]:
         await bluez.close()
 
 
-class Collector:
-    """The consumer end of the FrameQueue: keeps every frame and wakes waiters."""
+class Consumer:
+    """The consumer end: every Frame the source queued (on its way to a real Pipeline) and every
+    per-second Sample the Pipeline published to the Hub."""
 
     def __init__(self, queue: FrameQueue) -> None:
         self.queue = queue
         self.frames: list[Frame] = []
+        self.samples: list[Sample] = []
         self.event = asyncio.Event()
+        self.hub = Hub()
+        self.subscription = self.hub.subscribe("test")
+        self.pipeline_queue = FrameQueue()
+        self.pipeline = Pipeline(
+            self.pipeline_queue, self.hub, Roster([], {}), PipelineConfig(), SystemClock()
+        )
 
-    async def run(self) -> None:
+    async def tee(self) -> None:
         while True:
             await self.queue.wait(1.0)
             batch = self.queue.take_all()
             if batch:
                 self.frames.extend(batch)
+                for frame in batch:
+                    self.pipeline_queue.put(frame)
                 self.event.set()
+
+    async def collect(self) -> None:
+        while True:
+            for event in await self.subscription.get_batch():
+                if isinstance(event, Sample):
+                    self.samples.append(event)
+            self.event.set()
 
     def kinds_by_device(self) -> dict[str, set[str]]:
         seen: dict[str, set[str]] = {}
@@ -75,14 +97,24 @@ class Collector:
             seen.setdefault(frame.device_id, set()).add(frame.kind)
         return seen
 
+    def seconds(self, address: str, t: DataType) -> dict[float, Sample]:
+        """The per-second samples of one device and data type, by second."""
+        uid = f"ble:{address}"
+        return {s.ts: s for s in self.samples if s.uid == uid and s.t == t}
+
 
 @contextlib.asynccontextmanager
-async def running(source: BleSource) -> AsyncIterator[Collector]:
+async def running(source: BleSource) -> AsyncIterator[Consumer]:
     queue = FrameQueue()
-    collector = Collector(queue)
-    tasks = [asyncio.create_task(source.run(queue)), asyncio.create_task(collector.run())]
+    consumer = Consumer(queue)
+    tasks = [
+        asyncio.create_task(source.run(queue)),
+        asyncio.create_task(consumer.tee()),
+        asyncio.create_task(consumer.pipeline.run()),
+        asyncio.create_task(consumer.collect()),
+    ]
     try:
-        yield collector
+        yield consumer
         assert not tasks[0].done(), "the BLE source must never stop on its own"
     finally:
         for task in tasks:
@@ -151,6 +183,28 @@ async def test_room_of_straps_over_two_adapters_respects_slots(fake: FakeBlueZ) 
         assert all({"2a38", "2a19"} <= kinds[a] for a in straps)
         assert all("2a19" in kinds[a] for a in meters)
 
+        # per-second samples at the consumer end, two seconds of each device still in the room
+        def sampled(devices: set[str], t: DataType) -> bool:
+            return all(len(out.seconds(a, t)) >= 2 for a in devices)
+
+        in_room = staying & set(straps)
+        await until(lambda: sampled(in_room, DataType.HEART_RATE), out.event)
+        for a in in_room:
+            per_second = out.seconds(a, DataType.HEART_RATE)
+            assert {s.val for s in per_second.values()} == {60 + straps.index(a)}
+            assert all(ts == int(ts) for ts in per_second)
+        if "2a63" in DECODERS:  # the power decoder lands in main with the decoders branch
+            await until(lambda: sampled(staying & set(meters), DataType.POWER), out.event)
+            assert {
+                s.val
+                for a in staying & set(meters)
+                for s in out.seconds(a, DataType.POWER).values()
+            } == {150}
+        if "mfr:006b" in DECODERS:
+            await until(lambda: sampled(set(polars), DataType.HEART_RATE), out.event)
+            for i, a in enumerate(polars):
+                assert {s.val for s in out.seconds(a, DataType.HEART_RATE).values()} == {100 + i}
+
     assert fake.stats.max_connected["hci0"] <= 5
     assert fake.stats.max_connected["hci1"] <= 5
     assert source.stats.connects >= 15
@@ -205,8 +259,11 @@ async def test_strap_that_leaves_and_returns_is_reconnected_within_5_s(fake: Fak
         fake.reappear(addr(1))
         await until(lambda: addr(1) in source.connected(), source.changed)
         assert time.monotonic() - returned < 5.0
-        count = len(out.frames)
-        await until(lambda: any(f.device_id == addr(1) for f in out.frames[count:]), out.event)
+        back = time.time()
+        await until(
+            lambda: any(ts >= math.ceil(back) for ts in out.seconds(addr(1), DataType.HEART_RATE)),
+            out.event,
+        )
         assert source.slots_in_use() == {"hci0": 2}
     assert source.stats.drops >= 1
 
@@ -245,9 +302,11 @@ async def test_deaf_adapter_is_power_cycled_and_its_devices_come_back(
         await until(lambda: source.stats.recoveries_by_adapter.get("hci0", 0) >= 1, source.changed)
         await until(lambda: all(fake.is_connected(a) for a in on0), fake.changed)
         await until(lambda: all(source.connected().get(a) == "hci0" for a in on0), source.changed)
-        mark = len(out.frames)
+        back = time.time()
         await until(
-            lambda: {f.device_id for f in out.frames[mark:] if f.kind == "2a37"} >= set(on0),
+            lambda: all(
+                any(ts >= math.ceil(back) for ts in out.seconds(a, DataType.HEART_RATE)) for a in on0
+            ),
             out.event,
         )
     assert fake.stats.power_offs["hci0"] >= 1

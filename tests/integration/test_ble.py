@@ -259,9 +259,9 @@ async def test_strap_that_leaves_and_returns_is_reconnected_within_5_s(fake: Fak
         fake.reappear(addr(1))
         await until(lambda: addr(1) in source.connected(), source.changed)
         assert time.monotonic() - returned < 5.0
-        back = time.time()
+        back = math.ceil(time.time())  # a second that starts after the return
         await until(
-            lambda: any(ts >= math.ceil(back) for ts in out.seconds(addr(1), DataType.HEART_RATE)),
+            lambda: any(ts >= back for ts in out.seconds(addr(1), DataType.HEART_RATE)),
             out.event,
         )
         assert source.slots_in_use() == {"hci0": 2}
@@ -302,11 +302,9 @@ async def test_deaf_adapter_is_power_cycled_and_its_devices_come_back(
         await until(lambda: source.stats.recoveries_by_adapter.get("hci0", 0) >= 1, source.changed)
         await until(lambda: all(fake.is_connected(a) for a in on0), fake.changed)
         await until(lambda: all(source.connected().get(a) == "hci0" for a in on0), source.changed)
-        back = time.time()
+        back = math.ceil(time.time())  # a second that starts after the return
         await until(
-            lambda: all(
-                any(ts >= math.ceil(back) for ts in out.seconds(a, DataType.HEART_RATE)) for a in on0
-            ),
+            lambda: all(any(ts >= back for ts in out.seconds(a, DataType.HEART_RATE)) for a in on0),
             out.event,
         )
     assert fake.stats.power_offs["hci0"] >= 1

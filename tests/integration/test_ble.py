@@ -6,13 +6,16 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
 from gatewayd.clock import SystemClock
-from gatewayd.config import BleConfig, PipelineConfig
+from gatewayd.config import BleConfig, PipelineConfig, load
 from gatewayd.decode import DECODERS
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, Frame, Sample
@@ -21,6 +24,7 @@ from gatewayd.roster import Roster
 from gatewayd.sources.ble import BleSource, BleTiming
 from tests.fakes.fake_bluez import FAILED, IN_PROGRESS, FakeBlueZ, private_system_bus
 
+REPO = Path(__file__).resolve().parents[2]
 FAST = BleTiming(
     device_timeout_s=3.0,
     settle_s=0.2,
@@ -383,3 +387,58 @@ async def test_no_bluez_warns_and_keeps_retrying_until_it_appears(
         finally:
             await late.close()
     assert "BLE unavailable" in caplog.text
+
+
+async def test_scan_lists_fitness_devices_and_prints_a_roster_that_loads(
+    fake: FakeBlueZ, tmp_path: Path
+) -> None:
+    fake.add_adapter("hci0")
+    fake.add_adapter("hci1")
+    fake.add_strap(addr(1), {"hci0": -70, "hci1": -48})
+    fake.add_power_meter(addr(2), {"hci0": -60})
+    fake.add_strap(addr(3), {"hci1": -66}, polar=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gatewayd",
+        "scan",
+        "--seconds",
+        "0.5",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    async with asyncio.timeout(60):
+        stdout, stderr = await proc.communicate()
+    assert proc.returncode == 0, stderr.decode()
+    text = stdout.decode()
+    rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("# C0:")}
+    assert set(rows) == {addr(1), addr(2), addr(3)}
+    assert -49 <= int(rows[addr(1)].split()[2]) <= -47  # the stronger of its two adapters
+    assert "87%" in rows[addr(1)] and "hci1" in rows[addr(1)]
+    assert "64%" in rows[addr(2)] and "cycling-power" in rows[addr(2)]
+    assert "heart-rate-advert" in rows[addr(3)]
+    # the printed roster is a valid config as it stands
+    path = tmp_path / "gatewayd.yaml"
+    path.write_text(text)
+    config = load(path)
+    assert {d.id for a in config.athletes for d in a.devices} == {addr(1), addr(2), addr(3)}
+    assert fake.stats.in_progress_answers == 0  # battery reads are one at a time per adapter
+
+
+async def test_scan_without_bluez_says_so(bus: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gatewayd",
+        "scan",
+        "--seconds",
+        "0.1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    async with asyncio.timeout(60):
+        _, stderr = await proc.communicate()
+    assert proc.returncode == 69
+    assert "BlueZ is not running" in stderr.decode()

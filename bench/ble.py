@@ -1,0 +1,130 @@
+"""The gateway's CPU per BLE notification: 20 fake straps notifying at 4 Hz through a fake BlueZ.
+
+    .venv/bin/python bench/ble.py [--devices 20] [--hz 4] [--seconds 20] [--no-pipeline]
+
+A private dbus-daemon and the fake BlueZ (tests/fakes/fake_bluez.py, in its own process so its
+CPU is not counted) serve org.bluez; this process runs the real BLE source (bleak's BlueZ
+backend) and, unless --no-pipeline, the real pipeline behind it. Once every device is connected
+and notifying, CPU time of this process is measured over --seconds of wall time.
+Prints notifications/s, CPU microseconds per notification, CPU % of one core and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gatewayd.clock import SystemClock
+from gatewayd.config import BleConfig, PipelineConfig
+from gatewayd.hub import Hub
+from gatewayd.pipeline import FrameQueue, Pipeline
+from gatewayd.roster import Roster
+from gatewayd.sources.ble import BleSource, BleTiming
+from tests.fakes.fake_bluez import private_system_bus
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def drain(queue: FrameQueue) -> None:
+    while True:
+        await queue.wait(1.0)
+        queue.take_all()
+
+
+async def bench(args: argparse.Namespace) -> None:
+    async with private_system_bus() as address:
+        os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
+        adapters = max(1, (args.devices + 9) // 10)
+        fake = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "tests.fakes.fake_bluez",
+            "--adapters",
+            str(adapters),
+            "--limit",
+            "10",
+            "--straps",
+            str(args.devices),
+            "--hz",
+            str(args.hz),
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+        assert fake.stdout is not None
+        await asyncio.wait_for(fake.stdout.readline(), 30)  # "ready"
+
+        queue = FrameQueue(maxsize=100_000)
+        source = BleSource(
+            BleConfig(enabled=True, slots_per_adapter=10),
+            timing=BleTiming(settle_s=0.2, tick_s=1.0),
+        )
+        tasks = [asyncio.create_task(source.run(queue))]
+        if args.no_pipeline:
+            tasks.append(asyncio.create_task(drain(queue)))
+        else:
+            hub = Hub()
+            hub.subscribe("bench", 1_000_000)
+            pipeline = Pipeline(queue, hub, Roster([], {}), PipelineConfig(), SystemClock())
+            tasks.append(asyncio.create_task(pipeline.run()))
+
+        async with asyncio.timeout(60):
+            while len(source.connected()) < args.devices:
+                source.changed.clear()
+                await source.changed.wait()
+        # one more second so every device has subscribed and is notifying
+        await asyncio.sleep(1.0)
+
+        n0 = source.stats.notifications
+        s0 = 0 if args.no_pipeline else pipeline.samples
+        cpu0 = time.process_time()
+        wall0 = time.perf_counter()
+        await asyncio.sleep(args.seconds)
+        cpu = time.process_time() - cpu0
+        wall = time.perf_counter() - wall0
+        notes = source.stats.notifications - n0
+        samples = 0 if args.no_pipeline else pipeline.samples - s0
+
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        fake.terminate()
+        await fake.wait()
+
+    what = "BLE source only" if args.no_pipeline else "BLE source + pipeline"
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"{what}: {args.devices} devices at {args.hz:g} Hz over {adapters} adapters, {wall:.1f} s"
+    )
+    print(
+        f"  notifications      {notes} ({notes / wall:.1f}/s, "
+        f"expected {args.devices * args.hz:g}/s)"
+    )
+    if not args.no_pipeline:
+        print(f"  samples published  {samples} ({samples / wall:.1f}/s)")
+    print(f"  CPU per notification {cpu / max(notes, 1) * 1e6:.0f} us")
+    print(f"  CPU                {cpu / wall * 100:.1f} % of one core")
+    print(f"  peak RSS           {rss_mb:.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--hz", type=float, default=4.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--no-pipeline", action="store_true")
+    args = parser.parse_args()
+    logging.disable(logging.WARNING)
+    asyncio.run(bench(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import os
@@ -442,3 +443,62 @@ async def test_scan_without_bluez_says_so(bus: str) -> None:
         _, stderr = await proc.communicate()
     assert proc.returncode == 69
     assert "BlueZ is not running" in stderr.decode()
+
+
+async def gatewayd_run(tmp_path: Path, config: str, seconds: float) -> tuple[int, str, str]:
+    (tmp_path / "gatewayd.yaml").write_text(config)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HOME": str(tmp_path),
+        "GATEWAYD_CONFIG": str(tmp_path / "gatewayd.yaml"),
+        "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
+        "GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT": "0",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gatewayd",
+        "run",
+        "--stdout",
+        "--seconds",
+        str(seconds),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_daemon_serves_ble_straps_as_per_second_samples(
+    fake: FakeBlueZ, tmp_path: Path
+) -> None:
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50}, hr=77)
+    fake.add_strap(addr(2), {"hci0": -50}, hr=88)
+    config = (
+        "sources: {ble: {enabled: true}}\n"
+        "athletes:\n"
+        "  - {id: ana, devices: [{source: ble, id: 'c0:ff:ee:00:00:01'}]}\n"
+    )
+    code, out, err = await gatewayd_run(tmp_path, config, 5)
+    assert code == 0, err
+    heart: dict[str, list[float]] = {}
+    for line in out.splitlines():
+        record = json.loads(line)
+        if record.get("t") == "HEART_RATE":
+            heart.setdefault(record["uid"], []).append(record["val"])
+    assert set(heart) == {"ana", f"ble:{addr(2)}"}
+    assert set(heart["ana"]) == {77} and set(heart[f"ble:{addr(2)}"]) == {88}
+    assert len(heart["ana"]) >= 2
+
+
+async def test_daemon_without_bluez_warns_and_runs_the_rest(bus: str, tmp_path: Path) -> None:
+    config = "sources: {ble: {enabled: true}, simulator: {enabled: true, athletes: 2}}\n"
+    code, out, err = await gatewayd_run(tmp_path, config, 3)
+    assert code == 0, err
+    assert "BLE unavailable" in err and "BlueZ is not running" in err
+    assert any(json.loads(line).get("t") == "HEART_RATE" for line in out.splitlines())

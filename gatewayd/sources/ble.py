@@ -123,6 +123,7 @@ class BleTiming:
     bluez_retry_s: float = 10.0
     tick_s: float = 1.0  # how often timers (backoff, stale adapters) are checked
     power_off_s: float = 1.0  # between Powered off and on
+    forget_s: float = 3600.0  # an unlisted device unheard this long is forgotten
     advert_repeat_s: float = 1.0  # an unchanged HR advert is passed on at most this often
     min_rssi: int = -100
 
@@ -320,10 +321,13 @@ class BleSource:
         for ad in self._adapters.values():
             ad.scanner = None
         for task in list(self._tasks):
-            task.cancel()
+            # scanners being stopped may finish: BlueZ should not keep discovering for nobody
+            if not task.get_name().startswith("ble-unscan-"):
+                task.cancel()
         pending = [*links, *self._tasks]
         if pending:
-            await asyncio.wait(pending, timeout=5)
+            # the daemon's whole shutdown budget is a few seconds; links disconnect in parallel
+            await asyncio.wait(pending, timeout=2)
         for scanner in scanners:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(2):
@@ -591,7 +595,8 @@ class BleSource:
                 # a strap that dropped comes back by advertising; wait for that advert
                 dev.need_advert_after = self._clock()
                 dev.next_attempt = 0.0
-                log.info(
+                log.log(
+                    logging.DEBUG if reason == "stopped" else logging.INFO,
                     "BLE: %s lost on %s (%s); reconnecting when it is heard again",
                     dev.address,
                     ad.name,
@@ -718,6 +723,10 @@ class BleSource:
 
     def _watch(self) -> None:
         now = self._clock()
+        for address, dev in list(self._devices.items()):
+            if dev.link is None and not dev.listed and now - dev.last_heard > self.timing.forget_s:
+                # auto mode meets passers-by for days; forget the ones long gone
+                del self._devices[address]
         for ad in list(self._adapters.values()):
             if ad.recovering or not ad.powered:
                 continue

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from bleak.backends.bluezdbus.manager import _global_instances as bleak_managers
 
 from gatewayd.clock import SystemClock
 from gatewayd.config import BleConfig, PipelineConfig, load
@@ -50,7 +51,25 @@ def addr(i: int, prefix: str = "C0:FF:EE:00:00") -> str:
 async def bus(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[str]:
     async with private_system_bus() as address:
         monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", address)
-        yield address
+        try:
+            yield address
+        finally:
+            await release_bleak_manager()
+
+
+async def release_bleak_manager() -> None:
+    """Close bleak's per-loop BlueZ manager while this test's loop still runs.
+
+    bleak keeps one manager per event loop and finalizes the bus of a closed loop's manager when
+    a later loop asks for one; by then that socket's fd number may belong to a new connection
+    (each test has its own loop), which it would close. A daemon has one loop for its life.
+    """
+    manager = bleak_managers.pop(asyncio.get_running_loop(), None)
+    bus = getattr(manager, "_bus", None)
+    if bus is not None:
+        bus.disconnect()
+        with contextlib.suppress(Exception):
+            await bus.wait_for_disconnect()
 
 
 @pytest.fixture
@@ -122,9 +141,20 @@ async def running(source: BleSource) -> AsyncIterator[Consumer]:
         yield consumer
         assert not tasks[0].done(), "the BLE source must never stop on its own"
     finally:
-        for task in tasks:
+        await cancel_all(tasks)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    # cancel again if needed: on Python 3.11 asyncio.wait_for (FrameQueue.wait uses it) swallows
+    # a cancellation that arrives just as its future completes
+    for _ in range(10):
+        pending = [task for task in tasks if not task.done()]
+        if not pending:
+            return
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.wait(pending, timeout=2)
+    raise AssertionError(f"tasks would not stop: {pending}")
 
 
 async def until(predicate: Callable[[], bool], *events: asyncio.Event, limit: float = 30.0) -> None:

@@ -204,7 +204,12 @@ class App:
 
     def health(self) -> dict[str, Any]:
         upstream = None if self.upstream is None else self.upstream.state()
+        extra: dict[str, Any] = {}
+        for source in self.sources:
+            if isinstance(source, BleSource):
+                extra["ble"] = source.status()
         return {
+            **extra,
             "version": __version__,
             "hub": self.config.hub.id,
             "sources": [source.name for source in self.sources],

@@ -260,6 +260,31 @@ class BleSource:
         """address -> adapter, for devices with a live connection."""
         return {d.address: d.adapter or "" for d in self._devices.values() if d.connected}
 
+    def status(self) -> dict[str, Any]:
+        """For health output: adapters, slots, recoveries, devices, counters."""
+        return {
+            "unavailable": self.unavailable,
+            "adapters": {
+                name: {
+                    "slots": ad.slots,
+                    "in_use": len(ad.members),
+                    "scanning": ad.scanner is not None,
+                    "recoveries": self.stats.recoveries_by_adapter.get(name, 0),
+                }
+                for name, ad in self._adapters.items()
+            },
+            "connected": len(self.connected()),
+            "from_adverts": len(self.advert_devices()),
+            "waiting": sum(
+                1 for d in self._devices.values() if d.wants_connection and not d.connected
+            ),
+            "notifications": self.stats.notifications,
+            "connects": self.stats.connects,
+            "connect_failures": self.stats.connect_failures,
+            "drops": self.stats.drops,
+            "recoveries": self.stats.recoveries,
+        }
+
     def advert_devices(self) -> list[str]:
         return [d.address for d in self._devices.values() if d.advert_hr and not d.wants_connection]
 

@@ -303,6 +303,31 @@ async def test_strap_that_leaves_and_returns_is_reconnected_within_5_s(fake: Fak
     assert source.stats.drops >= 1
 
 
+async def test_notification_bytes_reach_the_frame_unchanged(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci3")
+    fake.add_strap(addr(1), {"hci3": -61}, hz=0.01)  # quiet: only the injected value arrives
+    source = source_for()
+    async with running(source) as out:
+        await until(lambda: addr(1) in source.connected(), source.changed)
+        await until(lambda: "2a19" in out.kinds_by_device().get(addr(1), set()), out.event)
+        value = bytes.fromhex("10480004")  # HR 72 with one RR interval of 1024/1024 s
+        before = time.time()
+        fake.notify(addr(1), "2a37", value)
+        await until(lambda: any(f.payload == value for f in out.frames), out.event)
+        status = source.status()
+    frame = next(f for f in out.frames if f.payload == value)
+    assert (frame.source, frame.adapter, frame.device_id, frame.kind) == (
+        "ble",
+        "hci3",
+        addr(1),
+        "2a37",
+    )
+    assert -62 <= (frame.rssi or 0) <= -60
+    assert before <= frame.wall <= time.time()
+    assert frame.mono <= time.monotonic()
+    assert status["adapters"]["hci3"]["in_use"] == 1 and status["connected"] == 1
+
+
 async def test_dropped_link_reconnects_and_frees_its_slot(fake: FakeBlueZ) -> None:
     fake.add_adapter("hci0")
     fake.add_strap(addr(1), {"hci0": -50})

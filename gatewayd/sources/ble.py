@@ -607,6 +607,12 @@ class BleSource:
             reason = str(exc) or type(exc).__name__
             if not dev.connected:
                 self._connect_failed(dev, ad, started, reason)
+        except Exception:
+            # a bug must not take the other devices down with it: log it, treat it as a drop
+            reason = "internal error"
+            log.exception("BLE: %s on %s failed unexpectedly", dev.address, ad.name)
+            if not dev.connected:
+                self._connect_failed(dev, ad, started, reason)
         finally:
             if client is not None and client.is_connected:
                 # shielded: a link cancelled by shutdown or recovery still releases the device

@@ -131,13 +131,15 @@ class _UsbLink:
             raise SourceUnavailable(describe_open_error(exc, self._where)) from None
         self._out = usb.util.find_descriptor(
             interface,
-            custom_match=lambda e: usb.util.endpoint_direction(e.bEndpointAddress)
-            == usb.util.ENDPOINT_OUT,
+            custom_match=lambda e: (
+                usb.util.endpoint_direction(e.bEndpointAddress) == usb.util.ENDPOINT_OUT
+            ),
         )
         self._in = usb.util.find_descriptor(
             interface,
-            custom_match=lambda e: usb.util.endpoint_direction(e.bEndpointAddress)
-            == usb.util.ENDPOINT_IN,
+            custom_match=lambda e: (
+                usb.util.endpoint_direction(e.bEndpointAddress) == usb.util.ENDPOINT_IN
+            ),
         )
         if self._in is None or self._out is None:
             raise SourceUnavailable(f"{self._where} has no bulk IN/OUT endpoints")
@@ -240,9 +242,7 @@ class _Node(Node):  # type: ignore[misc]
     waits for one, so RX_FAIL and friends would pile up for as long as the daemon runs.
     """
 
-    def __init__(
-        self, on_event: Callable[[int, int], None], on_status: Callable[[], None]
-    ) -> None:
+    def __init__(self, on_event: Callable[[int, int], None], on_status: Callable[[], None]) -> None:
         self._on_event = on_event
         self._on_status = on_status
         super().__init__()

@@ -839,6 +839,7 @@ class ScanEntry:
     rssi: int
     adapter: str
     battery: int | None = None
+    source: str = SOURCE  # ANT+ entries can share the table and the roster
 
 
 async def scan(
@@ -944,7 +945,9 @@ def format_scan(entries: list[ScanEntry], seconds: float) -> str:
         lines.append(f"  - id: athlete-{index:02d}")
         lines.append(f"    name: {_yaml_text(e.name or e.address)}")
         lines.append("    devices:")
-        lines.append(f'      - {{source: ble, id: "{e.address}"}}  # {", ".join(e.profiles)}')
+        lines.append(
+            f'      - {{source: {e.source}, id: "{e.address}"}}  # {", ".join(e.profiles)}'
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -86,14 +86,17 @@ def _parser() -> argparse.ArgumentParser:
         "scan",
         help="list nearby fitness devices and print a roster to paste into the config",
         description=(
-            "Listen on every Bluetooth adapter, list the fitness devices heard (name, address, "
-            "profiles, RSSI, battery) and print a ready-to-paste `athletes:` roster."
+            "Listen on every Bluetooth adapter and ANT+ stick, list the fitness devices heard "
+            "(name, id, profiles, RSSI, battery) and print a ready-to-paste `athletes:` roster. "
+            "Exit status 69 when neither Bluetooth nor ANT+ is available."
         ),
     )
+    _config_option(scan)
     scan.add_argument("--seconds", type=float, default=10.0, help="how long to listen (10)")
     scan.add_argument(
         "--no-battery", action="store_true", help="do not connect briefly to read battery levels"
     )
+    scan.add_argument("--no-ant", action="store_true", help="Bluetooth only, no ANT+ sticks")
 
     # One line per profile, from the decoder's docstring; raw, so no profile name is hyphen-wrapped.
     width = max(len(name) for name in PROFILES)
@@ -203,7 +206,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "decode":
         return _decode(args.profile, args.hex, args.interval)
     if args.command == "scan":
-        return _scan(args.seconds, read_battery=not args.no_battery, level=args.log_level)
+        return _scan(args)
     if args.command == "check-config":
         path = config_module.resolve_path(args.file)
         config_module.load(path)
@@ -236,10 +239,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     return asyncio.run(app.App(cfg, config_path=path).run(seconds=args.seconds))
 
 
-async def _ant_scan(cfg: config_module.Config, seconds: float) -> int:
+async def _ant_heard(cfg: config_module.Config, seconds: float) -> dict[str, dict[str, Any]]:
+    """Every ANT+ device the sticks hear in `seconds`: device id -> kind, sticks, frames, RSSI."""
     from gatewayd.clock import SystemClock
     from gatewayd.pipeline import FrameQueue
-    from gatewayd.sources.ant import FALLBACK_PROFILES, AntSource
+    from gatewayd.sources.ant import AntSource
 
     frames = FrameQueue()
     source = AntSource(cfg.sources.ant, SystemClock())
@@ -260,6 +264,14 @@ async def _ant_scan(cfg: config_module.Config, seconds: float) -> int:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+    return heard
+
+
+async def _ant_scan(cfg: config_module.Config, seconds: float) -> int:
+    from gatewayd.sources.ant import FALLBACK_PROFILES
+
+
+    heard = await _ant_heard(cfg, seconds)
     if not heard:
         print(f"no ANT+ device heard in {seconds:g} s")
         return 1
@@ -320,17 +332,51 @@ def _broker_client_command(args: argparse.Namespace) -> int:
     return asyncio.run(tail.Tail(url, token, filter_=wanted, as_json=args.json).run())
 
 
-def _scan(seconds: float, *, read_battery: bool, level: str | None) -> int:
+def _scan(args: argparse.Namespace) -> int:
     from gatewayd.sources import ble
 
-    setup_logging(level or "warning")
-    try:
-        entries = asyncio.run(ble.scan(seconds, read_battery=read_battery))
-    except SourceUnavailable as exc:
-        print(f"gatewayd scan: Bluetooth is not available: {exc}", file=sys.stderr)
+    cfg = config_module.load(args.config, defaults_run_simulator=False)
+    setup_logging(args.log_level or "warning")
+    if args.log_level is None:
+        # a hub without an ANT stick is normal here; "no stick" is said once below instead
+        logging.getLogger("gatewayd.sources.ant").setLevel(logging.CRITICAL)
+    entries, problems = asyncio.run(
+        scan_everything(cfg, args.seconds, read_battery=not args.no_battery, ant=not args.no_ant)
+    )
+    for problem in problems:
+        print(f"gatewayd scan: {problem}", file=sys.stderr)
+    if not entries and len(problems) == (2 if not args.no_ant else 1):
         return EX_UNAVAILABLE
-    print(ble.format_scan(entries, seconds), end="")
+    print(ble.format_scan(entries, args.seconds), end="")
     return 0
+
+
+async def scan_everything(
+    cfg: config_module.Config, seconds: float, *, read_battery: bool = True, ant: bool = True
+) -> tuple[list[Any], list[str]]:
+    """BLE and ANT+ listened to at once: (entries strongest first, what was not available)."""
+    from gatewayd.sources import ble
+    from gatewayd.sources.ant import FALLBACK_PROFILES
+
+    problems: list[str] = []
+    ble_scan = asyncio.create_task(ble.scan(seconds, read_battery=read_battery))
+    heard = await _ant_heard(cfg, seconds) if ant else {}
+    try:
+        entries = await ble_scan
+    except SourceUnavailable as exc:
+        entries = []
+        problems.append(f"Bluetooth is not available: {exc}")
+    if ant and not heard:
+        problems.append(f"ANT+: nothing heard in {seconds:g} s (is a stick plugged in?)")
+    for device_id, entry in heard.items():
+        device_type = int(device_id.split(":")[0])
+        profile = FALLBACK_PROFILES.get(device_type, (f"ANT+ type {device_type}", 0))[0]
+        sticks = ",".join(sorted(entry["adapters"]))
+        entries.append(
+            ble.ScanEntry(device_id, "", [profile], entry.get("rssi"), sticks, source="ant")
+        )
+    entries.sort(key=lambda e: -(e.rssi if e.rssi is not None else -200))
+    return entries, problems
 
 
 def _reading_json(reading: Reading) -> dict[str, Any]:

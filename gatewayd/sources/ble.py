@@ -836,7 +836,7 @@ class ScanEntry:
     address: str
     name: str
     profiles: list[str]
-    rssi: int
+    rssi: int | None
     adapter: str
     battery: int | None = None
     source: str = SOURCE  # ANT+ entries can share the table and the roster
@@ -871,7 +871,7 @@ async def scan(
             return
         address = device.address.upper()
         old = found.get(address)
-        if old is None or adv.rssi > old[0].rssi:
+        if old is None or adv.rssi > (old[0].rssi or -200):
             entry = ScanEntry(
                 address,
                 adv.local_name or device.name or "",
@@ -906,7 +906,7 @@ async def scan(
                 ),
                 max(seconds, connect_timeout_s),
             )
-    return sorted((entry for entry, _ in found.values()), key=lambda e: -e.rssi)
+    return sorted((entry for entry, _ in found.values()), key=lambda e: -(e.rssi or -200))
 
 
 async def _read_batteries(
@@ -932,12 +932,14 @@ def format_scan(entries: list[ScanEntry], seconds: float) -> str:
         return f"# no fitness devices heard in {seconds:g} s\n"
     lines = [f"# {len(entries)} fitness device(s) heard in {seconds:g} s", "#"]
     lines.append(
-        f"# {'ADDRESS':17}  {'RSSI':>4}  {'BATT':>4}  {'ADAPTER':7}  {'NAME':20}  PROFILES"
+        f"# {'ID':17}  {'SOURCE':6}  {'RSSI':>4}  {'BATT':>4}  {'ADAPTER':7}  {'NAME':20}  PROFILES"
     )
     for e in entries:
         battery = f"{e.battery}%" if e.battery is not None else "-"
+        rssi = str(e.rssi) if e.rssi is not None else "-"
+        name = e.name[:20] or "-"
         lines.append(
-            f"# {e.address:17}  {e.rssi:>4}  {battery:>4}  {e.adapter:7}  {e.name[:20]:20}  "
+            f"# {e.address:17}  {e.source:6}  {rssi:>4}  {battery:>4}  {e.adapter:7}  {name:20}  "
             f"{', '.join(e.profiles)}"
         )
     lines += ["", "athletes:"]

@@ -22,7 +22,7 @@ from gatewayd.hub import Hub
 from gatewayd.model import DataType, Frame, Sample
 from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import Roster
-from gatewayd.sources.ble import BleSource, BleTiming
+from gatewayd.sources.ble import BleSource, BleTiming, format_scan
 from tests.fakes.fake_bluez import FAILED, IN_PROGRESS, FakeBlueZ, private_system_bus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -454,11 +454,12 @@ async def test_scan_lists_fitness_devices_and_prints_a_roster_that_loads(
         "-m",
         "gatewayd",
         "scan",
+        "--no-ant",
         "--seconds",
         "0.5",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "GATEWAYD_CONFIG": str(empty_config(tmp_path))},
     )
     async with asyncio.timeout(60):
         stdout, stderr = await proc.communicate()
@@ -466,7 +467,8 @@ async def test_scan_lists_fitness_devices_and_prints_a_roster_that_loads(
     text = stdout.decode()
     rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("# C0:")}
     assert set(rows) == {addr(1), addr(2), addr(3)}
-    assert -49 <= int(rows[addr(1)].split()[2]) <= -47  # the stronger of its two adapters
+    assert rows[addr(1)].split()[2] == "ble"
+    assert -49 <= int(rows[addr(1)].split()[3]) <= -47  # the stronger of its two adapters
     assert "87%" in rows[addr(1)] and "hci1" in rows[addr(1)]
     assert "64%" in rows[addr(2)] and "cycling-power" in rows[addr(2)]
     assert "heart-rate-advert" in rows[addr(3)]
@@ -478,7 +480,7 @@ async def test_scan_lists_fitness_devices_and_prints_a_roster_that_loads(
     assert fake.stats.in_progress_answers == 0  # battery reads are one at a time per adapter
 
 
-async def test_scan_without_bluez_says_so(bus: str) -> None:
+async def test_scan_without_bluez_says_so(bus: str, tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -488,12 +490,18 @@ async def test_scan_without_bluez_says_so(bus: str) -> None:
         "0.1",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "GATEWAYD_CONFIG": str(empty_config(tmp_path))},
     )
     async with asyncio.timeout(60):
         _, stderr = await proc.communicate()
     assert proc.returncode == 69
     assert "BlueZ is not running" in stderr.decode()
+
+
+def empty_config(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.yaml"
+    path.write_text("{}\n")
+    return path
 
 
 async def gatewayd_run(tmp_path: Path, config: str, seconds: float) -> tuple[int, str, str]:
@@ -553,3 +561,48 @@ async def test_daemon_without_bluez_warns_and_runs_the_rest(bus: str, tmp_path: 
     assert code == 0, err
     assert "BLE unavailable" in err and "BlueZ is not running" in err
     assert any(json.loads(line).get("t") == "HEART_RATE" for line in out.splitlines())
+
+
+async def test_scan_hears_ble_and_ant_together(
+    fake: FakeBlueZ, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import threading
+
+    import usb.backend.libusb1
+    from openant.easy.node import Ant  # type: ignore[import-untyped]
+
+    from gatewayd.cli import scan_everything
+    from tests.fakes.fake_ant_stick import FakeAntStick, FakeUsbBackend, HeartRateStrap
+
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -52})
+    backend = FakeUsbBackend()
+    stick = FakeAntStick()
+    backend.plug(stick)
+    # pyusb's own seam, as in the ANT tests: the backend it would load is the fake one
+    monkeypatch.setattr(usb.backend.libusb1, "get_backend", lambda *a, **k: backend)
+    monkeypatch.setattr(Ant, "_RESET_WAIT", 0)
+    strap = HeartRateStrap(77, rssi=-58)
+
+    def radio() -> None:
+        if stick.configured.wait(20):
+            for n in range(12):
+                stick.hear(strap, strap.next_page(n * 0.25))
+
+    path = tmp_path / "gatewayd.yaml"
+    path.write_text("sources: {ant: {rescan_s: 0.05}}\n")
+    thread = threading.Thread(target=radio)
+    thread.start()
+    try:
+        entries, problems = await scan_everything(load(path), 1.5, read_battery=False)
+    finally:
+        thread.join()
+    assert problems == []
+    assert [(e.source, e.address) for e in entries] == [("ble", addr(1)), ("ant", "120:77")]
+    config_text = format_scan(entries, 1.5)
+    (tmp_path / "roster.yaml").write_text(config_text)
+    roster = load(tmp_path / "roster.yaml")
+    assert [(d.source, d.id) for a in roster.athletes for d in a.devices] == [
+        ("ble", addr(1)),
+        ("ant", "120:77"),
+    ]

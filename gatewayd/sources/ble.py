@@ -183,6 +183,7 @@ class _Device:
     location_read: bool = False
     last_advert: bytes = b""
     last_advert_at: float = -math.inf
+    signatures: dict[str, tuple[object, ...]] = field(default_factory=dict)  # adapter -> last
 
     @property
     def wants_connection(self) -> bool:
@@ -240,6 +241,7 @@ class BleSource:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.unavailable: str | None = None  # why BLE cannot run right now, for status output
         self.changed = asyncio.Event()  # set on every connect, drop and recovery; tests wait on it
+        self.watched = asyncio.Event()  # set after every watchdog pass
 
     @classmethod
     def from_config(cls, config: Config, clock: Clock | None = None) -> BleSource:
@@ -448,16 +450,24 @@ class BleSource:
         if ad is None or ad.scanner is None:
             return
         now = self._clock()
-        self.stats.adverts += 1
-        ad.last_advert = now
-        ad.fruitless = 0
         address = device.address.upper()
         dev = self._devices.get(address)
         mfr = adv.manufacturer_data.get(POLAR)
+        signature = (adv.rssi, mfr, tuple(adv.service_data.items()))
+        if dev is not None:
+            # bleak reports every Device1 property change; one that leaves RSSI and data as
+            # they were (Connected, ServicesResolved ...) is our own doing, not an advertisement
+            if dev.signatures.get(adapter) == signature:
+                return
+            dev.signatures[adapter] = signature
+        self.stats.adverts += 1
+        ad.last_advert = now
+        ad.fruitless = 0
         if dev is None:
             dev = self._admit(address, adv, mfr, now)
             if dev is None:
                 return
+            dev.signatures[adapter] = signature
         if adv.rssi < self.timing.min_rssi and not dev.listed:
             return
         if now - dev.last_heard > self.timing.absent_s:
@@ -751,6 +761,7 @@ class BleSource:
         while True:
             await asyncio.sleep(self.timing.tick_s)
             self._watch()
+            self.watched.set()
 
     def _watch(self) -> None:
         now = self._clock()

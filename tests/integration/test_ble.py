@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -390,6 +391,60 @@ async def test_connects_failing_are_retried_without_leaking_slots(fake: FakeBlue
     assert source.stats.connect_failures == 7
     assert fake.stats.max_connected["hci0"] == 3
     assert source.stats.recoveries == 0  # a few failures are not a wedged adapter
+
+
+class JumpClock:
+    """Real time plus a jump the test makes: 90 s of silence without waiting 90 s."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def mono(self) -> float:
+        return time.monotonic() + self.offset
+
+    def wall(self) -> float:
+        return time.time() + self.offset
+
+
+async def watchdog_passes(source: BleSource, n: int = 2) -> None:
+    for _ in range(n):
+        source.watched.clear()
+        async with asyncio.timeout(10):
+            await source.watched.wait()
+
+
+async def test_silence_is_suspect_only_while_devices_are_expected(fake: FakeBlueZ) -> None:
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50})
+    fake.add_strap(addr(2), {"hci0": -50})
+    clock = JumpClock()
+    source = BleSource(
+        BleConfig(enabled=True), timing=replace(FAST, stale_adapter_s=90.0), clock=clock
+    )
+    async with running(source):
+        await until(lambda: len(source.connected()) == 2, source.changed)
+        # every strap is connected, so they do not advertise: silence is normal, not a fault
+        clock.offset += 120
+        await watchdog_passes(source)
+        assert source.stats.recoveries == 0 and fake.stats.power_offs["hci0"] == 0
+        # a strap drops and is not heard again: a working adapter would hear it (or, in a real
+        # gym, the phones around it), and it has heard nothing for 120 s: suspect
+        fake.disappear(addr(2))
+        await until(lambda: fake.stats.power_offs["hci0"] == 1, fake.changed)
+        assert source.stats.recoveries == 1
+        await until(lambda: addr(1) in source.connected(), source.changed)
+        # the last strap leaves too; one recovery, after which nothing at all is heard ...
+        fake.disappear(addr(1))
+        await until(lambda: addr(1) not in source.connected(), source.changed)
+        clock.offset += 120
+        await until(lambda: fake.stats.power_offs["hci0"] == 2, fake.changed)
+        await until(lambda: source.status()["adapters"]["hci0"]["scanning"], source.changed)
+        # ... doubles the wait: not again after 120 s of silence, but after 180
+        clock.offset += 120
+        await watchdog_passes(source)
+        assert source.stats.recoveries == 2
+        clock.offset += 120
+        await until(lambda: fake.stats.power_offs["hci0"] == 3, fake.changed)
 
 
 async def test_adapter_that_keeps_failing_connects_is_power_cycled(fake: FakeBlueZ) -> None:

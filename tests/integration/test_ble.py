@@ -378,7 +378,11 @@ async def test_connects_failing_are_retried_without_leaking_slots(fake: FakeBlue
     fake.add_strap(addr(3), {"hci0": -50})
     fake.fail_connects(addr(1), 3, IN_PROGRESS)
     fake.fail_connects(addr(2), 4, FAILED)
-    source = source_for(slots_per_adapter=3)
+    # seven failures over two devices, interleaved with successes; the streak that makes an
+    # adapter suspect must be longer than any run of them however the retries interleave
+    source = BleSource(
+        BleConfig(enabled=True, slots_per_adapter=3), timing=replace(FAST, adapter_fail_limit=8)
+    )
     async with running(source) as out:
         await until(lambda: len(source.connected()) == 3, source.changed)
         await until(

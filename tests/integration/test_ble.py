@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from bleak.backends.bluezdbus.manager import _global_instances as bleak_managers
+from bleak.backends.bluezdbus import manager as bleak_manager
 
 from gatewayd.clock import SystemClock
 from gatewayd.config import BleConfig, PipelineConfig, load
@@ -64,7 +64,8 @@ async def release_bleak_manager() -> None:
     a later loop asks for one; by then that socket's fd number may belong to a new connection
     (each test has its own loop), which it would close. A daemon has one loop for its life.
     """
-    manager = bleak_managers.pop(asyncio.get_running_loop(), None)
+    managers = getattr(bleak_manager, "_global_instances", {})
+    manager = managers.pop(asyncio.get_running_loop(), None)
     bus = getattr(manager, "_bus", None)
     if bus is not None:
         bus.disconnect()

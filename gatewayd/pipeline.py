@@ -69,8 +69,11 @@ class FrameQueue:
         if self._items:
             return
         self._waiter = asyncio.get_running_loop().create_future()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands just as
+        # a frame arrives, and then the pipeline would not stop at shutdown.
         try:
-            await asyncio.wait_for(self._waiter, timeout)
+            async with asyncio.timeout(timeout):
+                await self._waiter
         except TimeoutError:
             pass
         finally:

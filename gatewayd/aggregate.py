@@ -32,6 +32,7 @@ _ONLY_WHEN_REPORTED = frozenset({DataType.RR_INTERVAL, DataType.BATTERY})
 # A wall-clock jump bigger than this (NTP at boot, a manual date change) restarts the timeline
 # instead of emitting (or waiting for) every second in between.
 MAX_CATCH_UP_S = 30
+LOST_CHECK_INTERVAL_S = 0.25
 
 
 @dataclass(slots=True)
@@ -64,6 +65,7 @@ class Aggregator:
         self._devices: dict[str, _Device] = {}
         self._streams: dict[tuple[str, DataType], _Stream] = {}
         self._next_second: int | None = None  # the oldest second not yet emitted
+        self._lost_checked = -math.inf
         self.late_values = 0
         self.shadowed_values = 0  # values dropped because another device owns the stream
         self.timeline_resets = 0
@@ -145,7 +147,12 @@ class Aggregator:
 
     def tick(self, mono: float, wall: float) -> tuple[list[Sample], list[DeviceStatus]]:
         """Close every second whose grace has passed; detect lost devices."""
-        statuses = self._detect_lost(mono, wall)
+        statuses: list[DeviceStatus] = []
+        # The pipeline ticks on every wake-up; scanning every device each time would cost
+        # O(devices) per frame batch, and loss is only ever judged to a few seconds anyway.
+        if mono - self._lost_checked >= LOST_CHECK_INTERVAL_S:
+            self._lost_checked = mono
+            statuses = self._detect_lost(mono, wall)
         closable = math.floor(wall - 1.0 - self.grace)
         if self._next_second is None:
             self._next_second = closable + 1

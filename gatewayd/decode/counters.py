@@ -104,31 +104,36 @@ class Deriver:
         self._hr_counter: int | None = None
 
     def derive(self, reading: Reading, mono: float) -> list[Derived]:
-        measure = reading.measure
-        if measure is Measure.PAGE_TOGGLE:
-            self._see_toggle(int(reading.value))
+        # One table lookup per reading: this runs several times per radio frame.
+        route = _ROUTES.get(reading.measure)
+        if route is None:
             return []
         if reading.paged and not self._pages_trusted:
             return []
-        direct = _DIRECT.get(measure)
-        if direct is not None:
-            if reading.count_mod:  # a frame counter says whether this value is new
-                fresh = reading.count != self._hr_counter
-                self._hr_counter = reading.count
-                return [Derived(direct, val=reading.value, event=fresh)]
-            return [Derived(direct, val=reading.value)]
-        if measure is Measure.RR_INTERVALS:
-            return [Derived(DataType.RR_INTERVAL, d=reading.values)] if reading.values else []
-        if measure is Measure.STEPS_CADENCE:
-            # Terra's STEPS_CADENCE is steps per second; devices report per minute.
-            return [Derived(DataType.STEPS_CADENCE, val=reading.value / 60.0)]
-        if measure is Measure.PREVIOUS_BEAT:
-            self._previous_beat = reading
-            return []
-        handler = _COUNTERS.get(measure)
-        if handler is None:
-            return []
-        return self._counter(handler, reading, mono)
+        return route(self, reading, mono)
+
+    def _direct(self, reading: Reading, mono: float) -> list[Derived]:
+        t = _DIRECT[reading.measure]
+        if reading.count_mod:  # a frame counter says whether this value is new
+            fresh = reading.count != self._hr_counter
+            self._hr_counter = reading.count
+            return [Derived(t, val=reading.value, event=fresh)]
+        return [Derived(t, val=reading.value)]
+
+    def _rr_intervals(self, reading: Reading, mono: float) -> list[Derived]:
+        return [Derived(DataType.RR_INTERVAL, d=reading.values)] if reading.values else []
+
+    def _steps_cadence(self, reading: Reading, mono: float) -> list[Derived]:
+        # Terra's STEPS_CADENCE is steps per second; devices report per minute.
+        return [Derived(DataType.STEPS_CADENCE, val=reading.value / 60.0)]
+
+    def _page_toggle(self, reading: Reading, mono: float) -> list[Derived]:
+        self._see_toggle(int(reading.value))
+        return []
+
+    def _remember_previous_beat(self, reading: Reading, mono: float) -> list[Derived]:
+        self._previous_beat = reading
+        return []
 
     def _see_toggle(self, bit: int) -> None:
         # Legacy straps never flip bit 7, and their bytes 1-3 are not page data: trust pages only
@@ -289,4 +294,23 @@ _STOPPED: dict[Measure, tuple[DataType, ...]] = {
     Measure.POWER_EVENTS: (DataType.POWER,),
     Measure.TORQUE_EVENTS: (DataType.POWER, DataType.BIKE_CADENCE),
     Measure.WHEEL_TORQUE_EVENTS: (DataType.POWER, DataType.SPEED),
+}
+
+
+def _through_counter(handler: _Handler) -> _Route:
+    def route(deriver: Deriver, reading: Reading, mono: float) -> list[Derived]:
+        return deriver._counter(handler, reading, mono)
+
+    return route
+
+
+_Route = Callable[[Deriver, Reading, float], list[Derived]]
+
+_ROUTES: dict[Measure, _Route] = {
+    **{measure: Deriver._direct for measure in _DIRECT},
+    Measure.RR_INTERVALS: Deriver._rr_intervals,
+    Measure.STEPS_CADENCE: Deriver._steps_cadence,
+    Measure.PAGE_TOGGLE: Deriver._page_toggle,
+    Measure.PREVIOUS_BEAT: Deriver._remember_previous_beat,
+    **{measure: _through_counter(handler) for measure, handler in _COUNTERS.items()},
 }

@@ -58,6 +58,20 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
+def build_sources(config: Config, clock: Clock) -> list[Source]:
+    sources: list[Source] = []
+    settings = config.sources
+    if settings.simulator.enabled:
+        sources.append(SimulatorSource(settings.simulator, clock))
+    if settings.replay.file is not None:
+        sources.append(ReplaySource(settings.replay, clock))
+    if settings.ant.enabled:
+        sources.append(AntSource(settings.ant, clock))
+    if settings.ble.enabled:
+        sources.append(BleSource.from_config(config, clock))
+    return sources
+
+
 class App:
     def __init__(
         self,
@@ -96,17 +110,7 @@ class App:
     # -- building -----------------------------------------------------------------------------
 
     def _build_sources(self) -> list[Source]:
-        sources: list[Source] = []
-        settings = self.config.sources
-        if settings.simulator.enabled:
-            sources.append(SimulatorSource(settings.simulator, self.clock))
-        if settings.replay.file is not None:
-            sources.append(ReplaySource(settings.replay, self.clock))
-        if settings.ant.enabled:
-            sources.append(AntSource(settings.ant, self.clock))
-        if settings.ble.enabled:
-            sources.append(BleSource.from_config(self.config, self.clock))
-        return sources
+        return build_sources(self.config, self.clock)
 
     def _build_sinks(self) -> list[Sink]:
         sinks: list[Sink] = []
@@ -248,10 +252,9 @@ class App:
         )
         backlog = sum(output["queued"] for output in health["outputs"].values())
         upstream = ""
-        if self.upstream is not None:
-            upstream = (
-                f"upstream {self.upstream.state()['state']} ({self.upstream.backlog()} behind), "
-            )
+        if health["upstream"] is not None:
+            state = health["upstream"]
+            upstream = f"upstream {state['state']} ({state['backlog']} behind), "
         return (
             f"{health['devices_live']} devices live, {consumers} consumers, "
             f"backlog {backlog}, {upstream}{health['samples']} samples, "
@@ -377,12 +380,14 @@ class App:
 
 async def record(config: Config, out: Path, *, seconds: float | None = None) -> int:
     """Write every Frame from the configured sources to a capture file (JSON lines)."""
-    app = App(config)
-    app.frames.bind(asyncio.get_running_loop())
-    if not app.sources:
+    # Only the sources: recording opens no output, spool or listening port.
+    sources = build_sources(config, SystemClock())
+    frames = FrameQueue(config.pipeline.frame_queue)
+    frames.bind(asyncio.get_running_loop())
+    if not sources:
         log.error("nothing to record: no source is enabled")
         return 1
-    tasks = [asyncio.create_task(source.run(app.frames)) for source in app.sources]
+    tasks = [asyncio.create_task(source.run(frames)) for source in sources]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -395,8 +400,8 @@ async def record(config: Config, out: Path, *, seconds: float | None = None) -> 
             remaining = 0.2 if deadline is None else min(0.2, deadline - loop.time())
             if remaining <= 0:
                 break
-            await app.frames.wait(remaining)
-            for frame in app.frames.take_all():
+            await frames.wait(remaining)
+            for frame in frames.take_all():
                 stream.write(frame_to_json(frame) + "\n")
                 written += 1
     for task in tasks:

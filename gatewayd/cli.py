@@ -236,6 +236,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "record":
         return asyncio.run(app.record(cfg, args.out, seconds=args.seconds))
     path = config_module.resolve_path(args.config)
+    if path is None:
+        log.info(
+            "no config file (--config, $%s or %s): running the built-in defaults, "
+            "which include the simulator",
+            config_module.ENV_CONFIG,
+            config_module.DEFAULT_CONFIG_PATH,
+        )
     return asyncio.run(app.App(cfg, config_path=path).run(seconds=args.seconds))
 
 

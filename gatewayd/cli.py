@@ -277,7 +277,6 @@ async def _ant_heard(cfg: config_module.Config, seconds: float) -> dict[str, dic
 async def _ant_scan(cfg: config_module.Config, seconds: float) -> int:
     from gatewayd.sources.ant import FALLBACK_PROFILES
 
-
     heard = await _ant_heard(cfg, seconds)
     if not heard:
         print(f"no ANT+ device heard in {seconds:g} s")

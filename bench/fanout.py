@@ -36,6 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gatewayd import protocol as p
+from gatewayd.clock import SystemClock
 from gatewayd.config import LocalBrokerConfig
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, Sample
@@ -98,7 +99,7 @@ async def _broker_main(pipe: Connection, args: argparse.Namespace) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="fanout-"))
     hub = Hub(1_000_000)
-    spool = Spool(tmp / "spool.db")
+    spool = Spool(tmp / "spool.db", clock=SystemClock())
     config = LocalBrokerConfig(
         host="127.0.0.1",
         port=0,
@@ -110,8 +111,9 @@ async def _broker_main(pipe: Connection, args: argparse.Namespace) -> None:
         hub.subscribe("local_broker", 1_000_000),
         config,
         spool=spool,
-        tokens=TokenStore(None, consumer_tokens=[TOKEN]),
+        tokens=TokenStore(None, consumer_tokens=[TOKEN], clock=SystemClock()),
         publish=hub.publish,
+        clock=SystemClock(),
     )
     await broker.start()
     # Broker-side latency: from a slice's publish to the last consumer's socket write, which

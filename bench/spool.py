@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gatewayd import protocol as p
+from gatewayd.clock import SystemClock
 from gatewayd.config import UpstreamConfig
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, Sample
@@ -54,7 +55,7 @@ def second(athletes: int, ts: float) -> list[Sample]:
 
 
 def bench_append(path: Path, athletes: int, seconds: int) -> tuple[Spool, float]:
-    spool = Spool(path)
+    spool = Spool(path, clock=SystemClock())
     batches = [second(athletes, T0 + s) for s in range(seconds)]
     started = time.perf_counter()
     for batch in batches:
@@ -114,7 +115,7 @@ async def bench_drain(spool: Spool, tmp: Path) -> tuple[float, float, float]:
     config = UpstreamConfig(
         enabled=True, mode="gatewayd", url=f"ws://127.0.0.1:{port}/connect", token=TOKEN
     )
-    sink = UpstreamSink(Hub().subscribe("bench"), config, spool=spool)
+    sink = UpstreamSink(Hub().subscribe("bench"), config, spool=spool, clock=SystemClock())
     last = spool.last_seq
     task = asyncio.create_task(sink.run())
     started = time.perf_counter()

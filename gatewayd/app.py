@@ -136,6 +136,7 @@ class App:
                 outputs.upstream,
                 spool=self._spool(),
                 append=not outputs.local_broker.enabled,
+                clock=self.clock,
             )
             sinks.append(self.upstream)
         elif self.spool is not None:
@@ -149,6 +150,7 @@ class App:
                 retention_s=self.config.outputs.local_broker.replay_retention_h * 3600.0,
                 max_age_s=self.config.spool.max_age_days * 86400.0,
                 max_bytes=self.config.spool.max_bytes,
+                clock=self.clock,
             )
         return self.spool
 
@@ -166,6 +168,7 @@ class App:
             state_dir,
             consumer_tokens=consumer_tokens,
             producer_tokens=[(t.token, t.athletes) for t in settings.producer_tokens],
+            clock=self.clock,
         )
         return LocalBroker(
             self.hub.subscribe("local_broker"),
@@ -176,6 +179,7 @@ class App:
             health=self.health,
             metrics=self.metrics,
             board=None if self.board is None else self.board.respond,
+            clock=self.clock,
         )
 
     def _build_board(self) -> Board | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from gatewayd import __version__
 from gatewayd import config as config_module
+from gatewayd.clock import SystemClock
 from gatewayd.decode import DECODERS, PROFILES, describe_profile
 from gatewayd.decode.antplus import KIND_SERIAL, parse_frame
 from gatewayd.decode.counters import Deriver
@@ -298,7 +299,7 @@ def _broker_client_command(args: argparse.Namespace) -> int:
         from gatewayd import tokens
 
         broker = cfg.outputs.local_broker
-        store = tokens.TokenStore(cfg.state_dir())
+        store = tokens.TokenStore(cfg.state_dir(), clock=SystemClock())
         if args.token_command == "list":
             for entry in store.minted():
                 print(json.dumps(entry))

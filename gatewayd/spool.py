@@ -20,11 +20,11 @@ import contextlib
 import json
 import logging
 import sqlite3
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from gatewayd.clock import Clock
 from gatewayd.errors import SpoolError
 from gatewayd.model import DataType, Sample
 
@@ -71,7 +71,7 @@ class Spool:
         retention_s: float = DEFAULT_RETENTION_S,
         max_age_s: float = DEFAULT_MAX_AGE_S,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        clock: Callable[[], float] = time.time,
+        clock: Clock,
     ) -> None:
         self.path = path
         self.retention_s = retention_s
@@ -108,7 +108,7 @@ class Spool:
         except sqlite3.DatabaseError as exc:
             if "not a database" not in str(exc) and "malformed" not in str(exc):
                 raise SpoolError(f"cannot open spool {path}: {exc}") from None
-            aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+            aside = path.with_name(f"{path.name}.corrupt-{int(self.clock.wall())}")
             log.error(
                 "spool %s is corrupt (%s): moved aside to %s, starting empty", path, exc, aside
             )
@@ -165,7 +165,7 @@ class Spool:
         Returns the first seq. Never raises for disk trouble: the live path must keep going.
         """
         first = self._next_seq
-        now = self.clock() if wall is None else wall
+        now = self.clock.wall() if wall is None else wall
         seq = first
         pending = self._pending
         for s in samples:
@@ -243,7 +243,7 @@ class Spool:
             self._first_seq = rows[0][0]
         self._committed_rows += len(rows)
         self.committed += len(rows)
-        now = self.clock()
+        now = self.clock.wall()
         if rows:
             self._enforce_size()
         if self._more_to_prune or now - self._last_prune >= PRUNE_EVERY_S:
@@ -342,7 +342,7 @@ class Spool:
     def prune(self, now: float | None = None) -> int:
         """Apply retention and the age cap; return the rows removed (at most a chunk or two;
         the next flush continues when there was more)."""
-        now = self.clock() if now is None else now
+        now = self.clock.wall() if now is None else now
         self._more_to_prune = False
         cursors = self.cursors()
         floor = min(cursors.values()) if cursors else None

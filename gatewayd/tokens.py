@@ -17,11 +17,11 @@ import logging
 import os
 import secrets
 import tempfile
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gatewayd.clock import Clock
 from gatewayd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class TokenStore:
         *,
         consumer_tokens: Iterable[str] = (),
         producer_tokens: Iterable[tuple[str, Iterable[str]]] = (),
-        clock: Callable[[], float] = time.time,
+        clock: Clock,
     ) -> None:
         self.path = None if state_dir is None else state_dir / TOKENS_FILE
         self.clock = clock
@@ -100,7 +100,7 @@ class TokenStore:
             entry = self._minted.get(d)
         if entry is None or entry.role != role or entry.used:
             return None
-        if entry.expires is not None and self.clock() >= entry.expires:
+        if entry.expires is not None and self.clock.wall() >= entry.expires:
             return None
         if entry.single_use:
             try:
@@ -135,7 +135,7 @@ class TokenStore:
         if self.path is None:
             raise ConfigError("hub.state_dir", "no state directory to keep minted tokens in")
         token = "gwd_" + secrets.token_urlsafe(24)
-        now = self.clock()
+        now = self.clock.wall()
         with self._locked():
             self._reload(force=True)
             self._minted[digest(token)] = _Minted(
@@ -152,7 +152,7 @@ class TokenStore:
 
     def purge(self) -> int:
         """Forget used and expired minted tokens; return how many."""
-        now = self.clock()
+        now = self.clock.wall()
         with self._locked():
             self._reload(force=True)
             stale = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from gatewayd.clock import ManualClock
 from gatewayd.config import PipelineConfig, SimulatorConfig
 from gatewayd.hub import Hub
@@ -11,6 +13,23 @@ from gatewayd.roster import Roster
 from gatewayd.sources.simulator import SimulatorSource
 
 START_WALL = 1_800_000_000.0
+
+
+class SteadyClock:
+    """Real elapsed time on a fixed calendar, for tests whose timers must really run.
+
+    `mono` is the system's; `wall` starts at `start_wall` and moves with it, so what a test
+    stamps, keeps or expires never depends on the day it runs.
+    """
+
+    def __init__(self, start_wall: float = START_WALL) -> None:
+        self._offset = start_wall - time.monotonic()
+
+    def mono(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
+        return time.monotonic() + self._offset
 
 
 class SimulatedRoom:

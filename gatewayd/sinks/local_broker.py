@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import struct
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -35,6 +34,7 @@ from websockets.protocol import State
 
 from gatewayd import __version__
 from gatewayd import protocol as p
+from gatewayd.clock import Clock
 from gatewayd.config import LocalBrokerConfig
 from gatewayd.errors import SpoolError
 from gatewayd.hub import Event, Subscription
@@ -168,8 +168,7 @@ class LocalBroker:
         publish: Callable[[Event], None] | None = None,
         health: Callable[[], Mapping[str, Any]] | None = None,
         metrics: Metrics | None = None,
-        mono: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        clock: Clock,
         timer_interval_s: float = 0.5,
         board: Callable[[str], Page | None] | None = None,
     ) -> None:
@@ -182,8 +181,8 @@ class LocalBroker:
         self.health = health
         self.metrics = metrics or Metrics()
         self.metrics.watch_health(self.health_snapshot)
-        self.mono = mono
-        self.wall = wall
+        self.mono = clock.mono
+        self.wall = clock.wall
         self.timer_interval_s = timer_interval_s
         self.retention_s = config.replay_retention_h * 3600.0
         self.port = 0
@@ -191,7 +190,7 @@ class LocalBroker:
         self._sessions: set[_Session] = set()
         self._consumers: list[_Session] = []
         self._producers = 0
-        self._last_flush = mono()
+        self._last_flush = clock.mono()
         self._last_submitted: dict[tuple[str, str], float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._status_wanted = 0  # consumers that opted in to DEVICE_STATUS

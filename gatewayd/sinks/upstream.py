@@ -30,11 +30,10 @@ import logging
 import os
 import random
 import ssl
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from websockets.protocol import State
 
 from gatewayd import __version__
 from gatewayd import protocol as p
+from gatewayd.clock import Clock
 from gatewayd.config import UpstreamConfig
 from gatewayd.errors import ConfigError, SinkBroken, SpoolError
 from gatewayd.hub import Subscription
@@ -624,16 +624,15 @@ class UpstreamSink:
         spool: Spool,
         append: bool = False,
         env: Mapping[str, str] | None = None,
-        mono: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        clock: Clock,
         rng: random.Random | None = None,
     ) -> None:
         self.subscription = subscription
         self.config = config
         self.spool = spool
         self.append = append
-        self.mono = mono
-        self.wall = wall
+        self.mono = clock.mono
+        self.wall = clock.wall
         self.rng = rng or random.Random()
         self.credentials = Credentials(config, env)
         self.tls = tls_context(config)

@@ -25,6 +25,7 @@ from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.spool import Spool
 from gatewayd.tokens import TokenStore
 from gatewayd.web import Board, new_token
+from tests.helpers import SteadyClock
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 10.0  # a guard on waits for events, never a sleep
@@ -38,14 +39,15 @@ async def start(tmp_path: Path, *, with_board: bool) -> tuple[LocalBroker, Board
         lost_after_s=5.0,
         athletes=lambda: [AthleteInfo("a1", "Ada", 181, 2.1)],
     )
-    spool = Spool(tmp_path / "spool.db")
+    spool = Spool(tmp_path / "spool.db", clock=SteadyClock())
     broker = LocalBroker(
         Hub().subscribe("local_broker"),
         LocalBrokerConfig(host="127.0.0.1", port=0),
         spool=spool,
-        tokens=TokenStore(tmp_path / "state", consumer_tokens=[board.token]),
+        tokens=TokenStore(tmp_path / "state", consumer_tokens=[board.token], clock=SteadyClock()),
         board=board.respond if with_board else None,
         timer_interval_s=3600.0,
+        clock=SteadyClock(),
     )
     await broker.start()
     return broker, board, spool

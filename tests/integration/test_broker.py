@@ -18,6 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gatewayd import protocol as p
+from gatewayd.clock import ManualClock
 from gatewayd.config import LocalBrokerConfig, ProducerToken
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, parse_ts
@@ -32,18 +33,11 @@ T0 = parse_ts("2026-11-24T14:30:00.000Z")
 WAIT = 10.0  # guard for waits on events, never a sleep
 
 
-class ManualMono:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Harness:
     def __init__(self, tmp: Path, **overrides: Any) -> None:
         self.tmp = tmp
-        self.mono = ManualMono()
+        # A minute after the samples' day and time, whatever today is: nothing has expired.
+        self.clock = ManualClock(wall=T0 + 60.0)
         self.hub = Hub()
         settings: dict[str, Any] = {
             "host": "127.0.0.1",
@@ -61,13 +55,14 @@ class Harness:
             tmp / "state",
             consumer_tokens=self.config.consumer_tokens,
             producer_tokens=[(t.token, t.athletes) for t in self.config.producer_tokens],
+            clock=self.clock,
         )
         self.spool: Spool | None = None
         self.broker: LocalBroker | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def start(self, before_listening: list[Sample] | None = None) -> LocalBroker:
-        self.spool = Spool(self.tmp / "spool.db")
+        self.spool = Spool(self.tmp / "spool.db", clock=self.clock)
         sub = self.hub.subscribe("local_broker")
         self.broker = LocalBroker(
             sub,
@@ -76,7 +71,7 @@ class Harness:
             tokens=self.tokens,
             publish=self.hub.publish,
             health=lambda: {"sources": ["test"], "devices_live": 3},
-            mono=self.mono,
+            clock=self.clock,
             timer_interval_s=3600.0,  # timers fire when a test calls check_timers()
         )
         if before_listening:
@@ -179,11 +174,11 @@ async def test_heartbeat_is_acked(harness: Harness) -> None:
 async def test_no_identify_in_15_s_is_4000(harness: Harness) -> None:
     assert harness.broker is not None
     async with client(harness, token=None) as ws:
-        harness.mono.now += 14.9
+        harness.clock.advance(14.9)
         harness.broker.check_timers()
         await ws.send(p.heartbeat())  # still open: it is answered
         assert await recv_json(ws) == {"op": 1}
-        harness.mono.now += 0.2
+        harness.clock.advance(0.2)
         harness.broker.check_timers()
         assert await closed_with(ws) == 4000
 
@@ -192,14 +187,14 @@ async def test_heartbeat_window_with_an_injected_clock(harness: Harness) -> None
     assert harness.broker is not None
     window = 40.0 * (1 + p.HEARTBEAT_GRACE)
     async with client(harness) as ws:
-        harness.mono.now += window - 1
+        harness.clock.advance(window - 1)
         await ws.send(p.heartbeat())
         assert await recv_json(ws) == {"op": 1}
-        harness.mono.now += window - 1  # measured from the heartbeat: still inside
+        harness.clock.advance(window - 1)  # measured from the heartbeat: still inside
         harness.broker.check_timers()
         await ws.send(p.heartbeat())
         assert await recv_json(ws) == {"op": 1}
-        harness.mono.now += window + 0.1
+        harness.clock.advance(window + 0.1)
         harness.broker.check_timers()
         assert await closed_with(ws) == 4005
 
@@ -219,7 +214,9 @@ async def test_bad_tokens_are_4001(harness: Harness, token: str, role: p.Role) -
 
 
 async def test_minted_single_use_token_works_once(harness: Harness) -> None:
-    minted = TokenStore(harness.tmp / "state").create(CONSUMER, single_use=True, ttl_s=60)
+    minted = TokenStore(harness.tmp / "state", clock=harness.clock).create(
+        CONSUMER, single_use=True, ttl_s=60
+    )
     async with client(harness, token=minted):
         pass
     async with client(harness, token=None) as ws:

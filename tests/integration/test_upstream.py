@@ -29,10 +29,12 @@ from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.sinks.upstream import UpstreamSink
 from gatewayd.spool import Spool
 from gatewayd.tokens import TokenStore
-from tests.helpers import SimulatedRoom
+from tests.helpers import SimulatedRoom, SteadyClock
 
 HUB_TOKEN = "hub-to-hub-secret"
 WAIT = 30.0  # a guard on waits for events, never a sleep
+# Both ends run on the simulated room's calendar, whatever today's date is.
+CLOCK = SteadyClock()
 Key = tuple[str, str, float, object]
 
 
@@ -69,7 +71,9 @@ class Upstream:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.overrides = overrides
         self.tokens = TokenStore(
-            tmp / "up-state", producer_tokens=[(HUB_TOKEN, []), *overrides.pop("producers", [])]
+            tmp / "up-state",
+            producer_tokens=[(HUB_TOKEN, []), *overrides.pop("producers", [])],
+            clock=CLOCK,
         )
         self.broker: LocalBroker | None = None
         self.spool: Spool | None = None
@@ -82,7 +86,7 @@ class Upstream:
     async def start(self) -> None:
         hub = Hub()
         self.events = hub.subscribe("observer", 10**6)  # what producers report, e.g. STATUS
-        self.spool = Spool(self.tmp / "up.db")
+        self.spool = Spool(self.tmp / "up.db", clock=CLOCK)
         self.watch = Watch(self.spool)
         settings = LocalBrokerConfig(
             host="127.0.0.1",
@@ -97,6 +101,7 @@ class Upstream:
             spool=self.spool,
             tokens=self.tokens,
             publish=hub.publish,
+            clock=CLOCK,
         )
         await self.broker.start()
         self.port = self.broker.port
@@ -168,10 +173,10 @@ class Gateway:
         **sim: Any,
     ) -> None:
         self.room = SimulatedRoom(athletes=athletes, **sim)
-        self.spool = Spool(tmp / "gw.db", **(spool or {}))
+        self.spool = Spool(tmp / "gw.db", **(spool or {}), clock=CLOCK)
         self.watch = Watch(self.spool)
         self.sink = UpstreamSink(
-            self.room.hub.subscribe("upstream"), config, spool=self.spool, append=True
+            self.room.hub.subscribe("upstream"), config, spool=self.spool, append=True, clock=CLOCK
         )
         self.produced: list[Sample] = []
         self.statuses: list[DeviceStatus] = []
@@ -292,7 +297,7 @@ class MintServer:
         self.athletes = athletes  # Terra user id -> athlete
         self.stale_first = set(stale_first)
         # Its own view of the broker's token file, as a separate minting process would have.
-        self.store = TokenStore(up.tmp / "up-state")
+        self.store = TokenStore(up.tmp / "up-state", clock=CLOCK)
         self.requests: list[dict[str, str]] = []
         self.lock = threading.Lock()
         server = self
@@ -430,8 +435,9 @@ async def test_a_wrong_api_key_is_refused_loudly_and_not_logged(
         sink = UpstreamSink(
             Hub().subscribe("x"),
             config,
-            spool=Spool(tmp_path / "s.db"),
+            spool=Spool(tmp_path / "s.db", clock=CLOCK),
             env={"GW_TEST_TERRA_KEY": "wrong-key-123"},
+            clock=CLOCK,
         )
         sink.spool.append([Sample("sim-01", DataType.HEART_RATE, 1000.0, val=70)])
         task = asyncio.create_task(sink.run())
@@ -604,7 +610,8 @@ async def test_wss_with_a_private_ca_and_a_client_certificate(
         bare = UpstreamSink(
             Hub().subscribe("x"),
             settings(url, tls_ca_file=pki["ca"]),
-            spool=Spool(tmp_path / "b.db"),
+            spool=Spool(tmp_path / "b.db", clock=CLOCK),
+            clock=CLOCK,
         )
         task = asyncio.create_task(bare.run())
         try:

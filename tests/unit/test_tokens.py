@@ -7,20 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from gatewayd.clock import ManualClock, SystemClock
 from gatewayd.tokens import CONSUMER, PRODUCER, TokenStore, parse_duration
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_config_tokens_carry_roles_and_athletes(tmp_path: Path) -> None:
     store = TokenStore(
-        tmp_path, consumer_tokens=["c-token-1"], producer_tokens=[("p-token-1", ["a", "b"])]
+        tmp_path,
+        consumer_tokens=["c-token-1"],
+        producer_tokens=[("p-token-1", ["a", "b"])],
+        clock=ManualClock(),
     )
     consumer = store.check("c-token-1", CONSUMER)
     assert consumer is not None and consumer.role == CONSUMER
@@ -34,8 +30,8 @@ def test_config_tokens_carry_roles_and_athletes(tmp_path: Path) -> None:
 
 
 def test_minted_tokens_are_stored_hashed_and_seen_by_another_store(tmp_path: Path) -> None:
-    cli = TokenStore(tmp_path)
-    daemon = TokenStore(tmp_path)
+    cli = TokenStore(tmp_path, clock=ManualClock())
+    daemon = TokenStore(tmp_path, clock=ManualClock())
     assert daemon.check("anything", CONSUMER) is None  # no file yet
     token = cli.create(PRODUCER, athletes=["x"])
     text = (tmp_path / "tokens.json").read_text()
@@ -48,27 +44,27 @@ def test_minted_tokens_are_stored_hashed_and_seen_by_another_store(tmp_path: Pat
 
 
 def test_single_use_survives_a_restart(tmp_path: Path) -> None:
-    token = TokenStore(tmp_path).create(CONSUMER, single_use=True)
-    assert TokenStore(tmp_path).check(token, CONSUMER) is not None
-    assert TokenStore(tmp_path).check(token, CONSUMER) is None
+    token = TokenStore(tmp_path, clock=ManualClock()).create(CONSUMER, single_use=True)
+    assert TokenStore(tmp_path, clock=ManualClock()).check(token, CONSUMER) is not None
+    assert TokenStore(tmp_path, clock=ManualClock()).check(token, CONSUMER) is None
     used = json.loads((tmp_path / "tokens.json").read_text())["tokens"]
     assert used[0]["used"] is True
 
 
 def test_ttl_expires(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = ManualClock()
     store = TokenStore(tmp_path, clock=clock)
     token = store.create(CONSUMER, ttl_s=60)
-    clock.now += 59
+    clock.advance(59)
     assert store.check(token, CONSUMER) is not None
-    clock.now += 1
+    clock.advance(1)
     assert store.check(token, CONSUMER) is None
     assert store.purge() == 1
     assert store.minted() == []
 
 
 def test_a_broken_file_keeps_known_tokens(tmp_path: Path) -> None:
-    store = TokenStore(tmp_path)
+    store = TokenStore(tmp_path, clock=ManualClock())
     token = store.create(CONSUMER)
     assert store.check(token, CONSUMER) is not None
     (tmp_path / "tokens.json").write_text("{ half written")
@@ -77,7 +73,7 @@ def test_a_broken_file_keeps_known_tokens(tmp_path: Path) -> None:
 
 def test_no_state_dir_cannot_mint() -> None:
     with pytest.raises(Exception, match="state"):
-        TokenStore(None).create(CONSUMER)
+        TokenStore(None, clock=ManualClock()).create(CONSUMER)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +99,8 @@ def test_cli_token_create_prints_a_token_the_store_accepts(
     args = ["token", "create", "--config", str(config), "--role", "producer", "--athlete", "al"]
     assert cli.main([*args, "--single-use", "--ttl", "1h"]) == 0
     token = capsys.readouterr().out.strip()
-    grant = TokenStore(tmp_path / "state").check(token, PRODUCER)
+    # The CLI stamps the TTL from the system clock, so the daemon's view is read on the same one.
+    grant = TokenStore(tmp_path / "state", clock=SystemClock()).check(token, PRODUCER)
     assert grant is not None and grant.athletes == frozenset({"al"})
     assert cli.main(["token", "list", "--config", str(config)]) == 0
     listing = capsys.readouterr().out

@@ -8,6 +8,7 @@ import pytest
 
 from gatewayd import config
 from gatewayd.app import App
+from gatewayd.clock import ManualClock
 from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.spool import Spool
 
@@ -52,7 +53,7 @@ def test_without_the_broker_the_upstream_appends(tmp_path: Path) -> None:
 
 
 def test_an_upstream_switched_off_releases_its_cursor(tmp_path: Path) -> None:
-    spool = Spool(tmp_path / "state" / "spool.db")
+    spool = Spool(tmp_path / "state" / "spool.db", clock=ManualClock())
     spool.set_cursor("upstream", 5)
     spool.set_cursor("upstream/alice", 9)
     spool.set_cursor("other", 3)

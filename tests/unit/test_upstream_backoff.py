@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gatewayd.clock import ManualClock
 from gatewayd.config import UpstreamConfig
 from gatewayd.hub import Hub
 from gatewayd.sinks.upstream import UpstreamSink
@@ -19,9 +20,10 @@ def sink(tmp_path: Path, **kw: object) -> UpstreamSink:
     return UpstreamSink(
         Hub().subscribe("t"),
         UpstreamConfig(**settings),  # type: ignore[arg-type]
-        spool=Spool(tmp_path / "s.db"),
+        spool=Spool(tmp_path / "s.db", clock=ManualClock()),
         env={"TERRA_API_KEY": "k"},
         rng=random.Random(7),
+        clock=ManualClock(),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gatewayd.clock import ManualClock
 from gatewayd.config import UpstreamConfig
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, Sample
@@ -57,7 +58,12 @@ def make_sink(tmp: Path, mode: str) -> UpstreamSink:
         config = UpstreamConfig(
             enabled=True, mode="gatewayd", url="ws://127.0.0.1:9/connect", token="hub-token"
         )
-    return UpstreamSink(Hub().subscribe("t"), config, spool=Spool(tmp / "s.db"))
+    return UpstreamSink(
+        Hub().subscribe("t"),
+        config,
+        spool=Spool(tmp / "s.db", clock=ManualClock()),
+        clock=ManualClock(),
+    )
 
 
 ops = st.lists(

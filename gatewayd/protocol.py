@@ -57,8 +57,9 @@ class Role(enum.IntEnum):
 class CloseCode(enum.IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001
-    MALFORMED = 1003
-    INVALID_JSON = 1007
+    MALFORMED = 1003  # also invalid JSON (Terra's AsyncAPI), however deep or odd
+    INVALID_UTF8 = 1007  # the WebSocket rule for a text frame that is not UTF-8
+    POLICY = 1008  # sustained flooding (SUBMIT over its rate, REPLAYs past the queue)
     TOO_BIG = 1009
     INTERNAL = 1011
     NO_IDENTIFY = 4000
@@ -99,13 +100,32 @@ class Message:
 
 
 def parse(text: str | bytes) -> Message:
-    """Parse one received frame; raise ProtocolError(1007 or 1003 or 4004) for a bad one."""
+    """Parse one received frame; raise ProtocolError(1003, 1007, 1009 or 4004) for a bad one.
+
+    Nothing else escapes: any nesting depth, number or string a peer can write ends here as a
+    ProtocolError. Numbers are bounded to what fits in 64 bits (`NaN`, `Infinity` and integers of
+    more than MAX_INT_DIGITS digits are invalid JSON), and no string may hold a lone surrogate
+    (it could never be written back out as UTF-8).
+    """
     if isinstance(text, bytes | bytearray | memoryview):
         raise ProtocolError(CloseCode.MALFORMED, "binary frames are not part of the protocol")
+    if len(text) > MAX_FRAME_BYTES:
+        raise ProtocolError(CloseCode.TOO_BIG, f"frame over {MAX_FRAME_BYTES} bytes")
     try:
-        obj = json.loads(text)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError(CloseCode.INVALID_UTF8, "frame is not valid UTF-8") from None
+    try:
+        obj = _DECODER.decode(text)
+        if "\\u" in text:
+            # Only \uXXXX escapes can produce a lone surrogate: check just those frames.
+            _ENCODER.encode(obj).encode("utf-8")
+    except RecursionError:
+        raise ProtocolError(CloseCode.MALFORMED, "frame is nested too deep") from None
+    except UnicodeEncodeError:
+        raise ProtocolError(CloseCode.MALFORMED, "frame holds a lone UTF-16 surrogate") from None
     except ValueError:
-        raise ProtocolError(CloseCode.INVALID_JSON, "frame is not valid JSON") from None
+        raise ProtocolError(CloseCode.MALFORMED, "frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise ProtocolError(CloseCode.MALFORMED, "frame must be a JSON object")
     op = obj.get("op")
@@ -125,6 +145,28 @@ def parse(text: str | bytes) -> Message:
     return Message(op, obj.get("d"), uid, seq, t)
 
 
+# An int64 has at most 19 digits; a sign makes 20 characters.
+MAX_INT_DIGITS = 19
+INT64_MAX = (1 << 63) - 1
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS + 1:
+        raise ValueError("integer out of range")
+    value = int(text)
+    if not -INT64_MAX <= value <= INT64_MAX:
+        raise ValueError("integer out of range")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+_DECODER = json.JSONDecoder(parse_int=_bounded_int, parse_constant=_no_constant)
+_ENCODER = json.JSONEncoder(ensure_ascii=False, check_circular=False)
+
+
 _OPS = frozenset(int(op) for op in Op)
 
 
@@ -133,7 +175,11 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -INT64_MAX <= value <= INT64_MAX
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _dumps(obj: dict[str, Any]) -> str:
@@ -436,6 +482,8 @@ class ServerConnection:
             return self._handle(message, now)
         except ProtocolError as exc:
             return [self._close(exc.code, exc.reason)]
+        except Exception:  # a peer's bytes must never become a traceback or 1011
+            return [self._close(CloseCode.MALFORMED, "malformed frame")]
 
     def accept(self, role: Role) -> list[Event]:
         if self.state is not ServerState.AUTHENTICATING:
@@ -535,6 +583,7 @@ def _parse_replay(d: object) -> ReplayRequested:
     assert isinstance(after, int) and isinstance(before, int)
     if after < 0 or before <= after:
         raise ProtocolError(CloseCode.MALFORMED, "REPLAY needs 0 <= after < before")
+    # parse() bounds integers to int64, which is what the spool's seq column holds.
     return ReplayRequested(after, before)
 
 
@@ -643,6 +692,8 @@ class ClientConnection:
             message = parse(text)
         except ProtocolError as exc:
             return [self._close(exc.code, f"server sent a bad frame: {exc.reason}")]
+        except Exception:  # as on the server side: a bad frame, never a crash
+            return [self._close(CloseCode.MALFORMED, "server sent a malformed frame")]
         op = message.op
         if op == Op.HELLO:
             if self.state is not ClientState.AWAIT_HELLO:

@@ -28,7 +28,7 @@ _WS_LOG.setLevel(logging.WARNING)
 # Close codes after which retrying with the same token cannot help.
 FATAL = {
     p.CloseCode.MALFORMED: "the broker refused a frame as malformed",
-    p.CloseCode.INVALID_JSON: "the broker refused a frame as invalid JSON",
+    p.CloseCode.INVALID_UTF8: "the broker refused a frame as invalid UTF-8",
     p.CloseCode.NO_IDENTIFY: "IDENTIFY was not sent in time",
     p.CloseCode.BAD_TOKEN: "token refused (invalid, expired or already used): get a new one",
     p.CloseCode.SECOND_IDENTIFY: "IDENTIFY was sent twice",

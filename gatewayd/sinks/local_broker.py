@@ -473,7 +473,10 @@ class LocalBroker:
         session.closing = True
         self.metrics.closed.labels(str(code)).inc()
         if code not in (p.CloseCode.NORMAL, p.CloseCode.GOING_AWAY):
-            log.info("closing %s with %d: %s", session.peer, code, reason)
+            # Before IDENTIFY succeeds a client costs at most a counter (`closed` by code) and a
+            # debug line, so a stream of junk connections cannot fill the log.
+            level = logging.INFO if session.grant is not None else logging.DEBUG
+            log.log(level, "closing %s with %d: %s", session.peer, code, reason)
         with contextlib.suppress(ConnectionClosed):
             await session.ws.close(code, reason[:120])
 

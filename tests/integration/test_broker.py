@@ -256,7 +256,7 @@ async def test_second_identify_is_4003(harness: Harness) -> None:
             p.Role.CONSUMER,
         ),
         ('{"op": 7, "d": {"after": 1, "before": 9}}', 4004, p.Role.PRODUCER),
-        ("this is not json", 1007, p.Role.CONSUMER),
+        ("this is not json", 1003, p.Role.CONSUMER),
         ('{"op": 7, "d": {"after": 1}}', 1003, p.Role.CONSUMER),
         ('{"op": 7, "d": {"after": 9, "before": 2}}', 1003, p.Role.CONSUMER),
         ('["op", 0]', 1003, p.Role.CONSUMER),

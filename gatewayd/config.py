@@ -145,6 +145,23 @@ class ProducerToken(Section):
     athletes: list[str] = []
 
 
+class BrokerLimitsConfig(Section):
+    """What one client may cost the broker (docs/broker.md, Limits)."""
+
+    # Refused IDENTIFYs from one address within the window before its attempts are refused
+    # unchecked, for lock_s, doubling per episode up to max_lock_s.
+    guess_attempts: int = Field(10, ge=1, le=100_000)
+    guess_window_s: float = Field(60.0, gt=0.0, le=86_400.0)
+    guess_lock_s: float = Field(60.0, gt=0.0, le=86_400.0)
+    guess_max_lock_s: float = Field(3600.0, gt=0.0, le=7 * 86_400.0)
+
+    @model_validator(mode="after")
+    def _lock_order(self) -> BrokerLimitsConfig:
+        if self.guess_max_lock_s < self.guess_lock_s:
+            raise ValueError("guess_max_lock_s must be at least guess_lock_s")
+        return self
+
+
 class LocalBrokerConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -157,6 +174,7 @@ class LocalBrokerConfig(Section):
     identify_timeout_s: float = Field(15.0, gt=0.0, le=300.0)
     send_queue: int = Field(10_000, ge=10)  # DISPATCHes held per slow consumer before dropping
     replay_retention_h: float = Field(24.0, gt=0.0)  # REPLAY serves this far back (spool caps win)
+    limits: BrokerLimitsConfig = BrokerLimitsConfig()
 
 
 class UpstreamConfig(Section):

@@ -94,6 +94,12 @@ class Metrics:
         self.closed = Counter(
             "gatewayd_broker_closed", "Connections closed by the broker", ["code"], registry=r
         )
+        self.identify_refused = Counter(
+            "gatewayd_broker_identify_refused",
+            "IDENTIFYs refused with 4001: a wrong token, or unchecked from a locked address",
+            ["reason"],
+            registry=r,
+        )
         self.consumers = Gauge("gatewayd_broker_consumers", "Consumers connected", registry=r)
         self.producers = Gauge("gatewayd_broker_producers", "Producers connected", registry=r)
         self.dispatch_delay = Histogram(

@@ -81,7 +81,10 @@ class TokenStore:
             d = digest(token)
             self._static[d] = Grant(PRODUCER, frozenset(athletes), label(d))
         self._minted: dict[str, _Minted] = {}
-        self._mtime: float | None = None
+        # (inode, size, mtime, ctime) of the file as last read: every save replaces the file
+        # (a new inode), so a token minted within the clock's granularity is still noticed,
+        # and a miss costs a stat(), never a read.
+        self._stamp: tuple[int, int, int, int] | None = None
 
     # -- checking (the broker) ------------------------------------------------------------------
 
@@ -93,11 +96,6 @@ class TokenStore:
                 return grant if grant.role == role else None
         self._reload()
         entry = self._minted.get(d)
-        if entry is None:
-            # A token minted within the file system's timestamp granularity of the last reload
-            # leaves the mtime unchanged: look again before refusing it.
-            self._reload(force=True)
-            entry = self._minted.get(d)
         if entry is None or entry.role != role or entry.used:
             return None
         if entry.expires is not None and self.clock.wall() >= entry.expires:
@@ -115,7 +113,7 @@ class TokenStore:
             except OSError as exc:
                 # Refuse rather than let a single-use token be used twice after a restart.
                 log.error("cannot record the use of %s in %s: %s", label(d), self.path, exc)
-                self._mtime = None
+                self._stamp = None
                 return None
         return Grant(entry.role, frozenset(entry.athletes), label(d))
 
@@ -199,12 +197,12 @@ class TokenStore:
         if self.path is None:
             return
         try:
-            mtime = self.path.stat().st_mtime_ns / 1e9
+            stamp = _stamp(self.path.stat())
         except FileNotFoundError:
             self._minted = {}
-            self._mtime = None
+            self._stamp = None
             return
-        if mtime == self._mtime and not force:
+        if stamp == self._stamp and not force:
             return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -223,9 +221,10 @@ class TokenStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Keep the tokens we knew: a half-written or hand-broken file must not lock people out.
             log.error("cannot read %s (%s); keeping the previously loaded tokens", self.path, exc)
+            self._stamp = stamp  # read it again when it changes, not on every miss
             return
         self._minted = entries
-        self._mtime = mtime
+        self._stamp = stamp
 
     def _save(self) -> None:
         assert self.path is not None
@@ -256,7 +255,11 @@ class TokenStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        self._mtime = self.path.stat().st_mtime_ns / 1e9
+        self._stamp = _stamp(self.path.stat())
+
+
+def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

@@ -38,6 +38,7 @@ from gatewayd.clock import Clock
 from gatewayd.config import LocalBrokerConfig
 from gatewayd.errors import SpoolError
 from gatewayd.hub import Event, Subscription
+from gatewayd.lockout import GuessBrake
 from gatewayd.metrics import CONTENT_TYPE, Metrics
 from gatewayd.model import DeviceState, DeviceStatus, Sample
 from gatewayd.spool import Spool
@@ -82,6 +83,7 @@ class _Session:
         self.replayer: asyncio.Task[None] | None = None
         self.closing = False
         self.peer = _peer(ws)
+        self.host = self.peer.rpartition(":")[0]
 
     @property
     def open(self) -> bool:
@@ -194,6 +196,13 @@ class LocalBroker:
         self._last_submitted: dict[tuple[str, str], float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._status_wanted = 0  # consumers that opted in to DEVICE_STATUS
+        limits = config.limits
+        self.brake = GuessBrake(
+            attempts=limits.guess_attempts,
+            window_s=limits.guess_window_s,
+            lock_s=limits.guess_lock_s,
+            max_lock_s=limits.guess_max_lock_s,
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -335,11 +344,32 @@ class LocalBroker:
 
     async def _identify(self, session: _Session, event: p.Identified) -> None:
         consumer = event.role is p.Role.CONSUMER
+        now = self.mono()
+        if self.brake.locked(session.host, now):
+            self.metrics.identify_refused.labels("locked").inc()
+            for close in session.conn.reject():
+                await self._act(session, close)
+            return
         grant = self.tokens.check(event.token, CONSUMER if consumer else PRODUCER)
         if grant is None:
-            log.info(
-                "client %s: %s token refused", session.peer, "consumer" if consumer else "producer"
-            )
+            self.metrics.identify_refused.labels("token").inc()
+            locked = self.brake.refused(session.host, now)
+            if locked is not None:
+                # Once per episode: the address's further attempts are refused unchecked.
+                log.warning(
+                    "%s: %d tokens refused within %g s; refusing its IDENTIFYs unchecked "
+                    "for %g s (gatewayd_broker_identify_refused counts them)",
+                    locked.address,
+                    locked.refusals,
+                    self.config.limits.guess_window_s,
+                    locked.lock_s,
+                )
+            else:
+                log.debug(
+                    "client %s: %s token refused",
+                    session.peer,
+                    "consumer" if consumer else "producer",
+                )
             for close in session.conn.reject():
                 await self._act(session, close)
             return

@@ -145,3 +145,55 @@ async def test_thousands_of_random_frames_leave_no_traceback(tmp_path: Path) -> 
     # 1000 is the test's own close after its last frame; 4002 cannot happen with one client.
     assert set(codes) <= DOCUMENTED | {1000}, codes
     assert sum(codes.values()) > 100  # most frames are bad, so there were many connections
+
+
+async def identify_code(url: str, token: str, **kw: object) -> int:
+    """Connect (kw: e.g. local_addr), IDENTIFY as a consumer; the close code or 0 for READY."""
+    async with connect(url, **kw) as ws:  # type: ignore[arg-type]
+        await hello(ws)
+        await ws.send(p.identify(token, p.Role.CONSUMER))
+        try:
+            reply = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        except ConnectionClosed:
+            assert ws.close_code is not None
+            return ws.close_code
+        assert reply == {"op": 4}
+        return 0
+
+
+def metric(daemon_text: str, name: str) -> float:
+    for line in daemon_text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def scrape(daemon: Daemon) -> str:
+    reader, writer = await asyncio.open_connection("127.0.0.1", daemon.broker_port)
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    body = await asyncio.wait_for(reader.read(), WAIT)
+    writer.close()
+    return body.decode()
+
+
+async def test_token_guessing_is_braked_per_address_and_logged_once(tmp_path: Path) -> None:
+    async with daemon_process(tmp_path, CONFIG) as daemon:
+        await daemon.wait_for_log("simulator: ")
+        lines_before = len(daemon.lines)
+        codes = [await identify_code(daemon.broker_url, f"guess-{i}") for i in range(200)]
+        assert set(codes) == {4001}
+        # The right token from the guessing address is refused unchecked during the lock ...
+        assert await identify_code(daemon.broker_url, CONSUMER) == 4001
+        # ... and unaffected from another address.
+        other = {"local_addr": ("127.0.0.2", 0)}
+        assert await identify_code(daemon.broker_url, CONSUMER, **other) == 0
+        text = await scrape(daemon)
+        checked = metric(text, 'gatewayd_broker_identify_refused_total{reason="token"}')
+        unchecked = metric(text, 'gatewayd_broker_identify_refused_total{reason="locked"}')
+    # Before: all 200 checked (536/s), one INFO line each. After: 10 checked, then one line.
+    assert checked == 10
+    assert unchecked == 191
+    new_lines = daemon.lines[lines_before:]
+    assert sum("refusing its IDENTIFYs unchecked" in line for line in new_lines) == 1
+    assert sum("127.0.0.1" in line for line in new_lines) == 1, "".join(new_lines)
+    assert "guess-" not in daemon.log  # a token never reaches a log

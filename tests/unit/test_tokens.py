@@ -71,6 +71,31 @@ def test_a_broken_file_keeps_known_tokens(tmp_path: Path) -> None:
     assert store.check(token, CONSUMER) is not None
 
 
+def test_misses_do_not_reread_an_unchanged_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A guesser's wrong tokens cost a stat() each, not a read and parse of tokens.json: with a
+    broken file, the complaint (one per read) appears once for a thousand misses, and again
+    only after the file changes."""
+    store = TokenStore(tmp_path, clock=ManualClock())
+    (tmp_path / "tokens.json").write_text("{ not json")
+    for i in range(1000):
+        assert store.check(f"guess-{i}", CONSUMER) is None
+    assert caplog.text.count("cannot read") == 1
+    (tmp_path / "tokens.json").write_text("{ still not json, but changed")
+    assert store.check("guess", CONSUMER) is None
+    assert caplog.text.count("cannot read") == 2
+
+
+def test_tokens_minted_in_quick_succession_are_all_seen(tmp_path: Path) -> None:
+    # Several saves within one tick of the file system's clock: the inode still changes.
+    cli = TokenStore(tmp_path, clock=ManualClock())
+    daemon = TokenStore(tmp_path, clock=ManualClock())
+    for _ in range(20):
+        token = cli.create(CONSUMER)
+        assert daemon.check(token, CONSUMER) is not None
+
+
 def test_no_state_dir_cannot_mint() -> None:
     with pytest.raises(Exception, match="state"):
         TokenStore(None, clock=ManualClock()).create(CONSUMER)

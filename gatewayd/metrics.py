@@ -87,7 +87,13 @@ class Metrics:
         )
         self.submit_ignored = Counter(
             "gatewayd_broker_submit_ignored",
-            "SUBMITs dropped: duplicates or data types gatewayd does not carry",
+            "SUBMITs dropped: duplicates, data types gatewayd does not carry, unusable payloads",
+            ["reason"],
+            registry=r,
+        )
+        self.status_ignored = Counter(
+            "gatewayd_broker_status_ignored",
+            "STATUS frames dropped without closing: malformed, or for an athlete not granted",
             ["reason"],
             registry=r,
         )

@@ -288,46 +288,58 @@ def replay(after: int, before: int) -> str:
     return _dumps({"op": Op.REPLAY, "d": {"after": after, "before": before}})
 
 
-def sample_from_frame(message: Message, uid: str) -> Sample:
-    """The Sample a SUBMIT (or DISPATCH) carries; ProtocolError(1003) when it is malformed.
+def sample_from_frame(message: Message, uid: str, now: float | None = None) -> Sample:
+    """The Sample a SUBMIT (or DISPATCH) carries.
 
-    Raises UnknownType (a ProtocolError the server counts and drops rather than closing on) when
-    `t` is a Terra type gatewayd does not carry, e.g. a phone's GYROSCOPE.
+    To Terra the payload is opaque (AsyncAPI, components.schemas.RealtimePayload): a SUBMIT whose
+    `d` gatewayd cannot turn into a Sample is not a malformed frame, so this raises Unusable (the
+    broker counts and drops it) rather than a closing ProtocolError. `t` may be spelled in any case
+    (`heart_rate`); a payload without `ts` is stamped `now` (the arrival time) when one is given.
     """
     d = message.d
     if not isinstance(d, dict):
-        raise ProtocolError(CloseCode.MALFORMED, "`d` must be an object with `ts` and `val` or `d`")
+        raise Unusable("bad_payload", "`d` must be an object with `ts` and `val` or `d`")
     if message.t is None:
-        raise ProtocolError(CloseCode.MALFORMED, "missing `t` (the data type)")
+        raise Unusable("bad_payload", "missing `t` (the data type)")
     try:
-        t = DataType(message.t)
+        t = DataType(message.t.upper())
     except ValueError:
         raise UnknownType(message.t) from None
     ts_text = d.get("ts")
-    if not isinstance(ts_text, str):
-        raise ProtocolError(CloseCode.MALFORMED, "`d.ts` must be an RFC 3339 timestamp string")
-    try:
-        ts = parse_ts(ts_text)
-    except ValueError:
-        raise ProtocolError(
-            CloseCode.MALFORMED, f"`d.ts` {ts_text[:40]!r} is not RFC 3339"
-        ) from None
+    if ts_text is None and now is not None:
+        ts = now
+    elif not isinstance(ts_text, str):
+        raise Unusable("bad_payload", "`d.ts` must be an RFC 3339 timestamp string")
+    else:
+        try:
+            ts = parse_ts(ts_text)
+        except ValueError:
+            raise Unusable("bad_payload", f"`d.ts` {ts_text[:40]!r} is not RFC 3339") from None
     val = d.get("val")
     arr = d.get("d")
     if (val is None) == (arr is None):
-        raise ProtocolError(CloseCode.MALFORMED, "`d` needs exactly one of `val` and `d`")
+        raise Unusable("bad_payload", "`d` needs exactly one of `val` and `d`")
     if val is not None:
         if not _is_number(val):
-            raise ProtocolError(CloseCode.MALFORMED, "`d.val` must be a finite number")
+            raise Unusable("bad_payload", "`d.val` must be a finite number")
         return Sample(uid, t, ts, val=val)
     if not isinstance(arr, list) or not all(_is_number(x) for x in arr):
-        raise ProtocolError(CloseCode.MALFORMED, "`d.d` must be an array of finite numbers")
+        raise Unusable("bad_payload", "`d.d` must be an array of finite numbers")
     return Sample(uid, t, ts, d=tuple(arr))
 
 
-class UnknownType(ProtocolError):
+class Unusable(ProtocolError):
+    """A well-formed frame whose content gatewayd cannot use: counted (by `label`) and dropped,
+    never closed on."""
+
+    def __init__(self, label: str, reason: str) -> None:
+        super().__init__(CloseCode.MALFORMED, reason)
+        self.label = label
+
+
+class UnknownType(Unusable):
     def __init__(self, t: str) -> None:
-        super().__init__(CloseCode.MALFORMED, f"data type {t[:40]!r} is not one gatewayd carries")
+        super().__init__("unknown_type", f"data type {t[:40]!r} is not one gatewayd carries")
         self.t = t
 
 
@@ -375,6 +387,15 @@ class StatusReported:
 
 
 @dataclass(frozen=True, slots=True)
+class Dropped:
+    """Server: a frame the AsyncAPI says to drop without closing (a malformed STATUS)."""
+
+    op: int
+    label: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class ReplayRequested:
     after: int
     before: int
@@ -413,6 +434,7 @@ Event = (
     | Identified
     | Submitted
     | StatusReported
+    | Dropped
     | ReplayRequested
     | Hello
     | Ready
@@ -524,15 +546,24 @@ class ServerConnection:
         if op == Op.REPLAY:
             if self.role is not Role.CONSUMER:
                 raise ProtocolError(CloseCode.BAD_OPCODE, "REPLAY is for consumers")
-            return [_parse_replay(message.d)]
+            replay = _parse_replay(message.d)
+            return [] if replay is None else [replay]
         if op == Op.SUBMIT:
             if self.role is not Role.PRODUCER:
                 raise ProtocolError(CloseCode.BAD_OPCODE, "SUBMIT is for producers")
+            # AsyncAPI SubmitFrame: `t` (a string, checked by parse) and `d` (an object) are
+            # required; what is inside `d` is the producer's business (sample_from_frame).
+            if message.t is None or not isinstance(message.d, dict):
+                raise ProtocolError(CloseCode.MALFORMED, "SUBMIT needs `t` and an object `d`")
             return [Submitted(message)]
         # op == Op.STATUS (parse() refused anything else)
         if self.role is not Role.PRODUCER:
             raise ProtocolError(CloseCode.BAD_OPCODE, "STATUS is for producers")
-        return [_parse_status(message)]
+        try:
+            return [_parse_status(message)]
+        except ProtocolError as exc:
+            # AsyncAPI receiveStatus: "a malformed STATUS is dropped without closing the socket".
+            return [Dropped(Op.STATUS, "malformed", exc.reason)]
 
 
 def _parse_identify(d: object) -> Identified:
@@ -540,8 +571,9 @@ def _parse_identify(d: object) -> Identified:
         raise ProtocolError(CloseCode.MALFORMED, "IDENTIFY needs `d` with `token` and `type`")
     token = d.get("token")
     role = d.get("type")
-    if not isinstance(token, str) or not token:
-        raise ProtocolError(CloseCode.MALFORMED, "IDENTIFY `d.token` must be a non-empty string")
+    if not isinstance(token, str):
+        # An empty string is a well-formed token that matches nothing: 4001, not 1003.
+        raise ProtocolError(CloseCode.MALFORMED, "IDENTIFY `d.token` must be a string")
     if not _is_int(role) or role not in (0, 1):
         raise ProtocolError(
             CloseCode.MALFORMED, "IDENTIFY `d.type` must be 0 (producer) or 1 (consumer)"
@@ -573,38 +605,42 @@ def _parse_filter(ext: object) -> Filter:
     return Filter(names("athletes"), names("types"), device_status)
 
 
-def _parse_replay(d: object) -> ReplayRequested:
+def _parse_replay(d: object) -> ReplayRequested | None:
+    """AsyncAPI ReplayFrame: `after` defaults to 0 and a missing `before` is an upper bound of
+    0, so an omitted `before` or an empty range is valid and matches nothing (None). Only a
+    payload that is not an object of integers is invalid (1003)."""
     if not isinstance(d, dict):
         raise ProtocolError(CloseCode.MALFORMED, "REPLAY needs `d` with `after` and `before`")
-    after = d.get("after")
-    before = d.get("before")
+    after = d.get("after", 0)
+    before = d.get("before", 0)
     if not _is_int(after) or not _is_int(before):
         raise ProtocolError(CloseCode.MALFORMED, "REPLAY `after` and `before` must be integers")
     assert isinstance(after, int) and isinstance(before, int)
-    if after < 0 or before <= after:
-        raise ProtocolError(CloseCode.MALFORMED, "REPLAY needs 0 <= after < before")
+    after = max(after, 0)  # seqs start at 1: a negative lower bound means "from the earliest"
+    if before <= after + 1:
+        return None
     # parse() bounds integers to int64, which is what the spool's seq column holds.
     return ReplayRequested(after, before)
 
 
 def _parse_status(message: Message) -> StatusReported:
+    """AsyncAPI StatusFrame: only `connected` is required; `device_id`, `source` and `reason`
+    are optional strings (`battery` and `rssi` are gatewayd extensions)."""
     d = message.d
     if not isinstance(d, dict):
-        raise ProtocolError(
-            CloseCode.MALFORMED, "STATUS needs `d` with `connected` and `device_id`"
-        )
+        raise ProtocolError(CloseCode.MALFORMED, "STATUS needs `d` with `connected`")
     connected = d.get("connected")
-    device_id = d.get("device_id")
+    device_id = d.get("device_id", "")
     source = d.get("source", "")
     reason = d.get("reason", "")
     battery = d.get("battery")
     rssi = d.get("rssi")
     if not isinstance(connected, bool):
         raise ProtocolError(CloseCode.MALFORMED, "STATUS `d.connected` must be a boolean")
-    if not isinstance(device_id, str) or not device_id:
-        raise ProtocolError(CloseCode.MALFORMED, "STATUS `d.device_id` must be a non-empty string")
-    if not isinstance(source, str) or not isinstance(reason, str):
-        raise ProtocolError(CloseCode.MALFORMED, "STATUS `d.source` and `d.reason` must be strings")
+    if not all(isinstance(v, str) for v in (device_id, source, reason)):
+        raise ProtocolError(
+            CloseCode.MALFORMED, "STATUS `d.device_id`, `d.source`, `d.reason` must be strings"
+        )
     if battery is not None and not _is_number(battery):
         raise ProtocolError(CloseCode.MALFORMED, "STATUS `d.battery` must be a number")
     if rssi is not None and not _is_int(rssi):

@@ -341,6 +341,11 @@ class LocalBroker:
             await self._status(session, event)
         elif isinstance(event, p.ReplayRequested):
             self._queue_replay(session, event)
+        elif isinstance(event, p.Dropped):
+            self.metrics.status_ignored.labels(event.label).inc()
+            log.debug(
+                "client %s: dropped a frame (op %d): %s", session.peer, event.op, event.reason
+            )
 
     async def _identify(self, session: _Session, event: p.Identified) -> None:
         consumer = event.role is p.Role.CONSUMER
@@ -418,9 +423,9 @@ class LocalBroker:
     async def _submit(self, session: _Session, message: p.Message) -> None:
         try:
             uid = self._submitter_uid(session, message.uid)
-            sample = p.sample_from_frame(message, uid)
-        except p.UnknownType:
-            self.metrics.submit_ignored.labels("unknown_type").inc()
+            sample = p.sample_from_frame(message, uid, self.wall())
+        except p.Unusable as exc:
+            self.metrics.submit_ignored.labels(exc.label).inc()
             return
         except p.ProtocolError as exc:
             session.conn.reject(exc.code, exc.reason)
@@ -445,14 +450,14 @@ class LocalBroker:
         if uid is None:
             uid = next(iter(grant.athletes)) if len(grant.athletes) == 1 else grant.label
         elif not grant.may_submit_for(uid):
-            reason = f"this token may not report for {uid!r}"
-            session.conn.reject(p.CloseCode.MALFORMED, reason)
-            await self._close(session, p.CloseCode.MALFORMED, reason)
+            # STATUS never closes a socket (AsyncAPI receiveStatus): drop it, and count.
+            self.metrics.status_ignored.labels("not_allowed").inc()
             return
         self.publish(
             DeviceStatus(
                 uid=uid,
-                device_id=event.device_id,
+                # device_id is optional in Terra's STATUS; the producer's link is then the device.
+                device_id=event.device_id or "producer",
                 source=event.source or "submit",
                 state=DeviceState.CONNECTED if event.connected else DeviceState.LOST,
                 wall=self.wall(),

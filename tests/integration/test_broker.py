@@ -256,11 +256,11 @@ async def test_second_identify_is_4003(harness: Harness) -> None:
             p.Role.CONSUMER,
         ),
         ('{"op": 7, "d": {"after": 1, "before": 9}}', 4004, p.Role.PRODUCER),
+        # AsyncAPI "Close codes": 1003 is unparseable JSON or an invalid REPLAY payload.
         ("this is not json", 1003, p.Role.CONSUMER),
-        ('{"op": 7, "d": {"after": 1}}', 1003, p.Role.CONSUMER),
-        ('{"op": 7, "d": {"after": 9, "before": 2}}', 1003, p.Role.CONSUMER),
+        ('{"op": 7, "d": {"after": "1", "before": 9}}', 1003, p.Role.CONSUMER),
         ('["op", 0]', 1003, p.Role.CONSUMER),
-        ('{"op": 6, "t": "HEART_RATE", "d": {"val": 1}}', 1003, p.Role.PRODUCER),
+        ('{"op": 6, "d": {"val": 1}}', 1003, p.Role.PRODUCER),  # SubmitFrame requires `t`
     ],
 )
 async def test_bad_frames_get_their_close_code(
@@ -270,6 +270,39 @@ async def test_bad_frames_get_their_close_code(
     async with client(harness, token=token, role=role) as ws:
         await ws.send(frame)
         assert await closed_with(ws) == code
+
+
+async def test_invalid_utf8_is_1007(harness: Harness) -> None:
+    # The WebSocket rule (RFC 6455, 8.1), the one place 1007 remains (AsyncAPI uses 1003 for JSON).
+    async with client(harness) as ws:
+        await ws.send(b'{"op": 0, "x": "\xff\xfe"}', text=True)
+        assert await closed_with(ws) == 1007
+
+
+@pytest.mark.parametrize(
+    ("frame", "role"),
+    [
+        # AsyncAPI ReplayFrame: a missing `before` matches nothing; `after` defaults to 0.
+        ('{"op": 7, "d": {"after": 1}}', p.Role.CONSUMER),
+        ('{"op": 7, "d": {"after": 9, "before": 2}}', p.Role.CONSUMER),
+        ('{"op": 7, "d": {"before": 1}}', p.Role.CONSUMER),
+        # AsyncAPI StatusFrame / receiveStatus: only `connected`; a malformed one is dropped.
+        ('{"op": 8, "d": {"connected": true}}', p.Role.PRODUCER),
+        ('{"op": 8, "d": {"connected": "yes"}}', p.Role.PRODUCER),
+        ('{"op": 8}', p.Role.PRODUCER),
+        # RealtimePayload is opaque: no `ts` is stamped on arrival, an unusable one dropped.
+        ('{"op": 6, "t": "heart_rate", "d": {"val": 61}}', p.Role.PRODUCER),
+        ('{"op": 6, "t": "HEART_RATE", "d": {"bpm": 61}}', p.Role.PRODUCER),
+    ],
+)
+async def test_frames_the_asyncapi_allows_keep_the_socket_open(
+    harness: Harness, frame: str, role: p.Role
+) -> None:
+    token = CONSUMER_TOKEN if role is p.Role.CONSUMER else PRODUCER_TOKEN
+    async with client(harness, token=token, role=role) as ws:
+        await ws.send(frame)
+        await ws.send(p.heartbeat())
+        assert await recv_json(ws) == {"op": 1}  # nothing replayed, nothing closed
 
 
 async def test_binary_garbage_is_1003(harness: Harness) -> None:
@@ -463,13 +496,26 @@ async def test_producer_submits_are_sequenced_and_dispatched(harness: Harness) -
         await producer.send(p.submit(Sample("p1", DataType.POWER, T0 + 1, val=260)))
         nxt = await recv_json(consumer)
         assert (nxt["seq"], nxt["d"]["val"]) == (2, 260)
+        # Terra's spelling (AsyncAPI SubmitFrame.t "e.g. `heart_rate`") and no `ts`: stamped
+        # with the arrival time from the injected clock.
+        await producer.send('{"op": 6, "t": "heart_rate", "d": {"val": 93}}')
+        stamped = await recv_json(consumer)
+        assert (stamped["t"], stamped["d"]) == (
+            "HEART_RATE",
+            {"ts": "2026-11-24T14:31:00.000Z", "val": 93},
+        )
         await producer.send(p.heartbeat())
         assert await recv_json(producer) == {"op": 1}
-        await producer.send(p.submit(Sample("other", DataType.POWER, T0, val=1), with_uid=True))
-        assert await closed_with(producer) == 1003  # not this token's athlete
-    async with client(harness, token=PRODUCER_TOKEN, role=p.Role.PRODUCER) as producer:
+        # A STATUS for an athlete the token does not cover is dropped (STATUS never closes) ...
         stranger = DeviceStatus("other", "120:7", "ant", DeviceState.LOST, T0)
         await producer.send(p.status(stranger, with_uid=True))
+        await producer.send(p.heartbeat())
+        assert await recv_json(producer) == {"op": 1}
+        assert harness.broker is not None
+        metrics = harness.broker.metrics.render().decode()
+        assert 'gatewayd_broker_status_ignored_total{reason="not_allowed"} 1.0' in metrics
+        # ... while a SUBMIT for one (a gatewayd extension: `uid`) is a refused frame.
+        await producer.send(p.submit(Sample("other", DataType.POWER, T0, val=1), with_uid=True))
         assert await closed_with(producer) == 1003
 
 

@@ -61,6 +61,8 @@ def test_submit_round_trips_through_the_server_parser() -> None:
 @pytest.mark.parametrize(
     ("text", "code"),
     [
+        # AsyncAPI "Close codes": 1003 is "unparseable JSON" too; 1007 is only the WebSocket
+        # layer's answer to a text frame that is not UTF-8 (it never reaches parse()).
         ("not json", 1003),
         ("{", 1003),
         ("[1, 2]", 1003),
@@ -96,8 +98,7 @@ def test_any_text_parses_or_raises_protocol_error(text: str) -> None:
 @pytest.mark.parametrize(
     "d",
     [
-        None,
-        {"val": 1},
+        {"val": 1, "ts": 5},
         {"ts": "yesterday", "val": 1},
         {"ts": TS},
         {"ts": TS, "val": 1, "d": [1]},
@@ -107,12 +108,29 @@ def test_any_text_parses_or_raises_protocol_error(text: str) -> None:
         {"ts": TS, "d": 3},
     ],
 )
-def test_malformed_submits_are_1003(d: object) -> None:
+def test_unusable_submit_payloads_are_dropped_not_closed_on(d: object) -> None:
+    # AsyncAPI components.schemas.RealtimePayload: the payload is opaque to the gateway, so a
+    # payload gatewayd cannot turn into a Sample is counted and dropped, never a 1003.
     message = p.Message(p.Op.SUBMIT, d, t="HEART_RATE")
-    with pytest.raises(p.ProtocolError) as info:
-        p.sample_from_frame(message, "u")
-    assert info.value.code == 1003
-    assert not isinstance(info.value, p.UnknownType)
+    with pytest.raises(p.Unusable) as info:
+        p.sample_from_frame(message, "u", now=1000.0)
+    assert info.value.label == "bad_payload"
+
+
+def test_submit_type_in_any_case_and_ts_stamped_on_arrival() -> None:
+    # AsyncAPI SubmitFrame.t "e.g. `heart_rate`"; `ts` is not part of the frame's schema.
+    message = p.parse('{"op": 6, "t": "heart_rate", "d": {"val": 71}}')
+    assert p.sample_from_frame(message, "u", now=1234.5) == Sample(
+        "u", DataType.HEART_RATE, 1234.5, val=71
+    )
+    with pytest.raises(p.Unusable):
+        p.sample_from_frame(message, "u")  # no arrival time to stamp: cannot be used
+
+
+def test_submit_without_t_or_object_d_is_a_malformed_frame() -> None:
+    # AsyncAPI SubmitFrame: required [op, d, t]; d is an object.
+    for frame in ('{"op": 6, "d": {"val": 1}}', '{"op": 6, "t": "POWER", "d": [1]}'):
+        assert close_code(identified_server(p.Role.PRODUCER).receive(frame, 1.0)) == 1003
 
 
 def test_unknown_data_type_is_its_own_error() -> None:
@@ -176,7 +194,7 @@ def test_second_identify_is_4003() -> None:
     [
         None,
         {"type": 1},
-        {"token": "", "type": 1},
+        {"token": 5, "type": 1},
         {"token": "t", "type": 2},
         {"token": "t", "type": "1"},
         {"token": "t", "type": 1, "gatewayd": []},
@@ -187,6 +205,20 @@ def test_second_identify_is_4003() -> None:
 def test_bad_identify_is_1003(d: object) -> None:
     conn = p.ServerConnection(0.0)
     assert close_code(conn.receive(json.dumps({"op": 3, "d": d}), 0.0)) == 1003
+
+
+def test_an_empty_token_is_a_refused_token_not_a_malformed_frame() -> None:
+    # AsyncAPI IdentifyFrame: `token` is a string; a token that matches nothing is 4001.
+    conn = p.ServerConnection(0.0)
+    [event] = conn.receive('{"op": 3, "d": {"token": "", "type": 1}}', 0.0)
+    assert event == p.Identified("", p.Role.CONSUMER, p.EVERYTHING)
+
+
+def test_heartbeat_before_identify_is_acked() -> None:
+    # A Terra consumer (hulsemohit/EDGE) heartbeats on HELLO, before its IDENTIFY.
+    conn = p.ServerConnection(0.0)
+    assert conn.receive(p.heartbeat(), 0.1) == [p.Send('{"op":1}')]
+    assert isinstance(conn.receive(p.identify("t", p.Role.CONSUMER), 0.2)[0], p.Identified)
 
 
 def test_heartbeat_is_acked_and_moves_the_window() -> None:
@@ -222,19 +254,28 @@ def test_data_opcodes_before_ready_are_4004() -> None:
     assert close_code(conn.receive(p.replay(1, 5), 1.0)) == 4004
 
 
-def test_replay_request_and_its_validation() -> None:
+def test_replay_request_and_its_leniency() -> None:
     conn = identified_server(p.Role.CONSUMER)
     assert conn.receive(p.replay(28, 43), 1.0) == [p.ReplayRequested(28, 43)]
-    for d in [
-        None,
-        {"after": 5},
-        {"after": 5, "before": 5},
-        {"after": -1, "before": 3},
-        {"after": 1.5, "before": 3},
-        {"after": 9, "before": 3},
-    ]:
-        conn = identified_server(p.Role.CONSUMER)
-        assert close_code(conn.receive(json.dumps({"op": 7, "d": d}), 1.0)) == 1003, d
+    # AsyncAPI ReplayFrame: `after` defaults to 0 ...
+    assert conn.receive('{"op": 7, "d": {"before": 5}}', 1.0) == [p.ReplayRequested(0, 5)]
+    # ... and a REPLAY without `before`, or with an empty range, matches nothing and stays open.
+    for d in [{"after": 1}, {}, {"after": 5, "before": 5}, {"after": 5, "before": 6}]:
+        assert conn.receive(json.dumps({"op": 7, "d": d}), 1.0) == [], d
+        assert conn.state is p.ServerState.READY
+    assert conn.receive('{"op": 7, "d": {"after": 9, "before": 3}}', 1.0) == []
+    assert conn.receive('{"op": 7, "d": {"after": -4, "before": 3}}', 1.0) == [
+        p.ReplayRequested(0, 3)
+    ]
+
+
+@pytest.mark.parametrize(
+    "d", [None, [], {"after": 1.5, "before": 3}, {"after": "1", "before": 3}, {"before": True}]
+)
+def test_an_invalid_replay_payload_is_1003(d: object) -> None:
+    # AsyncAPI "Close codes": 1003 "... or an invalid REPLAY payload".
+    conn = identified_server(p.Role.CONSUMER)
+    assert close_code(conn.receive(json.dumps({"op": 7, "d": d}), 1.0)) == 1003
 
 
 def test_submit_and_status_from_a_producer() -> None:
@@ -246,8 +287,32 @@ def test_submit_and_status_from_a_producer() -> None:
     status = DeviceStatus("a", "120:1", "ant", DeviceState.LOST, 0.0, reason="silent", battery=40)
     [reported] = conn.receive(p.status(status, with_uid=True), 2.0)
     assert reported == p.StatusReported("a", "120:1", "ant", False, "silent", 40, None)
-    bad = '{"op": 8, "d": {"connected": "yes", "device_id": "x"}}'
-    assert close_code(conn.receive(bad, 3.0)) == 1003
+
+
+def test_status_needs_only_connected() -> None:
+    # AsyncAPI StatusFrame: required [connected]; device_id, source, reason are optional.
+    conn = identified_server(p.Role.PRODUCER)
+    [reported] = conn.receive('{"op": 8, "d": {"connected": true}}', 1.0)
+    assert reported == p.StatusReported(None, "", "", True, "", None, None)
+
+
+@pytest.mark.parametrize(
+    "d",
+    [
+        None,
+        {},
+        {"connected": "yes"},
+        {"connected": True, "device_id": 7},
+        {"connected": False, "reason": None},
+        {"connected": True, "battery": "full"},
+    ],
+)
+def test_a_malformed_status_is_dropped_without_closing(d: object) -> None:
+    # AsyncAPI receiveStatus: "a malformed STATUS is dropped without closing the socket".
+    conn = identified_server(p.Role.PRODUCER)
+    [event] = conn.receive(json.dumps({"op": 8, "d": d}), 1.0)
+    assert isinstance(event, p.Dropped) and event.op == 8
+    assert conn.state is p.ServerState.READY
 
 
 def test_shutdown_is_1001() -> None:

@@ -1,5 +1,7 @@
 """Microseconds per frame for every decode profile (decode alone, and decode + Deriver).
 
+CPU time of this process (best of 5 runs), so load from other processes matters less.
+
 Run: python bench/decode.py [--frames N]
 """
 
@@ -57,9 +59,9 @@ def _per_frame_us(run: Callable[[Decoder, bytes, int], None], decoder: Decoder, 
                   n: int) -> float:  # fmt: skip
     best = float("inf")
     for _ in range(5):  # best of 5: the least disturbed run
-        start = time.perf_counter()
+        start = time.process_time()
         run(decoder, data, n)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.process_time() - start)
     return best / n * 1e6
 
 

@@ -59,6 +59,7 @@ class Measure(enum.StrEnum):
     POWER_EVENTS = "power_events"  # event count + accumulated power (accum) -> POWER
     TORQUE_EVENTS = "torque_events"  # event count + period (time) + accumulated torque (accum)
     WRAPPED_DISTANCE = "wrapped_distance"  # value in m, wraps at count_mod (ANT+ SDM, FE)
+    WRAPPED_ENERGY = "wrapped_energy"  # value in kcal, wraps at count_mod (ANT+ SDM p3, FE p18)
     WRAPPED_STRIDES = "wrapped_strides"  # count wraps at count_mod; 1 stride = 2 steps (ANT+ SDM)
     WHEEL_TORQUE_EVENTS = "wheel_torque_events"  # as TORQUE_EVENTS, but the wheel turns (-> SPEED)
 

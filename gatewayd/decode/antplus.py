@@ -157,7 +157,7 @@ def speed(data: bytes) -> list[Reading]:
 
 
 def sdm(data: bytes) -> list[Reading]:
-    """Type 124 stride-based speed and distance: page 1 speed, distance, strides; page 2 cadence."""
+    """Type 124 stride-based speed and distance: p1 speed, distance, strides; p2/p3 cadence."""
     page = _page("ant-sdm", data)
     number = page[0]
     speed_ms = (page[4] & 0x0F) + page[5] / 256.0
@@ -167,22 +167,39 @@ def sdm(data: bytes) -> list[Reading]:
             Reading(Measure.WRAPPED_DISTANCE, value=page[3] + (page[4] >> 4) / 16.0, count_mod=_U8),
             Reading(Measure.WRAPPED_STRIDES, count=page[6], count_mod=_U8),
         ]
-    if number == 2:
+    if number in (2, 3):
+        # SDM profile, pages 2 and 3 share bytes 3-5 (cadence 1/16 stride/min, speed 1/256 m/s);
+        # page 3 adds accumulated calories in byte 6 (kcal, wraps at 256). A footpod may send
+        # page 3 in place of page 2, so both carry the cadence.
         strides_per_min = page[3] + (page[4] >> 4) / 16.0
-        return [
+        readings = [
             Reading(Measure.SPEED, value=speed_ms),
             # A stride is two steps; STEPS_CADENCE counts steps.
             Reading(Measure.STEPS_CADENCE, value=2.0 * strides_per_min),
         ]
+        if number == 3:
+            readings.append(Reading(Measure.WRAPPED_ENERGY, value=float(page[6]), count_mod=_U8))
+        return readings
     return []
 
 
-FE_TYPES = {16: "general", 19: "treadmill", 20: "elliptical", 22: "rower", 23: "climber",
-            24: "nordic skier", 25: "trainer"}  # fmt: skip
+FE_TYPES = {16: "general", 19: "treadmill", 20: "elliptical", 21: "stationary bike", 22: "rower",
+            23: "climber", 24: "nordic skier", 25: "trainer"}  # fmt: skip
+
+# FE pages 20-24 share one layout (FE profile, "specific ... data" pages): byte 4 the equipment's
+# own cadence, bytes 5-6 instantaneous power u16 W (0xFFFF invalid). Byte 3 (an accumulated
+# stride or stroke count, wrapping at 256) has no data type of its own. The measure of byte 4:
+_FE_CADENCE = {
+    20: Measure.CADENCE,  # elliptical: strides per minute (one stride = one crank revolution)
+    21: Measure.CADENCE,  # stationary bike: rpm
+    22: Measure.STROKE_RATE,  # rower: strokes per minute
+    23: Measure.CADENCE,  # climber: stride cycles per minute
+    24: Measure.CADENCE,  # nordic skier: strides per minute
+}
 
 
 def fitness_equipment(data: bytes) -> list[Reading]:
-    """Type 17 fitness equipment: p16 type, speed, distance, HR; p25 trainer; p19, p20, p22."""
+    """Type 17 fitness equipment: p16 type, speed, distance, HR; p18 kcal; p19-24 cadence, power."""
     page = _page("ant-fe", data)
     number = page[0]
     if number == 16:
@@ -192,8 +209,9 @@ def fitness_equipment(data: bytes) -> list[Reading]:
         ]
         if page[7] & 0x04:  # distance traveled enabled
             readings.append(Reading(Measure.WRAPPED_DISTANCE, value=float(page[3]), count_mod=_U8))
-        # 0xFF is "invalid"; 0 is what equipment sends with no strap paired.
-        if page[6] not in (0, 0xFF):
+        # FE profile, page 16 byte 7 bits 0-1: HR data source; 0 means the HR byte is invalid
+        # whatever it holds. 0xFF is "invalid" too, and 0 is what equipment sends with no strap.
+        if page[7] & 0x03 and page[6] not in (0, 0xFF):
             readings.append(Reading(Measure.HEART_RATE, value=float(page[6])))
         return readings
     if number == 25:
@@ -213,16 +231,23 @@ def fitness_equipment(data: bytes) -> list[Reading]:
                 )
             )
         return readings
-    if number == 19:  # treadmill: cadence in steps per minute
-        return [] if page[4] == 0xFF else [Reading(Measure.STEPS_CADENCE, value=float(page[4]))]
-    if number in (20, 22):  # elliptical / rower: instantaneous power u16 at bytes 4-5 / 5-6
+    cadence_measure = _FE_CADENCE.get(number)
+    if cadence_measure is not None:
         readings = []
-        if number == 22 and page[4] != 0xFF:
-            readings.append(Reading(Measure.STROKE_RATE, value=float(page[4])))
-        power = _u16(page, 4 if number == 20 else 5)
+        if page[4] != 0xFF:
+            readings.append(Reading(cadence_measure, value=float(page[4])))
+        power = _u16(page, 5)
         if power != 0xFFFF:
             readings.append(Reading(Measure.POWER, value=float(power)))
         return readings
+    if number == 19:
+        # FE profile, treadmill page byte 4: cadence in strides per minute (0xFF invalid); a
+        # stride is two steps and STEPS_CADENCE counts steps, as for the SDM.
+        return [] if page[4] == 0xFF else [Reading(Measure.STEPS_CADENCE, value=2.0 * page[4])]
+    if number == 18 and page[7] & 0x01:
+        # FE profile, general metabolic page: byte 6 accumulated calories (kcal, wraps at 256),
+        # valid when capability bit 0 of byte 7 says it is enabled.
+        return [Reading(Measure.WRAPPED_ENERGY, value=float(page[6]), count_mod=_U8)]
     return []
 
 

@@ -77,13 +77,13 @@ class Deriver:
     """
 
     __slots__ = (
-        "_distance_total",
         "_hr_counter",
         "_pages_trusted",
         "_previous_beat",
         "_streams",
         "_strides_total",
         "_toggle",
+        "_totals",
         "circumference_m",
         "max_gap",
         "stop_after",
@@ -96,7 +96,7 @@ class Deriver:
         self.max_gap = max_gap
         self.stop_after = stop_after
         self._streams: dict[tuple[Measure, int, int, float], _Stream] = {}
-        self._distance_total = 0.0
+        self._totals: dict[DataType, float] = {}  # wrapped accumulators unwrapped, by type
         self._strides_total = 0
         self._toggle: int | None = None
         self._pages_trusted = False
@@ -256,12 +256,14 @@ class Deriver:
         speed = self.circumference_m * events * cur.tick_hz / period
         return [Derived(DataType.POWER, val=power), Derived(DataType.SPEED, val=speed)]
 
-    def _wrapped_distance(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+    def _wrapped_total(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
         if prev is None:
             return []
         step = (cur.value - prev.value) % cur.count_mod
-        self._distance_total += step
-        return [Derived(DataType.DISTANCE, val=self._distance_total, event=step > 0)]
+        t = _WRAPPED_TOTALS[cur.measure]
+        total = self._totals.get(t, 0.0) + step
+        self._totals[t] = total
+        return [Derived(t, val=total, event=step > 0)]
 
     def _wrapped_strides(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
         if prev is None:
@@ -270,6 +272,13 @@ class Deriver:
         self._strides_total += step
         # An ANT+ SDM stride is two footfalls; Terra's STEPS counts footfalls.
         return [Derived(DataType.STEPS, val=2.0 * self._strides_total, event=step > 0)]
+
+
+# Accumulators that wrap at a small modulus (ANT+ u8 metres, kcal): the total since first seen.
+_WRAPPED_TOTALS = {
+    Measure.WRAPPED_DISTANCE: DataType.DISTANCE,
+    Measure.WRAPPED_ENERGY: DataType.CALORIES,
+}
 
 
 def _same_event(a: Reading, b: Reading) -> bool:
@@ -283,7 +292,8 @@ _COUNTERS: dict[Measure, _Handler] = {
     Measure.POWER_EVENTS: Deriver._power_events,
     Measure.TORQUE_EVENTS: Deriver._crank_torque,
     Measure.WHEEL_TORQUE_EVENTS: Deriver._wheel_torque,
-    Measure.WRAPPED_DISTANCE: Deriver._wrapped_distance,
+    Measure.WRAPPED_DISTANCE: Deriver._wrapped_total,
+    Measure.WRAPPED_ENERGY: Deriver._wrapped_total,
     Measure.WRAPPED_STRIDES: Deriver._wrapped_strides,
 }
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from itertools import product
 
 from gatewayd.errors import DecodeError
 from gatewayd.model import Measure, Reading
@@ -218,8 +217,16 @@ class _Field:
     bit: int
     name: str
     parts: tuple[_Part, ...]
-    # A width some devices use instead (formats.md's conflicts); chosen only by payload length.
-    alt: tuple[_Part, ...] | None = None
+
+
+# One width per field: FTMS v1.0's (the characteristic definitions it shipped with: Resistance
+# Level sint16, treadmill Instantaneous/Average Pace uint8 in 0.1 km/min). The later GATT
+# Specification Supplement reads Resistance Level as uint8 and treadmill pace as uint16; a frame
+# in those widths is byte for byte a v1.0 frame one (or two) bytes short or long, so accepting
+# both by length would read a truncated frame as the other width (a bike frame one byte short gave
+# -1536 W). Shipping equipment sends the v1.0 widths (Volt and Zwift Hub bikes: 2-byte resistance),
+# so a frame whose length is not exactly what its flags need is a DecodeError: one flag set, one
+# layout, nothing ever fits two ways.
 
 
 _BIKE_FIELDS = (
@@ -228,7 +235,7 @@ _BIKE_FIELDS = (
     _Field(2, "cadence", (_U16P,)),
     _Field(3, "avg_cadence", (_U16P,)),
     _Field(4, "distance", (_U24,)),
-    _Field(5, "resistance", (_S16P,), alt=(_U8,)),
+    _Field(5, "resistance", (_S16P,)),
     _Field(6, "power", (_S16P,)),
     _Field(7, "avg_power", (_S16P,)),
     _Field(8, "energy", _ENERGY),
@@ -244,8 +251,8 @@ _TREADMILL_FIELDS = (
     _Field(2, "distance", (_U24,)),
     _Field(3, "incline", (_S16P, _S16P)),
     _Field(4, "elevation", (_U16P, _U16P)),
-    _Field(5, "pace", (_U8,), alt=(_U16P,)),
-    _Field(6, "avg_pace", (_U8,), alt=(_U16P,)),
+    _Field(5, "pace", (_U8,)),
+    _Field(6, "avg_pace", (_U8,)),
     _Field(7, "energy", _ENERGY),
     _Field(8, "hr", (_U8,)),
     _Field(9, "met", (_U8,)),
@@ -262,7 +269,7 @@ _ROWER_FIELDS = (
     _Field(4, "avg_pace", (_U16P,)),
     _Field(5, "power", (_S16P,)),
     _Field(6, "avg_power", (_S16P,)),
-    _Field(7, "resistance", (_S16P,), alt=(_U8,)),
+    _Field(7, "resistance", (_S16P,)),
     _Field(8, "energy", _ENERGY),
     _Field(9, "hr", (_U8,)),
     _Field(10, "met", (_U8,)),
@@ -271,27 +278,22 @@ _ROWER_FIELDS = (
 )
 
 
-_Layout = tuple[tuple[str, tuple[_Part, ...]], ...]
-# (machine, flags, body length) -> the fields' names and widths; None when nothing fits.
-_LAYOUTS: dict[tuple[str, int, int], _Layout | None] = {}
+# The fields' names and widths, and the body length they need.
+_Layout = tuple[tuple[tuple[str, tuple[_Part, ...]], ...], int]
+_LAYOUTS: dict[tuple[str, int], _Layout] = {}
 _LAYOUT_CACHE_MAX = 4096  # real equipment uses a handful of flag sets; junk must not grow it
 
 
-def _ftms_layout(profile: str, fields: tuple[_Field, ...], flags: int, body: int) -> _Layout | None:
-    key = (profile, flags, body)
-    try:
-        return _LAYOUTS[key]
-    except KeyError:
-        pass
-    present = [f for f in fields if bool(flags >> f.bit & 1) != (f.bit == 0)]
-    choices = [(f.parts, f.alt) if f.alt is not None else (f.parts,) for f in present]
-    layout: _Layout | None = None
-    for candidate in product(*choices):  # preferred widths first
-        if sum(size for parts in candidate for size, _ in parts) == body:
-            layout = tuple((f.name, parts) for f, parts in zip(present, candidate, strict=True))
-            break
-    if len(_LAYOUTS) < _LAYOUT_CACHE_MAX:
-        _LAYOUTS[key] = layout
+def _ftms_layout(profile: str, fields: tuple[_Field, ...], flags: int) -> _Layout:
+    key = (profile, flags)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        present = tuple(
+            (f.name, f.parts) for f in fields if bool(flags >> f.bit & 1) != (f.bit == 0)
+        )
+        layout = present, sum(size for _, parts in present for size, _ in parts)
+        if len(_LAYOUTS) < _LAYOUT_CACHE_MAX:
+            _LAYOUTS[key] = layout
     return layout
 
 
@@ -301,18 +303,15 @@ def _ftms_fields(
     """Flags u16, then each present field in bit order. Bit 0 is inverted ("more data")."""
     _need(profile, data, 2, "flags u16")
     flags = _u16(data, 0)
+    present, expected = _ftms_layout(profile, fields, flags)
     body = len(data) - 2
-    layout = _ftms_layout(profile, fields, flags, body)
-    if layout is None:
-        expected = sum(
-            size for f in fields if bool(flags >> f.bit & 1) != (f.bit == 0) for size, _ in f.parts
-        )
+    if body != expected:
         raise DecodeError(
             profile, f"flags 0x{flags:04x} need {expected} bytes after them, got {body}", data
         )
     values: dict[str, tuple[int, ...]] = {}
     pos = 2
-    for name, parts in layout:
+    for name, parts in present:
         got: list[int] = []
         for size, signed in parts:
             got.append(int.from_bytes(data[pos : pos + size], "little", signed=signed))

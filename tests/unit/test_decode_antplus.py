@@ -225,16 +225,45 @@ def test_sdm_distance_and_strides_accumulate_across_wraps() -> None:
     assert got[DataType.STEPS] == 2 * 15
 
 
-@pytest.mark.parametrize("page", [3, 0x50, 0x51, 0x52, 22])
+def test_sdm_page3_gives_cadence_speed_and_calories() -> None:
+    # The vector: 90.5 strides/min = 181 steps/min, 0.625 m/s, 55 kcal.
+    got = {r.measure: r for r in antplus.sdm(bytes.fromhex("03ffff5a80a03700"))}
+    assert got[Measure.STEPS_CADENCE].value == 181.0
+    assert got[Measure.SPEED].value == 0.625
+    assert (got[Measure.WRAPPED_ENERGY].value, got[Measure.WRAPPED_ENERGY].count_mod) == (55, 256)
+    derived = _derive(Deriver(), antplus.sdm(bytes.fromhex("03ffff5a80a03700")), 0.0)
+    assert Derived(DataType.STEPS_CADENCE, val=181.0 / 60.0) in derived
+
+
+def test_sdm_page3_calories_accumulate_across_the_wrap() -> None:
+    deriver = Deriver()
+    out: list[Derived] = []
+    for mono, kcal in enumerate([250, 254, 3, 3]):
+        out = _derive(deriver, antplus.sdm(bytes([3, 0xFF, 0xFF, 80, 0, 0, kcal, 0])), mono)
+    assert Derived(DataType.CALORIES, val=9.0, event=False) in out
+
+
+@pytest.mark.parametrize("page", [4, 0x50, 0x51, 0x52, 22])
 def test_sdm_other_pages_are_not_errors(page: int) -> None:
     assert antplus.sdm(bytes([page]) + bytes(7)) == []
 
 
 def test_fe_page16_heart_rate_and_distance_disabled() -> None:
     got = {r.measure: r.value for r in antplus.fitness_equipment(
-        bytes([16, 22, 40, 77]) + struct.pack("<H", 3500) + bytes([133, 0x30])
+        bytes([16, 22, 40, 77]) + struct.pack("<H", 3500) + bytes([133, 0x31])
     )}  # fmt: skip
     assert got == {Measure.EQUIPMENT: 22.0, Measure.SPEED: 3.5, Measure.HEART_RATE: 133.0}
+
+
+@pytest.mark.parametrize(("source", "reported"), [(0, False), (1, True), (2, True), (3, True)])
+def test_fe_page16_heart_rate_only_with_a_heart_rate_source(source: int, reported: bool) -> None:
+    # Byte 7 bits 0-1: HR data source; 0 = invalid. The vector has source 0 and HR 140.
+    page = bytearray.fromhex("101900005a0a8c34")
+    page[7] = page[7] & 0xFC | source
+    got = {r.measure: r.value for r in antplus.fitness_equipment(bytes(page))}
+    assert (got.get(Measure.HEART_RATE) == 140.0) == reported
+    assert (Measure.HEART_RATE in got) == reported
+    assert got[Measure.SPEED] == 2.65
 
 
 def test_fe_page25_cadence_and_power_events() -> None:
@@ -250,19 +279,31 @@ def test_fe_page25_cadence_and_power_events() -> None:
 @pytest.mark.parametrize(
     ("page", "want"),
     [
-        (bytes([19, 0xFF, 0xFF, 0xFF, 172, 3, 5, 0x30]), {Measure.STEPS_CADENCE: 172.0}),
+        # Treadmill: byte 4 strides/min, doubled to steps/min.
+        (bytes([19, 0xFF, 0xFF, 0xFF, 86, 3, 5, 0x30]), {Measure.STEPS_CADENCE: 172.0}),
         (bytes([19, 0xFF, 0xFF, 0xFF, 0xFF, 3, 5, 0x30]), {}),
-        (
-            bytes([20, 0xFF, 9, 60]) + struct.pack("<H", 210) + bytes([0, 0x30]),
-            {Measure.POWER: 210.0},
-        ),
+        # Elliptical, the vector: cadence 60 (byte 4), 200 W (bytes 5-6).
+        (bytes.fromhex("14ff10203cc80030"), {Measure.CADENCE: 60.0, Measure.POWER: 200.0}),
+        (bytes([20, 0xFF, 9, 60, 0xFF, 0xFF, 0xFF, 0x30]), {}),
+        # Stationary bike, climber, nordic skier: the same bytes 4-6.
+        (bytes([21, 0xFF, 0xFF, 0xFF, 88]) + struct.pack("<H", 180) + b"\x30",
+         {Measure.CADENCE: 88.0, Measure.POWER: 180.0}),
+        (bytes([23, 0xFF, 0xFF, 12, 40]) + struct.pack("<H", 150) + b"\x30",
+         {Measure.CADENCE: 40.0, Measure.POWER: 150.0}),
+        (bytes([24, 0xFF, 0xFF, 12, 55]) + struct.pack("<H", 0xFFFF) + b"\x30",
+         {Measure.CADENCE: 55.0}),
         (
             bytes([22, 0xFF, 0xFF, 77, 26]) + struct.pack("<H", 260) + bytes([0x30]),
             {Measure.STROKE_RATE: 26.0, Measure.POWER: 260.0},
         ),
         (bytes([22, 0xFF, 0xFF, 77, 0xFF, 0xFF, 0xFF, 0x30]), {}),
+        # General metabolic: byte 6 accumulated kcal when byte 7 bit 0 enables it.
+        (bytes([18, 0xFF, 0x20, 0x03, 0x10, 0x27, 42, 0x31]), {Measure.WRAPPED_ENERGY: 42.0}),
+        (bytes([18, 0xFF, 0x20, 0x03, 0x10, 0x27, 42, 0x30]), {}),
+        # General settings (cycle length, incline, resistance): no data type of ours.
+        (bytes([17, 0xFF, 0xFF, 150, 0x10, 0x00, 40, 0x30]), {}),
     ],
-)
+)  # fmt: skip
 def test_fe_treadmill_elliptical_rower_pages(page: bytes, want: dict[Measure, float]) -> None:
     assert {r.measure: r.value for r in antplus.fitness_equipment(page)} == want
 

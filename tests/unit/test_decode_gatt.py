@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import struct
+from collections.abc import Callable
 
 import pytest
 
@@ -308,33 +309,48 @@ def test_ftms_rower_every_flag_combination() -> None:
             gatt.ftms_rower(payload + b"\x00\x00\x00")
 
 
-@pytest.mark.parametrize("flags", [0x0020, 0x0060, 0x0260, 0x1FFE])
-def test_ftms_bike_resistance_as_one_byte_is_resolved_by_length(flags: int) -> None:
-    payload = _ftms_payload(_BIKE, flags, swap={5: bytes([20])})
-    got = _by_measure(gatt.ftms_indoor_bike(payload))
-    if flags & 0x40:
-        assert got[Measure.POWER].value == 250.0
-    if flags & 0x200:
-        assert got[Measure.HEART_RATE].value == 141.0
+def test_ftms_bike_frame_one_byte_short_is_refused_not_read_as_another_width() -> None:
+    # The issue's frame: speed, cadence, resistance, power, HR. One byte short it once decoded
+    # as a one-byte resistance and -1536 W.
+    full = bytes.fromhex("6402c409b4001400fa008c")
+    got = _by_measure(gatt.ftms_indoor_bike(full))
+    assert got[Measure.POWER].value == 250.0 and got[Measure.HEART_RATE].value == 140.0
+    with pytest.raises(DecodeError, match="need 9 bytes after them, got 8"):
+        gatt.ftms_indoor_bike(full[:-1])
 
 
-@pytest.mark.parametrize("flags", [0x0060, 0x0160, 0x1FE0])
-def test_ftms_treadmill_pace_as_two_bytes_is_resolved_by_length(flags: int) -> None:
-    payload = _ftms_payload(
-        _TREADMILL, flags, swap={5: struct.pack("<H", 55), 6: struct.pack("<H", 60)}
-    )
-    got = _by_measure(gatt.ftms_treadmill(payload))
-    assert got[Measure.SPEED].value == pytest.approx(3.0)
-    if flags & 0x100:
-        assert got[Measure.HEART_RATE].value == 162.0
+@pytest.mark.parametrize(
+    ("decoder", "fields"),
+    [(gatt.ftms_indoor_bike, _BIKE), (gatt.ftms_treadmill, _TREADMILL), (gatt.ftms_rower, _ROWER)],
+)
+def test_ftms_every_truncation_by_one_or_two_bytes_is_a_decode_error(
+    decoder: Callable[[bytes], list[Reading]], fields: dict[int, bytes]
+) -> None:
+    for flags in range(1 << 13):
+        payload = _ftms_payload(fields, flags)
+        for cut in (1, 2):
+            if len(payload) - cut >= 2:
+                with pytest.raises(DecodeError):
+                    decoder(payload[:-cut])
 
 
-def test_ftms_rower_resistance_as_one_byte_is_resolved_by_length() -> None:
-    flags = 0x0380  # resistance, energy, HR; stroke data present
-    payload = _ftms_payload(_ROWER, flags, swap={7: bytes([7])})
-    got = _by_measure(gatt.ftms_rower(payload))
-    assert got[Measure.HEART_RATE].value == 150.0
-    assert got[Measure.ENERGY].value == 480.0
+@pytest.mark.parametrize(
+    ("decoder", "fields", "flags", "swap"),
+    [
+        (gatt.ftms_indoor_bike, _BIKE, 0x0260, {5: bytes([20])}),
+        (gatt.ftms_rower, _ROWER, 0x0380, {7: bytes([7])}),
+        (gatt.ftms_treadmill, _TREADMILL, 0x0160, {5: b"\x37\x00", 6: b"\x3c\x00"}),
+    ],
+)
+def test_ftms_gss_widths_are_refused(
+    decoder: Callable[[bytes], list[Reading]],
+    fields: dict[int, bytes],
+    flags: int,
+    swap: dict[int, bytes],
+) -> None:
+    # GSS's uint8 resistance and uint16 treadmill pace: one layout per flag set (FTMS v1.0's).
+    with pytest.raises(DecodeError, match="need"):
+        decoder(_ftms_payload(fields, flags, swap=swap))
 
 
 def test_ftms_split_record_continuation_carries_only_its_own_fields() -> None:

@@ -199,7 +199,7 @@ _FE_CADENCE = {
 
 
 def fitness_equipment(data: bytes) -> list[Reading]:
-    """Type 17 fitness equipment: p16 type, speed, distance, HR; p18 kcal; p19-24 cadence, power."""
+    """Type 17 fitness equipment: p16 speed, distance, HR; p18 kcal; p19-26 cadence, power."""
     page = _page("ant-fe", data)
     number = page[0]
     if number == 16:
@@ -231,6 +231,22 @@ def fitness_equipment(data: bytes) -> list[Reading]:
                 )
             )
         return readings
+    if number == 26:
+        # FE profile, trainer torque page: event count, wheel ticks, wheel period u16 1/2048 s at
+        # bytes 3-4 and accumulated torque u16 1/32 N*m at bytes 5-6 (one byte earlier than the
+        # bike power profile's 0x11): the same wheel torque events, giving power and speed.
+        return [
+            Reading(
+                Measure.WHEEL_TORQUE_EVENTS,
+                count=page[1],
+                count_mod=_U8,
+                time=_u16(page, 3),
+                time_mod=_U16,
+                tick_hz=2048.0,
+                accum=_u16(page, 5),
+                accum_mod=_U16,
+            )
+        ]
     cadence_measure = _FE_CADENCE.get(number)
     if cadence_measure is not None:
         readings = []

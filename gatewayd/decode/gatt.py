@@ -156,8 +156,10 @@ def cycling_power_measurement(data: bytes) -> list[Reading]:
     pos = 4
     if flags & 0x01:
         _need(profile, data, pos + 1, "flags say pedal power balance")
-        # Reference bit 1 = the percentage is the left pedal's; 0 = the side is unknown.
-        readings.append(_balance(data[pos] / 2.0, known=bool(flags & 0x02)))
+        # Reference bit 1 = the percentage is the left pedal's; 0 = the side is unknown. Above
+        # 200 (100 %) is outside the field's range (0xFF: unknown), so it is not reported.
+        if data[pos] <= 200:
+            readings.append(_balance(data[pos] / 2.0, known=bool(flags & 0x02)))
         pos += 1
     if flags & 0x04:  # accumulated torque: no data type of its own
         pos += 2

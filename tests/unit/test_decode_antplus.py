@@ -266,6 +266,26 @@ def test_fe_page16_heart_rate_only_with_a_heart_rate_source(source: int, reporte
     assert got[Measure.SPEED] == 2.65
 
 
+def test_fe_page26_trainer_torque_gives_power_and_speed() -> None:
+    # Period at bytes 3-4, torque at 5-6: 4 wheel events in 1 s with 320/32 N*m per event.
+    deriver = Deriver(circumference_m=2.0)
+    first = bytes([26, 10, 10]) + struct.pack("<HH", 65000, 65500) + bytes([0x30])
+    second = bytes([26, 14, 14]) + struct.pack("<HH", (65000 + 2048) % 65536, (65500 + 320) % 65536)
+    _derive(deriver, antplus.fitness_equipment(first), 0.0)
+    got = {d.t: d.val for d in _derive(deriver, antplus.fitness_equipment(second + b"\x30"), 1.0)}
+    assert got[DataType.SPEED] == pytest.approx(8.0)
+    assert got[DataType.POWER] == pytest.approx(128 * math.pi * 320 / 2048)
+
+
+def test_fe_page18_calories_accumulate() -> None:
+    deriver = Deriver()
+    out: list[Derived] = []
+    for mono, kcal in enumerate([200, 255, 4]):
+        page = bytes([18, 0xFF, 0x20, 0x03, 0x10, 0x27, kcal, 0x31])
+        out = _derive(deriver, antplus.fitness_equipment(page), float(mono))
+    assert out == [Derived(DataType.CALORIES, val=60.0)]
+
+
 def test_fe_page25_cadence_and_power_events() -> None:
     page = bytes([25, 7, 88]) + struct.pack("<H", 4000) + bytes([0x2C, 0x31, 0x30])
     got = {r.measure: r for r in antplus.fitness_equipment(page)}

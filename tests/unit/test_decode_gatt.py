@@ -183,6 +183,13 @@ def test_rsc_every_flag_combination(flags: int) -> None:
     _assert_rejects_truncated_and_oversize(gatt.rsc_measurement, payload)
 
 
+@pytest.mark.parametrize(("raw", "reported"), [(0, True), (200, True), (201, False), (0xFF, False)])
+def test_cps_balance_outside_0_to_100_percent_is_not_reported(raw: int, reported: bool) -> None:
+    got = _by_measure(gatt.cycling_power_measurement(struct.pack("<HhB", 0x03, 150, raw)))
+    assert (Measure.BALANCE in got) == reported
+    assert got[Measure.POWER].value == 150.0
+
+
 # FTMS ---------------------------------------------------------------------------------------
 # Per machine: bit -> the field's bytes (preferred widths) in FTMS order. Bit 0 is present when
 # the flag bit is 0 ("more data" inverted). Values are chosen so each one is recognisable.

@@ -81,16 +81,17 @@ def heart_rate(data: bytes) -> list[Reading]:
     return readings
 
 
-def _events(measure: Measure, page: bytes) -> Reading:
-    """0x11/0x12: event count u8, accumulated period u16 1/2048 s, accumulated torque u16."""
+def _events(measure: Measure, page: bytes, at: int = 4) -> Reading:
+    """Event count u8 (byte 1), then from byte `at` accumulated period u16 1/2048 s and
+    accumulated torque u16 1/32 N*m (power 0x11/0x12: at 4; FE page 26: at 3)."""
     return Reading(
         measure,
         count=page[1],
         count_mod=_U8,
-        time=_u16(page, 4),
+        time=_u16(page, at),
         time_mod=_U16,
         tick_hz=2048.0,
-        accum=_u16(page, 6),
+        accum=_u16(page, at + 2),
         accum_mod=_U16,
     )
 
@@ -235,18 +236,7 @@ def fitness_equipment(data: bytes) -> list[Reading]:
         # FE profile, trainer torque page: event count, wheel ticks, wheel period u16 1/2048 s at
         # bytes 3-4 and accumulated torque u16 1/32 N*m at bytes 5-6 (one byte earlier than the
         # bike power profile's 0x11): the same wheel torque events, giving power and speed.
-        return [
-            Reading(
-                Measure.WHEEL_TORQUE_EVENTS,
-                count=page[1],
-                count_mod=_U8,
-                time=_u16(page, 3),
-                time_mod=_U16,
-                tick_hz=2048.0,
-                accum=_u16(page, 5),
-                accum_mod=_U16,
-            )
-        ]
+        return [_events(Measure.WHEEL_TORQUE_EVENTS, page, at=3)]
     cadence_measure = _FE_CADENCE.get(number)
     if cadence_measure is not None:
         readings = []

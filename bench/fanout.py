@@ -216,8 +216,9 @@ def _ws_frames(buf: bytearray) -> tuple[list[bytes], int]:
     return out, pos
 
 
-def _mqtt_packets(buf: bytearray) -> tuple[list[bytes], int]:
-    """Complete PUBLISH payloads (QoS 0) at the start of buf, and how many bytes they used."""
+def _mqtt_packets(buf: bytearray, topics: list[bytes] | None = None) -> tuple[list[bytes], int]:
+    """Complete PUBLISH payloads (QoS 0) at the start of buf, and how many bytes they used;
+    with `topics`, each payload's topic is appended to it."""
     out = []
     pos = 0
     end = len(buf)
@@ -240,6 +241,8 @@ def _mqtt_packets(buf: bytearray) -> tuple[list[bytes], int]:
         if kind == 3:
             topic_len = (buf[i] << 8) | buf[i + 1]
             out.append(bytes(buf[i + 2 + topic_len : i + length]))
+            if topics is not None:
+                topics.append(bytes(buf[i + 2 : i + 2 + topic_len]))
         pos = i + length
     return out, pos
 

@@ -226,6 +226,7 @@ class App:
             "samples": self.pipeline.samples,
             "decode_errors": sum(self.pipeline.decode_errors.values()),
             "frames_dropped": self.frames.dropped,
+            "late_values": self.pipeline.aggregator.late_values,
             "outputs": {
                 sub.name: {"queued": len(sub), "dropped": sub.dropped}
                 for sub in self.hub.subscriptions()

@@ -69,7 +69,7 @@ TS = b'"ts":"'
 def reference_us() -> float:
     """`python -m timeit "sum(range(1000))"`: µs per loop, this machine's speed right now."""
     out = subprocess.run(
-        [sys.executable, "-m", "timeit", "sum(range(1000))"],
+        [sys.executable, "-m", "timeit", "-p", "sum(range(1000))"],
         capture_output=True,
         text=True,
         check=True,
@@ -90,13 +90,14 @@ def rss_kib(pid: int) -> dict[str, int]:
 
 
 def health(port: int) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
+    # A generous timeout: on a loaded machine the daemon may take a while to answer.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as response:
         result: dict[str, Any] = json.loads(response.read())
         return result
 
 
 def metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as response:
         text = response.read().decode()
     match = re.search(rf"^{name}(?:_total)? ([\d.e+]+)$", text, re.M)
     return float(match.group(1)) if match else 0.0
@@ -334,6 +335,7 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
     mosquitto = None
     daemons: list[Daemon] = []
     helpers: list[tuple[Any, Connection]] = []
+    helpers_to_stop: list[Any] = []
     try:
         mqtt_port = None
         if mqtt:
@@ -363,14 +365,15 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
             )
             proc.start()
             counter = (proc, pipe)
+            helpers_to_stop.append(proc)
         for _, pipe in [*helpers, *([counter] if counter else [])]:
             assert await asyncio.to_thread(pipe.recv) == "ready"
         await _wait_until(
-            lambda: health(port)["consumers"] == args.consumers, 30, "consumers to connect"
+            lambda: health(port)["consumers"] == args.consumers, 120, "consumers to connect"
         )
         await _wait_until(
             lambda: (health(port)["upstream"] or {}).get("state") == "connected",
-            30,
+            120,
             "the upstream to connect",
         )
         await asyncio.sleep(args.warmup)  # bench: let every device be heard, caches fill
@@ -434,7 +437,7 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
         for daemon in reversed(daemons):
             with contextlib.suppress(Exception):
                 await daemon.stop()
-        for proc, _ in helpers:
+        for proc in [proc for proc, _ in helpers] + helpers_to_stop:
             proc.join(10)
             if proc.is_alive():
                 proc.kill()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,18 @@ from gatewayd.hub import Hub
 from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import Roster
 from gatewayd.sources.simulator import SimulatorSource
+
+
+def reference_us() -> float:
+    """`python -m timeit "sum(range(1000))"` in µs: this machine's speed, right now."""
+    out = subprocess.run(
+        [sys.executable, "-m", "timeit", "-p", "sum(range(1000))"],
+        check=False,
+        capture_output=True,
+        text=True,
+    ).stdout
+    match = re.search(r"([\d.]+) usec per loop", out)
+    return float(match.group(1)) if match else float("nan")
 
 
 def main() -> None:
@@ -54,6 +68,7 @@ def main() -> None:
     pipeline = Pipeline(FrameQueue(), hub, Roster([], {}), PipelineConfig(), replay_clock)
     pipeline.tick()
     process = pipeline.process
+    reference = reference_us()
     started = time.process_time()
     for batch in steps:
         replay_clock.advance(step)
@@ -61,6 +76,7 @@ def main() -> None:
             process(frame)
         pipeline.tick()
     cpu = time.process_time() - started
+    reference = min(reference, reference_us())
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(f"sensors            {sim.device_count()}")
     print(f"frames             {frames}")
@@ -68,6 +84,8 @@ def main() -> None:
     print(f"decode errors      {sum(pipeline.decode_errors.values())}")
     print(f"frames/s           {frames / cpu:,.0f}")
     print(f"us per frame       {cpu / frames * 1e6:.2f}")
+    print(f"reference          {reference:.2f} us (timeit sum(range(1000)), best of two)")
+    print(f"per frame / ref    {cpu / frames * 1e6 / reference:.2f}x (goal <= 0.64x)")
     print(f"peak RSS           {peak_kib / 1024:.1f} MiB")
 
 

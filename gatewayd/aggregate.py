@@ -18,6 +18,7 @@ When two live devices of one athlete give the same data type, the first one keep
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
@@ -58,7 +59,7 @@ class _Stream:
 
 
 class Aggregator:
-    def __init__(self, *, grace: float = 0.25, lost_after: float = 5.0, hold: float = 3.0) -> None:
+    def __init__(self, *, grace: float = 0.1, lost_after: float = 5.0, hold: float = 3.0) -> None:
         self.grace = grace
         self.lost_after = lost_after
         self.hold = hold
@@ -111,37 +112,56 @@ class Aggregator:
         event: bool = True,
     ) -> DeviceStatus | None:
         """Add one derived value from device `key`. Returns a status when the battery changes."""
+        return self.values(key, ((t, val, d, event),), mono, wall)
+
+    def values(
+        self,
+        key: str,
+        derived: Iterable[tuple[DataType, float | None, tuple[float, ...] | None, bool]],
+        mono: float,
+        wall: float,
+    ) -> DeviceStatus | None:
+        """Add the values derived from one reading of device `key`, heard at (mono, wall).
+
+        One call per reading rather than per value: this is the pipeline's innermost loop.
+        Returns a status when the battery changes."""
         device = self._devices[key]
-        stream_key = (device.uid, t)
-        stream = self._streams.get(stream_key)
-        if stream is None or (stream.owner != key and not self._owner_live(stream)):
-            stream = _Stream(key, t)
-            self._streams[stream_key] = stream
-        elif stream.owner != key:
-            self.shadowed_values += 1
-            return None
+        uid = device.uid
+        streams = self._streams
         second = int(wall)  # floor: wall clock seconds are positive
         next_second = self._next_second
         if next_second is not None and second < next_second:
-            self.late_values += 1
+            late = True
             second = next_second
-        pending = stream.pending
-        bucket = pending.get(second)
-        if bucket is None:
-            if stream.first_second is None:
-                stream.first_second = second
-            bucket = pending[second] = []
-        if d is not None:
-            bucket.extend(d)
-        elif val is not None:
-            bucket.append(val)
-            stream.last_val = val
-            if event:
-                stream.last_event_mono = mono
-        if t is DataType.BATTERY and val is not None and val != device.battery:
-            device.battery = val
-            return self._status(device, DeviceState.CONNECTED, "battery", wall)
-        return None
+        else:
+            late = False
+        status = None
+        for t, val, d, event in derived:
+            stream = streams.get((uid, t))
+            if stream is None or (stream.owner != key and not self._owner_live(stream)):
+                stream = streams[(uid, t)] = _Stream(key, t)
+            elif stream.owner != key:
+                self.shadowed_values += 1
+                continue
+            if late:
+                self.late_values += 1
+            pending = stream.pending
+            bucket = pending.get(second)
+            if bucket is None:
+                if stream.first_second is None:
+                    stream.first_second = second
+                bucket = pending[second] = []
+            if d is not None:
+                bucket.extend(d)
+            elif val is not None:
+                bucket.append(val)
+                stream.last_val = val
+                if event:
+                    stream.last_event_mono = mono
+            if t is DataType.BATTERY and val is not None and val != device.battery:
+                device.battery = val
+                status = self._status(device, DeviceState.CONNECTED, "battery", wall)
+        return status
 
     # -- output -------------------------------------------------------------------------------
 

@@ -68,7 +68,7 @@ class Athlete(Section):
 class PipelineConfig(Section):
     frame_queue: int = Field(10_000, ge=100)
     sink_queue: int = Field(10_000, ge=10)
-    grace_s: float = Field(0.25, ge=0.0, lt=1.0)
+    grace_s: float = Field(0.1, ge=0.0, lt=1.0)
     lost_after_s: float = Field(5.0, gt=0.5)
     hold_s: float = Field(3.0, gt=0.0)
     max_gap_s: float = Field(60.0, gt=1.0)
@@ -279,6 +279,9 @@ class MqttConfig(Section):
     offline_queue: int = Field(50_000, ge=10, le=10_000_000)
     reconnect_min_s: float = Field(1.0, gt=0.0)
     reconnect_max_s: float = Field(30.0, gt=0.0)
+    # One message per athlete per second on <prefix>/<hub>/athletes/<uid> instead of one per
+    # data type: about a quarter of the messages, for dashboards that take the whole second.
+    per_athlete: bool = False
     discovery: bool = False  # Home Assistant MQTT discovery
     discovery_prefix: str = Field("homeassistant", pattern=r"^[^+#/\x00]+(/[^+#/\x00]+)*$")
     # Home Assistant shows a sensor as unavailable after this long without a value (0: never).
@@ -296,6 +299,10 @@ class MqttConfig(Section):
             raise ValueError("set password_file or password_env, not both")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be at least reconnect_min_s")
+        if self.per_athlete and self.discovery:
+            raise ValueError(
+                "discovery needs one topic per data type: set per_athlete false, or discovery false"
+            )
         return self
 
 

@@ -110,7 +110,8 @@ class Metrics:
         self.producers = Gauge("gatewayd_broker_producers", "Producers connected", registry=r)
         self.dispatch_delay = Histogram(
             "gatewayd_dispatch_delay_seconds",
-            "From the end of a sample's second to its DISPATCH on the consumers' sockets",
+            "From the end of a second to its samples' DISPATCH on the consumers' sockets "
+            "(once per second of samples dispatched together)",
             buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
             registry=r,
         )

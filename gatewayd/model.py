@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -141,8 +142,11 @@ class DeviceStatus:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+@functools.lru_cache(maxsize=1024)
 def format_ts(unix_seconds: float) -> str:
-    """RFC 3339 UTC with milliseconds and Z (PROTOCOL.md, Timestamps)."""
+    """RFC 3339 UTC with milliseconds and Z (PROTOCOL.md, Timestamps).
+
+    Cached: every sample of a second has the same ts, and each output formats it again."""
     moment = datetime.fromtimestamp(unix_seconds, tz=UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 

@@ -174,10 +174,11 @@ class Pipeline:
         if status is not None:
             self.hub.publish(status)
         derive = route.deriver.derive
-        value = aggregator.value
+        values = aggregator.values
         for reading in readings:
-            for t, val, d, event in derive(reading, mono):
-                status = value(key, t, val, d, mono, wall, event)
+            derived = derive(reading, mono)
+            if derived:
+                status = values(key, derived, mono, wall)
                 if status is not None:
                     self.hub.publish(status)
 

@@ -270,12 +270,16 @@ class LocalBroker:
         keys: list[tuple[str, str, bool]] = []
         now = self.wall()
         observe = self.metrics.dispatch_delay.observe
+        observed = None
         seq = first
         for event in batch:
             if isinstance(event, Sample):
                 frames.append(ws_text_frame(p.dispatch(seq, event).encode("utf-8")))
                 keys.append((event.uid, event.t, False))
-                observe(max(now - event.ts - 1.0, 0.0))
+                if event.ts != observed:
+                    # once per second of samples: they go out together, with the same delay
+                    observed = event.ts
+                    observe(max(now - event.ts - 1.0, 0.0))
                 seq += 1
             elif self._status_wanted:
                 frames.append(ws_text_frame(p.dispatch_status(event).encode("utf-8")))

@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import ssl
@@ -44,12 +46,17 @@ from gatewayd.errors import ConfigError
 from gatewayd.hub import Event, Subscription
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, format_ts
 from gatewayd.roster import Roster
+from gatewayd.sinks.mqtt_wire import BatchedSocket, QuietWake
 
 log = logging.getLogger(__name__)
 
-WINDOW = 1000  # messages inside paho at once (see the module docstring)
-MAX_INFLIGHT = 100  # QoS 1/2 messages on the wire awaiting their ack (paho's default is 20)
+# Messages inside paho at once (see the module docstring): a whole second of a big gym, so a
+# second's burst goes to paho's thread in one hand-over and one wake-up.
+WINDOW = 5000
 PUMP_CHUNK = 2000  # messages handed to paho per loop turn, so a backlog never stalls the loop
+# Hub events taken at once: a whole second of a big gym, so per_athlete finds each athlete's
+# second in one batch.
+BATCH_LIMIT = 100_000
 MAX_DEVICES = 10_000  # remembered device states; the least recently changed is forgotten
 CLOSE_BUDGET_S = 2.0  # of the app's shutdown budget: finish sending, then say "offline"
 
@@ -118,6 +125,9 @@ class Topics:
     def sample(self, uid: str, t: DataType) -> str:
         return f"{self.base}/athletes/{level(uid)}/{t}"
 
+    def athlete(self, uid: str) -> str:
+        return f"{self.base}/athletes/{level(uid)}"
+
     def device(self, source: str, device_id: str) -> str:
         return f"{self.base}/devices/{level(source)}/{level(device_id)}"
 
@@ -133,11 +143,40 @@ class Topics:
         return parts[0] if len(parts) == 2 else None
 
 
-def sample_payload(sample: Sample) -> bytes:
-    record = sample.payload()
-    record["device"] = sample.device_id
-    record["source"] = sample.source
-    return json.dumps(record, separators=(",", ":")).encode()
+def sample_payload(sample: Sample, ts_text: str | None = None) -> bytes:
+    """`{"ts":..,"val":..|"d":[..],"device":..,"source":..}`, byte for byte what json.dumps
+    gives, built without it: this runs for every published sample."""
+    ts = ts_text if ts_text is not None else format_ts(sample.ts)
+    if sample.d is not None:
+        value = '"d":' + _json_list(sample.d)
+    else:
+        value = '"val":' + _json_number(sample.val)
+    device, source = _json_string(sample.device_id), _json_string(sample.source)
+    return f'{{"ts":"{ts}",{value},"device":{device},"source":{source}}}'.encode()
+
+
+def athlete_payload(samples: list[Sample], ts_text: str) -> bytes:
+    """One athlete's second (`per_athlete`): `{"ts":..,"HEART_RATE":72.0,"RR_INTERVAL":[..]}`."""
+    parts = [f'{{"ts":"{ts_text}"']
+    for sample in samples:
+        value = _json_list(sample.d) if sample.d is not None else _json_number(sample.val)
+        parts.append(f'"{sample.t}":{value}')
+    return (",".join(parts) + "}").encode()
+
+
+def _json_number(value: float | None) -> str:
+    if type(value) is float and math.isfinite(value):
+        return repr(value)  # what json.dumps writes for a finite float
+    return json.dumps(value)
+
+
+def _json_list(values: tuple[float, ...]) -> str:
+    return json.dumps(list(values), separators=(",", ":"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_string(text: str) -> str:
+    return json.dumps(text)
 
 
 def discovery_payload(
@@ -217,6 +256,30 @@ class _Client(paho.Client):
         self._gw_credentials = credentials
         self._gw_attempt_failed = attempt_failed
 
+    def _create_socket(self) -> Any:
+        # Every connection's socket batches its writes and reads (gatewayd/sinks/mqtt_wire.py).
+        return BatchedSocket(super()._create_socket())  # type: ignore[arg-type]
+
+    def want_write(self) -> bool:
+        sock = self._sock
+        return super().want_write() or (isinstance(sock, BatchedSocket) and sock.has_output())
+
+    def loop_write(self) -> MQTTErrorCode:
+        rc = super().loop_write()
+        sock = self._sock
+        if isinstance(sock, BatchedSocket):
+            sock.flush()  # one send() for everything paho wrote in this turn
+        return rc
+
+    def quiet_wake(self) -> QuietWake | None:
+        """paho's wake-up socket, wrapped so that a batch of publishes wakes its thread once."""
+        wake: Any = self._sockpairW
+        if wake is None or isinstance(wake, QuietWake):
+            return wake
+        quiet = QuietWake(wake)
+        self._sockpairW = quiet  # type: ignore[assignment]
+        return quiet
+
     def reconnect(self) -> MQTTErrorCode:
         try:
             username, password = self._gw_credentials()
@@ -268,6 +331,9 @@ class MqttSink:
         self._acks: deque[tuple[int, bool]] = deque()
         self._acks_scheduled = False
         self._devices: dict[str, dict[str, Any]] = {}
+        self._sample_topics: dict[tuple[str, DataType], str] = {}
+        self._last_ts = math.nan
+        self._last_ts_text = ""
         # discovery bookkeeping, keyed by the athlete's topic level
         self._names: dict[str, str] = {}
         self._roster_levels: set[str] = set()
@@ -302,7 +368,9 @@ class MqttSink:
             credentials=self._credentials,
             attempt_failed=self._attempt_failed,
         )
-        client.max_inflight_messages_set(MAX_INFLIGHT)
+        # paho rescans every message it holds on each ack while it holds more than its in-flight
+        # limit; WINDOW already bounds what it holds, so no limit of its own.
+        client.max_inflight_messages_set(0)
         client.max_queued_messages_set(WINDOW)
         # paho accepts fractions of a second here although its annotation says int.
         client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
@@ -534,9 +602,24 @@ class MqttSink:
         self._pump_scheduled = False
         if not self._connected:
             return
+        wake = self._client.quiet_wake()
+        if wake is not None:
+            wake.hold()
+        try:
+            budget = self._hand_over()
+        finally:
+            if wake is not None:
+                wake.release()
+        if not budget and (self._queue or self._retained):
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+        self._check_idle()
+
+    def _hand_over(self) -> int:
         publish = self._client.publish
+        pending = self._pending
         budget = PUMP_CHUNK
-        while budget and len(self._pending) < WINDOW:
+        while budget and len(pending) < WINDOW:
             if self._retained:
                 topic = next(iter(self._retained))
                 message = self._retained.pop(topic)
@@ -560,12 +643,9 @@ class MqttSink:
                 self.rejected += 1
                 log.error("MQTT: paho refused a message for %s: %s", message.topic, rc.name)
                 continue
-            self._pending[info.mid] = message.qos
+            pending[info.mid] = message.qos
             budget -= 1
-        if not budget and (self._queue or self._retained):
-            self._pump_scheduled = True
-            asyncio.get_running_loop().call_soon(self._pump)
-        self._check_idle()
+        return budget
 
     def _take_acks(self) -> None:
         self._acks_scheduled = False
@@ -583,7 +663,10 @@ class MqttSink:
         if self._dropping and not self._queue:
             self._dropping = False
             log.info("MQTT caught up; %d messages dropped so far", self.dropped)
-        self._pump()
+        if len(self._pending) <= WINDOW // 2:
+            self._pump()  # refill in big hand-overs, not a few messages per ack
+        else:
+            self._check_idle()
 
     def _check_idle(self) -> None:
         if not self._queue and not self._retained and not self._pending:
@@ -591,17 +674,49 @@ class MqttSink:
 
     # -- events (loop) -------------------------------------------------------------------------
 
+    def _handle_batch(self, batch: list[Event]) -> None:
+        if not self.config.per_athlete:
+            for event in batch:
+                self._handle(event)
+            return
+        # One message per athlete and second: the aggregator emits a second's samples together.
+        seconds: dict[tuple[str, float], list[Sample]] = {}
+        for event in batch:
+            if isinstance(event, Sample):
+                seconds.setdefault((event.uid, event.ts), []).append(event)
+                self._battery(event)
+            else:
+                self._device_status(event)
+        qos = self.config.qos
+        for (uid, ts), samples in seconds.items():
+            payload = athlete_payload(samples, self._ts_text(ts))
+            self._enqueue(Outgoing(self.topics.athlete(uid), payload, qos, False))
+
     def _handle(self, event: Event) -> None:
         if isinstance(event, Sample):
-            qos = self.config.qos
-            if self.config.discovery:
-                self._announce(event.uid, event.t)
-            topic = self.topics.sample(event.uid, event.t)
-            self._enqueue(Outgoing(topic, sample_payload(event), qos, False))
-            if event.t is DataType.BATTERY and event.device_id and event.val is not None:
-                self._device_update(event.source, event.device_id, {"battery": event.val})
+            key = (event.uid, event.t)
+            topic = self._sample_topics.get(key)
+            if topic is None:
+                if len(self._sample_topics) >= MAX_DEVICES:
+                    self._sample_topics.clear()
+                topic = self._sample_topics[key] = self.topics.sample(event.uid, event.t)
+                if self.config.discovery:
+                    self._announce(event.uid, event.t)
+            payload = sample_payload(event, self._ts_text(event.ts))
+            self._enqueue(Outgoing(topic, payload, self.config.qos, False))
+            self._battery(event)
         else:
             self._device_status(event)
+
+    def _battery(self, sample: Sample) -> None:
+        if sample.t is DataType.BATTERY and sample.device_id and sample.val is not None:
+            self._device_update(sample.source, sample.device_id, {"battery": sample.val})
+
+    def _ts_text(self, ts: float) -> str:
+        # A second's samples share their ts: format it once.
+        if ts != self._last_ts:
+            self._last_ts, self._last_ts_text = ts, format_ts(ts)
+        return self._last_ts_text
 
     def _device_status(self, status: DeviceStatus) -> None:
         changes: dict[str, Any] = {
@@ -678,6 +793,7 @@ class MqttSink:
         self._enqueue(Outgoing(topic, payload, 1, True))
 
     def _forget(self, uid_level: str) -> None:
+        self._sample_topics.clear()  # so the athlete's next sample announces its sensors again
         for topic in self._configs.pop(uid_level, set()):
             self._announced.pop(topic, None)
             self._enqueue(Outgoing(topic, b"", 1, True))
@@ -710,9 +826,7 @@ class MqttSink:
     async def run(self) -> None:
         self._start()
         while True:
-            batch = await self.subscription.get_batch()
-            for event in batch:
-                self._handle(event)
+            self._handle_batch(await self.subscription.get_batch(BATCH_LIMIT))
 
     async def wait_connected(self) -> None:
         await self._up.wait()
@@ -753,8 +867,7 @@ class MqttSink:
         a clean disconnect suppresses the will, so "offline" is published by hand."""
         if self._closed:
             return
-        for event in self.subscription.get_nowait():
-            self._handle(event)
+        self._handle_batch(self.subscription.get_nowait())
         if not self._started:
             self._closed = True
             return

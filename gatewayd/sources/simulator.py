@@ -239,11 +239,13 @@ class SimulatorSource:
     def emit_due(self, elapsed: float, frames: FrameQueue) -> float | None:
         """Emit every frame due by `elapsed` seconds of simulation; returns the next due time."""
         queue = self._queue
+        # Frames emitted together are received together: one reading of the clock for all.
+        mono, wall = self.clock.mono(), self.clock.wall()
         while queue and queue[0][0] <= elapsed:
             due, order, device, drop_after = heapq.heappop(queue)
             if drop_after is not None and due >= drop_after:
                 continue  # this athlete's devices went silent
-            self._emit(device, due, frames)
+            self._emit(device, due, frames, mono, wall)
             heapq.heappush(queue, (due + device.period, order, device, drop_after))
         return queue[0][0] if queue else None
 
@@ -261,20 +263,13 @@ class SimulatorSource:
                 return
             await asyncio.sleep(max(0.0, next_due - (self.clock.mono() - start)))
 
-    def _emit(self, device: SimDevice, t: float, frames: FrameQueue) -> None:
+    def _emit(
+        self, device: SimDevice, t: float, frames: FrameQueue, mono: float, wall: float
+    ) -> None:
         device.athlete.advance_to(t)
         payload = device.encode(device, t)
         device.messages += 1
         self.frames_sent += 1
         frames.put(
-            Frame(
-                source=device.source,
-                adapter="sim",
-                device_id=device.device_id,
-                kind=device.kind,
-                payload=payload,
-                mono=self.clock.mono(),
-                wall=self.clock.wall(),
-                rssi=-60,
-            )
+            Frame(device.source, "sim", device.device_id, device.kind, payload, mono, wall, -60)
         )

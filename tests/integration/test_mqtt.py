@@ -175,6 +175,31 @@ async def test_samples_and_device_state_arrive_on_their_topics(
     }
 
 
+async def test_per_athlete_sends_one_message_per_athlete_and_second(mosquitto: Mosquitto) -> None:
+    watcher = await Watcher(mosquitto, [f"gatewayd/{HUB}/athletes/#"]).start()
+    async with running(config(mosquitto, per_athlete=True)) as gw:
+        for second in (0, 1):
+            gw.hub.publish(hr("anna", second, 71 + second))
+            gw.hub.publish(Sample("anna", DataType.RR_INTERVAL, TS + second, d=(812.0, 790.5)))
+            gw.hub.publish(Sample("anna", DataType.POWER, TS + second, val=250.0 + second))
+            gw.hub.publish(hr("bob", second, 90))
+        await asyncio.wait_for(gw.sink.wait_idle(), WAIT_S)
+        await watcher.wait_for(lambda messages: len(messages) >= 4)
+    topics = sorted({topic for topic, _, _ in watcher.messages})
+    assert topics == [f"gatewayd/{HUB}/athletes/anna", f"gatewayd/{HUB}/athletes/bob"]
+    assert payloads(watcher, f"gatewayd/{HUB}/athletes/anna") == [
+        {
+            "ts": f"2027-01-15T08:00:0{second}.000Z",
+            "HEART_RATE": 71.0 + second,
+            "RR_INTERVAL": [812.0, 790.5],
+            "POWER": 250.0 + second,
+        }
+        for second in (0, 1)
+    ]
+    assert len(watcher.on(f"gatewayd/{HUB}/athletes/bob")) == 2
+    assert len(watcher.messages) == 4
+
+
 async def test_retained_state_seen_by_mosquitto_sub(mosquitto: Mosquitto) -> None:
     async with running(config(mosquitto)) as gw:
         gw.hub.publish(

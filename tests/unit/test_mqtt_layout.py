@@ -9,10 +9,11 @@ import pytest
 
 from gatewayd import config as config_module
 from gatewayd.errors import ConfigError
-from gatewayd.model import DataType, Sample
+from gatewayd.model import DataType, Sample, format_ts
 from gatewayd.sinks.mqtt import (
     SENSORS,
     Topics,
+    athlete_payload,
     discovery_payload,
     level,
     object_id,
@@ -104,3 +105,47 @@ def test_bad_mqtt_config_names_the_key(
         config_module.load(write(tmp_path, yaml_lines))
     assert caught.value.key == key
     assert hint in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [
+        Sample("a", DataType.POWER, 1_800_000_000.0, val=212.5, device_id="11:7", source="ant"),
+        Sample("a", DataType.HEART_RATE, 1_800_000_001.0, val=71, device_id="X", source="ble"),
+        Sample("a", DataType.SPEED, 1_800_000_002.0, val=1e-7, device_id='é"\\', source="s"),
+        Sample("a", DataType.CALORIES, 1_800_000_003.0, val=None, device_id="", source=""),
+        Sample("a", DataType.RR_INTERVAL, 1_800_000_004.0, d=(812.0, 790.5), device_id="Z"),
+        Sample("a", DataType.POWER, 1_800_000_005.0, val=float("nan"), device_id="n"),
+    ],
+)
+def test_sample_payload_is_byte_for_byte_what_json_dumps_writes(sample: Sample) -> None:
+    # The reference: the standard library's encoder on the same record.
+    record = sample.payload()
+    record["device"] = sample.device_id
+    record["source"] = sample.source
+    expected = json.dumps(record, separators=(",", ":")).encode()
+    assert sample_payload(sample) == expected
+    assert sample_payload(sample, format_ts(sample.ts)) == expected
+
+
+def test_athlete_payload_holds_every_type_of_the_second() -> None:
+    ts = 1_800_000_000.0
+    samples = [
+        Sample("anna", DataType.HEART_RATE, ts, val=71.0),
+        Sample("anna", DataType.RR_INTERVAL, ts, d=(812.0, 790.5)),
+        Sample("anna", DataType.POWER, ts, val=212.5),
+    ]
+    assert json.loads(athlete_payload(samples, format_ts(ts))) == {
+        "ts": "2027-01-15T08:00:00.000Z",
+        "HEART_RATE": 71.0,
+        "RR_INTERVAL": [812.0, 790.5],
+        "POWER": 212.5,
+    }
+    assert Topics("gatewayd", "hub", "ha").athlete("a/b") == "gatewayd/hub/athletes/a_b"
+
+
+def test_per_athlete_messages_and_discovery_do_not_go_together(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_module.load(write(tmp_path, "    per_athlete: true\n    discovery: true\n"))
+    assert caught.value.key == "outputs.mqtt"
+    assert "discovery needs one topic per data type" in str(caught.value)

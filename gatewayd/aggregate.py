@@ -36,6 +36,18 @@ MAX_CATCH_UP_S = 30
 LOST_CHECK_INTERVAL_S = 0.25
 
 
+@dataclass(frozen=True, slots=True)
+class HeardDevice:
+    source: str
+    device_id: str
+    uid: str
+    live: bool
+    last_wall: float
+    rssi: int | None
+    battery: float | None
+    types: tuple[str, ...]  # the data types it currently gives
+
+
 @dataclass(slots=True)
 class _Device:
     uid: str
@@ -208,6 +220,44 @@ class Aggregator:
             )
             for device in self._devices.values()
         ]
+
+    def heard(self) -> list[HeardDevice]:
+        """Every device heard since start (for the admin page), with the data types it owns."""
+        types: dict[str, list[str]] = {}
+        for (_, t), stream in self._streams.items():
+            types.setdefault(stream.owner, []).append(str(t))
+        return [
+            HeardDevice(
+                d.source,
+                d.device_id,
+                d.uid,
+                d.live,
+                d.last_wall,
+                d.rssi,
+                d.battery,
+                tuple(types.get(key, ())),
+            )
+            for key, d in self._devices.items()
+        ]
+
+    def reassign(self, key: str, uid: str, wall: float) -> list[DeviceStatus]:
+        """The roster gave device `key` to another athlete: its streams restart under `uid`.
+
+        Returns LOST for the old athlete and CONNECTED for the new one, so consumers (the board,
+        MQTT) move the device at once instead of waiting for the old athlete to time out.
+        """
+        device = self._devices.get(key)
+        if device is None or device.uid == uid:
+            return []
+        for stream_key in [k for k, s in self._streams.items() if s.owner == key]:
+            del self._streams[stream_key]
+        statuses: list[DeviceStatus] = []
+        if device.live:
+            statuses.append(self._status(device, DeviceState.LOST, f"given to {uid}", wall))
+        device.uid = uid
+        if device.live:
+            statuses.append(self._status(device, DeviceState.CONNECTED, "enrolled", wall))
+        return statuses
 
     # -- internals ----------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 from gatewayd import __version__
 from gatewayd import config as config_module
+from gatewayd.athlete_store import AthleteStore
+from gatewayd.athletes import AthleteRecord, base_records
 from gatewayd.clock import Clock, SystemClock
 from gatewayd.config import Config
 from gatewayd.errors import GatewayError
@@ -35,8 +37,9 @@ from gatewayd.sources.ble import BleSource
 from gatewayd.sources.replay import ReplaySource, frame_to_json
 from gatewayd.sources.simulator import SimulatorSource
 from gatewayd.spool import Spool
-from gatewayd.tokens import TokenStore
-from gatewayd.web import Board, new_token
+from gatewayd.tokens import ADMIN, ADMIN_SETUP, TokenStore
+from gatewayd.web import Board, board_url, new_token
+from gatewayd.web.admin import Admin, admin_link
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +90,26 @@ class App:
         self.hub = Hub(config.pipeline.sink_queue)
         self.frames = FrameQueue(config.pipeline.frame_queue)
         self.sources: list[Source] = self._build_sources()
+        self._roster_config = config  # SIGHUP replaces it
+        # The running roster is the config's athletes overlaid by the admin page's store.
+        self.athletes = AthleteStore(
+            config.state_dir(),
+            self._base_athletes,
+            track_unknown=config.hub.unknown_devices == "track",
+            apply=self.apply_roster,
+        )
         self.pipeline = Pipeline(
             self.frames,
             self.hub,
-            self._build_roster(config),
+            self.athletes.roster(),
             config.pipeline,
             self.clock,
             log_interval=config.logging.rate_limit_s,
         )
         self.metrics = Metrics()
         self.spool: Spool | None = None
+        self.tokens: TokenStore | None = None
+        self.admin: Admin | None = None
         self.board: Board | None = None
         self.upstream: UpstreamSink | None = None
         self.sinks: list[Sink] = self._build_sinks()
@@ -170,6 +183,8 @@ class App:
             producer_tokens=[(t.token, t.athletes) for t in settings.producer_tokens],
             clock=self.clock,
         )
+        self.tokens = tokens
+        self.admin = Admin(tokens=tokens, roster=self.athletes, devices=self.pipeline.heard_devices)
         return LocalBroker(
             self.hub.subscribe("local_broker"),
             settings,
@@ -179,6 +194,7 @@ class App:
             health=self.health,
             metrics=self.metrics,
             board=None if self.board is None else self.board.respond,
+            admin=self.admin,
             clock=self.clock,
         )
 
@@ -196,6 +212,9 @@ class App:
     def _athletes(self) -> list[AthleteInfo]:
         # Looked up per call: SIGHUP swaps the pipeline's roster.
         return self.pipeline.roster.athletes()
+
+    def _base_athletes(self) -> list[AthleteRecord]:
+        return base_records(self._build_roster(self._roster_config))
 
     def _build_roster(self, config: Config) -> Roster:
         roster = config.roster()
@@ -279,13 +298,41 @@ class App:
         except GatewayError as exc:
             log.error("SIGHUP: config not reloaded, keeping the running roster: %s", exc)
             return
-        roster = self._build_roster(fresh)
+        self._roster_config = fresh
+        self.apply_roster(self.athletes.roster())
+        log.info("SIGHUP: roster reloaded (%d athletes)", len(fresh.athletes))
+
+    def apply_roster(self, roster: Roster) -> None:
+        """A new roster (SIGHUP or the admin page) reaches every part at once; no connection
+        drops. The board reads names per request, so it needs no call."""
         self.pipeline.set_roster(roster)
         for sink in self.sinks:
             if isinstance(sink, MqttSink):
                 sink.set_roster(roster)
-        log.info("SIGHUP: roster reloaded (%d athletes)", len(fresh.athletes))
         self.service.refresh_status()
+
+    def _offer_admin_link(self) -> None:
+        """A fresh install (no admin token yet) logs a one-time link for the staff's tablet."""
+        if self.tokens is None or self.admin is None:
+            return
+        broker = next((s for s in self.sinks if isinstance(s, LocalBroker)), None)
+        if broker is None or not broker.port:
+            return
+        try:
+            if self.tokens.has_minted(ADMIN):
+                return
+            # Only the newest link works: one logged at an earlier start may be in old logs.
+            self.tokens.forget_role(ADMIN_SETUP)
+            setup = self.tokens.create(ADMIN_SETUP, single_use=True)
+        except (OSError, GatewayError) as exc:
+            log.warning("no admin link: cannot mint a setup token (%s)", exc)
+            return
+        url = admin_link(board_url(broker.config.host, broker.port), setup)
+        log.warning(
+            "admin: no admin token yet; open this one-time link on the staff tablet: %s "
+            "(or run `gatewayd token create --role admin`)",
+            url,
+        )
 
     async def run(self, *, seconds: float | None = None) -> int:
         loop = asyncio.get_running_loop()
@@ -299,6 +346,7 @@ class App:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, handler)
         await self._start_listeners()
+        self._offer_admin_link()
         for sink in self.sinks:
             self._spawn(f"sink:{sink.name}", sink.run)
         pipeline_task = asyncio.create_task(self.pipeline.run(), name="pipeline")

@@ -141,7 +141,12 @@ def _broker_commands(commands: Any) -> None:
         help="mint a token and print it once (only its hash is kept, in the state directory)",
     )
     _config_option(create)
-    create.add_argument("--role", choices=["consumer", "producer"], required=True)
+    create.add_argument(
+        "--role",
+        choices=["consumer", "producer", "admin"],
+        required=True,
+        help="admin: the admin page (/admin) and the JSON API (/api)",
+    )
     create.add_argument(
         "--athlete",
         action="append",

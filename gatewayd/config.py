@@ -61,6 +61,9 @@ class Athlete(Section):
     name: str = ""
     max_hr: int | None = Field(None, ge=100, le=250)
     age: int | None = Field(None, ge=5, le=110)
+    # With age and sex: CALORIES from heart rate (docs/board.md, Calories).
+    weight_kg: float | None = Field(None, ge=20.0, le=350.0)
+    sex: Literal["male", "female"] | None = None
     wheel_circumference_m: float = Field(2.105, gt=0.5, lt=4.0)
     devices: list[DeviceRef] = []
 
@@ -410,7 +413,13 @@ class Config(BaseSettings):
     def roster(self) -> Roster:
         athletes = [
             AthleteInfo(
-                a.id, a.name or a.id, a.max_hr or _max_hr_from_age(a.age), a.wheel_circumference_m
+                a.id,
+                a.name or a.id,
+                a.max_hr or _max_hr_from_age(a.age),
+                a.wheel_circumference_m,
+                age=a.age,
+                weight_kg=a.weight_kg,
+                sex=a.sex,
             )
             for a in self.athletes
         ]

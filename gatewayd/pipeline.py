@@ -13,6 +13,7 @@ from gatewayd.clock import Clock
 from gatewayd.config import PipelineConfig
 from gatewayd.decode import decode
 from gatewayd.decode.counters import Deriver
+from gatewayd.device_directory import DeviceDirectory
 from gatewayd.errors import DecodeError
 from gatewayd.hub import Hub
 from gatewayd.model import DeviceStatus, Frame, Sample
@@ -129,6 +130,7 @@ class Pipeline:
             grace=config.grace_s, lost_after=config.lost_after_s, hold=config.hold_s
         )
         self._routes: dict[tuple[str, str], _Route | None] = {}
+        self.directory = DeviceDirectory()
         self.decode_errors: Counter[tuple[str, str]] = Counter()
         self.ignored_frames = 0
         self.processed = 0
@@ -140,23 +142,33 @@ class Pipeline:
         self.roster = roster
         self._routes.clear()
 
-    def _route(self, source: str, device_id: str) -> _Route | None:
+    def _route(self, frame: Frame) -> _Route | None:
+        """Once per device and roster: who it belongs to (a roster edit re-routes it)."""
+        source, device_id = frame.source, frame.device_id
         uid = self.roster.uid_for(source, device_id)
+        self.directory.first_frame(source, device_id, frame.kind)
         route = None
         if uid is not None:
             deriver = Deriver(self.roster.circumference(uid), self.config.max_gap_s)
             route = _Route(f"{source}/{device_id}", uid, deriver)
+            for status in self.aggregator.reassign(route.key, uid, frame.wall):
+                self.hub.publish(status)
         self._routes[(source, device_id)] = route
         return route
+
+    def heard_devices(self) -> list[dict[str, object]]:
+        """Every device the hub hears, for the admin page (GET /api/devices)."""
+        return self.directory.listing(self.aggregator.heard(), self.roster.owner)
 
     def process(self, frame: Frame) -> None:
         source, device_id = frame.source, frame.device_id
         try:
             route = self._routes[(source, device_id)]
         except KeyError:
-            route = self._route(source, device_id)
+            route = self._route(frame)
         if route is None:
             self.ignored_frames += 1
+            self.directory.ignored(frame)  # still listed, so staff can enrol it
             return
         key = route.key
         self.processed += 1

@@ -11,6 +11,10 @@ class AthleteInfo:
     name: str
     max_hr: int | None
     wheel_circumference_m: float
+    # For energy expenditure (gatewayd/energy.py); unknown means no CALORIES from heart rate.
+    age: int | None = None
+    weight_kg: float | None = None
+    sex: str | None = None  # "male" | "female"
 
 
 DEFAULT_CIRCUMFERENCE_M = 2.105  # 700x25c
@@ -38,6 +42,10 @@ class Roster:
         if uid is not None:
             return uid
         return f"{source}:{device_id.upper()}" if self.track_unknown else None
+
+    def owner(self, source: str, device_id: str) -> str | None:
+        """The athlete a device is enrolled to, or None (an unknown device has no athlete)."""
+        return self._devices.get((source, device_id.upper()))
 
     def athlete(self, uid: str) -> AthleteInfo | None:
         return self._athletes.get(uid)

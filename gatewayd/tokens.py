@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 TOKENS_FILE = "tokens.json"
 CONSUMER = "consumer"
 PRODUCER = "producer"
+ADMIN = "admin"  # the admin page and /api: the roster, the devices heard
+# The one-time link `gatewayd run` logs on a fresh install: single use, and good only for
+# claiming an admin token (POST /api/claim), so the log never holds a lasting credential.
+ADMIN_SETUP = "admin-setup"
+ROLES = (CONSUMER, PRODUCER, ADMIN, ADMIN_SETUP)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,8 +133,8 @@ class TokenStore:
         ttl_s: float | None = None,
     ) -> str:
         """Mint a token, store its hash, and return the token itself (shown once, never kept)."""
-        if role not in (CONSUMER, PRODUCER):
-            raise ValueError(f"role must be {CONSUMER!r} or {PRODUCER!r}, not {role!r}")
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         if self.path is None:
             raise ConfigError("hub.state_dir", "no state directory to keep minted tokens in")
         token = "gwd_" + secrets.token_urlsafe(24)
@@ -147,6 +152,22 @@ class TokenStore:
             )
             self._save()
         return token
+
+    def has_minted(self, role: str) -> bool:
+        """Whether a token of `role` was ever minted here (and not purged)."""
+        self._reload(force=True)
+        return any(e.role == role for e in self._minted.values())
+
+    def forget_role(self, role: str) -> int:
+        """Forget every minted token of `role` (superseded setup links); return how many."""
+        with self._locked():
+            self._reload(force=True)
+            gone = [d for d, e in self._minted.items() if e.role == role]
+            for d in gone:
+                del self._minted[d]
+            if gone:
+                self._save()
+        return len(gone)
 
     def purge(self) -> int:
         """Forget used and expired minted tokens; return how many."""

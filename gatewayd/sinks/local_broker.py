@@ -41,9 +41,12 @@ from gatewayd.hub import Event, Subscription
 from gatewayd.lockout import GuessBrake
 from gatewayd.metrics import CONTENT_TYPE, Metrics
 from gatewayd.model import DeviceState, DeviceStatus, Sample
+from gatewayd.sinks.request_body import body_connection
 from gatewayd.spool import Spool
 from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
 from gatewayd.web import Page, board_url
+from gatewayd.web.admin import Admin
+from gatewayd.web.admin import Request as AdminRequest
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +176,10 @@ class LocalBroker:
         clock: Clock,
         timer_interval_s: float = 0.5,
         board: Callable[[str], Page | None] | None = None,
+        admin: Admin | None = None,
     ) -> None:
         self.subscription = subscription
+        self.admin = admin  # /admin and /api (gatewayd/web/admin.py); None serves neither
         self.board = board  # extra GET pages (the gym board); None serves none
         self.config = config
         self.spool = spool
@@ -222,6 +227,10 @@ class LocalBroker:
             write_limit=64 * 1024,
             server_header=f"gatewayd/{__version__}",
             logger=_WS_LOG,
+            # Only the admin API takes request bodies; without it, websockets' own connection.
+            create_connection=None
+            if self.admin is None
+            else body_connection(self.admin.authorized),
         )
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
         log.info("local broker listening on ws://%s:%d/connect", self.config.host, self.port)
@@ -593,6 +602,15 @@ class LocalBroker:
         if path == "/metrics":
             return _response(connection, 200, self.metrics.render().decode("utf-8"), CONTENT_TYPE)
         page = self.board(path) if self.board is not None else None
+        if page is None and self.admin is not None and self.admin.handles(path):
+            page = self.admin.respond(
+                AdminRequest(
+                    request.method,
+                    path,
+                    request.headers.get("Authorization", ""),
+                    getattr(connection, "request_body", b""),
+                )
+            )
         if page is not None:
             response = _response(connection, page.status, page.text, page.content_type)
             for name, value in page.headers:

@@ -22,6 +22,7 @@ from gatewayd.athlete_store import AthleteStore
 from gatewayd.athletes import AthleteRecord, base_records
 from gatewayd.clock import Clock, SystemClock
 from gatewayd.config import Config
+from gatewayd.energy import EnergyMeter
 from gatewayd.errors import GatewayError
 from gatewayd.hub import Hub
 from gatewayd.metrics import Metrics
@@ -105,6 +106,7 @@ class App:
             config.pipeline,
             self.clock,
             log_interval=config.logging.rate_limit_s,
+            energy=self._build_energy(),
         )
         self.metrics = Metrics()
         self.spool: Spool | None = None
@@ -198,6 +200,17 @@ class App:
             clock=self.clock,
         )
 
+    def _build_energy(self) -> EnergyMeter | None:
+        settings = self.config.energy
+        if not settings.enabled:
+            return None
+        return EnergyMeter(
+            zone4_pct=self.config.board.zones[3],
+            default_max_hr=self.config.board.default_max_hr,
+            end_after_s=settings.workout_end_after_s,
+            efficiency=settings.gross_efficiency,
+        )
+
     def _build_board(self) -> Board | None:
         if not self.config.board.enabled:
             return None
@@ -207,7 +220,12 @@ class App:
             title=self.config.hub.name,
             lost_after_s=self.config.pipeline.lost_after_s,
             athletes=self._athletes,
+            workouts=self._workouts,
         )
+
+    def _workouts(self) -> dict[str, dict[str, object]]:
+        energy = self.pipeline.energy
+        return {} if energy is None else energy.workouts()
 
     def _athletes(self) -> list[AthleteInfo]:
         # Looked up per call: SIGHUP swaps the pipeline's roster.

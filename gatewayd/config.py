@@ -341,6 +341,16 @@ class BoardConfig(Section):
         return zones
 
 
+class EnergyConfig(Section):
+    """CALORIES and zone minutes per workout (gatewayd/energy.py, docs/board.md)."""
+
+    enabled: bool = True
+    # A workout ends when the athlete has been gone this long; CALORIES then starts from 0.
+    workout_end_after_s: float = Field(900.0, ge=30.0, le=86400.0)
+    # Cycling's gross efficiency, for energy from power (Ettema & Loras 2009: about 0.18-0.23).
+    gross_efficiency: float = Field(0.22, ge=0.1, le=0.35)
+
+
 class SpoolConfig(Section):
     max_bytes: int = Field(1 << 30, ge=1 << 20)
     max_age_days: float = Field(7.0, gt=0.0)
@@ -377,6 +387,7 @@ class Config(BaseSettings):
     sources: SourcesConfig = SourcesConfig()
     outputs: OutputsConfig = OutputsConfig()
     board: BoardConfig = BoardConfig()
+    energy: EnergyConfig = EnergyConfig()
     spool: SpoolConfig = SpoolConfig()
     logging: LoggingConfig = LoggingConfig()
 

@@ -14,6 +14,7 @@ from gatewayd.config import PipelineConfig
 from gatewayd.decode import decode
 from gatewayd.decode.counters import Deriver
 from gatewayd.device_directory import DeviceDirectory
+from gatewayd.energy import EnergyMeter
 from gatewayd.errors import DecodeError
 from gatewayd.hub import Hub
 from gatewayd.model import DeviceStatus, Frame, Sample
@@ -120,7 +121,9 @@ class Pipeline:
         clock: Clock,
         *,
         log_interval: float = 60.0,
+        energy: EnergyMeter | None = None,
     ) -> None:
+        self.energy = energy  # CALORIES and zone minutes per workout; None computes none
         self.frames = frames
         self.hub = hub
         self.roster = roster
@@ -215,6 +218,8 @@ class Pipeline:
                 status.reason,
             )
             publish(status)
+        if self.energy is not None and samples:
+            samples = samples + self.energy.observe(samples, self.roster.athlete)
         for sample in samples:
             publish(sample)
         self.samples += len(samples)

@@ -178,7 +178,17 @@ def build_room(config: SimulatorConfig) -> list[SimAthlete]:
         uid = f"sim-{index + 1:02d}"
         name = f"{_NAMES[index % len(_NAMES)]} {index // len(_NAMES) + 1}".removesuffix(" 1")
         model = AthleteModel(random.Random(rng.getrandbits(32)))
-        info = AthleteInfo(uid, name, round(model.threshold_hr / 0.9), DEFAULT_CIRCUMFERENCE_M)
+        # A plausible profile from the index alone (drawing it would shift every random stream),
+        # so simulated tiles show kcal from heart rate too.
+        info = AthleteInfo(
+            uid,
+            name,
+            round(model.threshold_hr / 0.9),
+            DEFAULT_CIRCUMFERENCE_M,
+            age=22 + index * 7 % 41,
+            weight_kg=float(55 + index * 11 % 40),
+            sex=("female", "male")[index % 2],
+        )
         use_ble = config.hr_straps == "ble" or (config.hr_straps == "mixed" and index % 2 == 0)
         devices = []
         if use_ble:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -79,12 +79,14 @@ class Board:
         title: str,
         lost_after_s: float,
         athletes: Callable[[], Iterable[AthleteInfo]],
+        workouts: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
     ) -> None:
         self.config = config
         self.token = token
         self.title = config.title or title
         self.lost_after_s = lost_after_s
         self.athletes = athletes
+        self.workouts = workouts  # uid -> {"since", "kcal", "zone_minutes"} (gatewayd/energy.py)
         self._files: dict[str, str] = {}
 
     def respond(self, path: str) -> Page | None:
@@ -109,6 +111,7 @@ class Board:
             "athletes": [
                 {"uid": a.uid, "name": a.name, "max_hr": a.max_hr} for a in self.athletes()
             ],
+            "workouts": {uid: dict(w) for uid, w in self.workouts().items()},
         }
 
     def _file(self, name: str) -> str:

@@ -32,7 +32,6 @@ ATHLETES = "/api/athletes"
 
 _FILES: dict[str, tuple[str, str]] = {
     "/admin": ("admin.html", "text/html; charset=utf-8"),
-    "/admin/": ("admin.html", "text/html; charset=utf-8"),
     "/admin.js": ("admin.js", "text/javascript; charset=utf-8"),
     "/admin.css": ("admin.css", "text/css; charset=utf-8"),
 }

@@ -7,7 +7,7 @@
   // How far back a fresh page (or one that was away long) asks REPLAY to go, in seqs. Samples
   // older than the sparkline window are dropped here, so this only bounds the work.
   const BACKFILL_ROWS = 30000;
-  const TYPES = ["HEART_RATE", "POWER", "BIKE_CADENCE", "BATTERY"];
+  const TYPES = ["HEART_RATE", "POWER", "BIKE_CADENCE", "BATTERY", "CALORIES"];
   const OP = { HEARTBEAT: 0, ACK: 1, HELLO: 2, IDENTIFY: 3, READY: 4, DISPATCH: 5, REPLAY: 7 };
   // PROTOCOL.md: reconnect with exponential backoff from 1 s to a 30 s cap, with jitter.
   const BACKOFF_BASE_S = 1;
@@ -71,6 +71,7 @@
       const response = await fetch("board/config.json", { cache: "no-store", signal: abort.signal });
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       applyConfig(await response.json());
+      configFetchedAt = performance.now();
     } catch (err) {
       retry("cannot reach the hub");
       return;
@@ -249,6 +250,7 @@
       hr: null, // {ts, val}
       power: null,
       cadence: null,
+      kcal: null, // {ts, val}: this workout's CALORIES so far
       battery: null, // percent
       batteryTs: -Infinity,
       hist: [], // [ts, bpm], ascending ts
@@ -264,7 +266,32 @@
     return a;
   }
 
+  // Staff edit the roster on /admin while the board runs: a uid the board has no name for (a
+  // strap just enrolled) and a slow timer both fetch the names again, without reconnecting.
+  // Also how often zone minutes (counted by the hub, in config.workouts) move on the tiles.
+  const CONFIG_REFRESH_MS = 10000;
+  const UNKNOWN_REFRESH_MS = 3000;
+  let configFetchedAt = 0;
+  let configFetching = false;
+
+  async function refreshConfig() {
+    if (configFetching) return;
+    configFetching = true;
+    configFetchedAt = performance.now();
+    try {
+      const response = await fetch("board/config.json", { cache: "no-store" });
+      if (response.ok) applyConfig(await response.json());
+    } catch (err) {
+      // the connection's own retry reports trouble
+    } finally {
+      configFetching = false;
+    }
+  }
+
   function onSample(uid, t, ts, val) {
+    if (!roster.has(uid) && performance.now() - configFetchedAt > UNKNOWN_REFRESH_MS) {
+      refreshConfig();
+    }
     if (hubTs === null || ts > hubTs) {
       hubTs = ts;
       hubTsAt = performance.now();
@@ -285,6 +312,8 @@
       if (!a.power || ts >= a.power.ts) a.power = { ts, val };
     } else if (t === "BIKE_CADENCE") {
       if (!a.cadence || ts >= a.cadence.ts) a.cadence = { ts, val };
+    } else if (t === "CALORIES") {
+      if (!a.kcal || ts >= a.kcal.ts) a.kcal = { ts, val };
     } else if (t === "BATTERY" && ts >= a.batteryTs) {
       a.battery = val;
       a.batteryTs = ts;
@@ -345,13 +374,15 @@
     const meta = div("meta");
     const power = span("power", "");
     const cadence = span("cadence", "");
-    meta.append(power, cadence);
+    const kcal = span("kcal", "");
+    const zmin = span("zmin", "");
+    meta.append(kcal, zmin, power, cadence);
     const lost = div("lostmark");
     lost.append(document.createTextNode("Signal lost"));
     const lostFor = document.createElement("small");
     lost.append(lostFor);
     tile.append(head, hr, row, meta, lost);
-    return { tile, name, batt, hr, pct, zone, power, cadence, canvas, lostFor };
+    return { tile, name, batt, hr, pct, zone, power, cadence, kcal, zmin, canvas, lostFor };
   }
 
   function div(cls) {
@@ -436,6 +467,11 @@
     el.zone.hidden = !zone;
     setMetric(el.power, fresh(a.power, now) ? a.power.val : null, "W");
     setMetric(el.cadence, fresh(a.cadence, now) ? a.cadence.val : null, "rpm");
+    // Since the workout began (the hub ends one after the athlete is gone a while).
+    const workout = (config.workouts || {})[a.uid];
+    const kcal = a.kcal ? a.kcal.val : workout && typeof workout.kcal === "number" ? workout.kcal : null;
+    setMetric(el.kcal, kcal, "kcal");
+    setMetric(el.zmin, workout ? Math.floor(workout.zone_minutes) : null, "min Z4\u20135");
     const low = a.battery !== null && a.battery <= config.low_battery_pct;
     el.batt.hidden = !low;
     if (low) el.batt.textContent = `${Math.round(a.battery)}%`;
@@ -626,5 +662,6 @@
   relayout();
   tick();
   setInterval(tick, 1000);
+  setInterval(() => online && refreshConfig(), CONFIG_REFRESH_MS);
   connect();
 })();

@@ -75,6 +75,7 @@ def test_config_json_has_what_the_page_needs_and_nothing_else() -> None:
             {"uid": "a1", "name": "Ada", "max_hr": 181},
             {"uid": "a2", "name": "Ben", "max_hr": None},
         ],
+        "workouts": {},
     }
 
 
@@ -133,3 +134,29 @@ def test_bad_zones_name_the_key_and_the_fix(tmp_path, zones: str, message: str) 
     with pytest.raises(ConfigError) as caught:
         config_module.load(path)
     assert "board.zones" in str(caught.value) and message in str(caught.value)
+
+
+def test_config_json_carries_each_workout_for_the_tiles() -> None:
+    workout = {"since": "2027-01-15T08:00:00.000Z", "kcal": 12.5, "zone_minutes": 3.0}
+    b = Board(
+        BoardConfig(),
+        token="t",
+        title="gym",
+        lost_after_s=5.0,
+        athletes=lambda: ROSTER,
+        workouts=lambda: {"a1": workout},
+    )
+    page = b.respond(CONFIG_PATH)
+    assert page is not None
+    assert json.loads(page.text)["workouts"] == {"a1": workout}
+
+
+def test_the_admin_page_uses_no_outside_resources() -> None:
+    from gatewayd.web.admin import Admin, Request
+
+    admin = Admin(tokens=None, roster=None, devices=list)  # type: ignore[arg-type]
+    for path in ("/admin", "/admin.js", "/admin.css"):
+        page = admin.respond(Request("GET", path, "", b""))
+        assert page.status == 200, path
+        assert "http://" not in page.text and "https://" not in page.text, path
+        assert "frame-ancestors 'none'" in dict(page.headers)["Content-Security-Policy"]

@@ -12,11 +12,12 @@ import contextlib
 import functools
 import logging
 import signal
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from gatewayd import __version__
+from gatewayd import __version__, mdns
 from gatewayd import config as config_module
 from gatewayd.athlete_store import AthleteStore
 from gatewayd.athletes import AthleteRecord, base_records
@@ -113,6 +114,7 @@ class App:
         self.tokens: TokenStore | None = None
         self.admin: Admin | None = None
         self.board: Board | None = None
+        self.advertiser: mdns.Advertiser | None = None
         self.upstream: UpstreamSink | None = None
         self.sinks: list[Sink] = self._build_sinks()
         # systemd (Type=notify): READY=1 once everything is up, the watchdog from this loop.
@@ -329,6 +331,28 @@ class App:
                 sink.set_roster(roster)
         self.service.refresh_status()
 
+    def _advertise(self) -> None:
+        """mDNS/DNS-SD: a tablet finds the hub by name (in the background: probing takes ~2 s)."""
+        broker = next((s for s in self.sinks if isinstance(s, LocalBroker)), None)
+        settings = self.config.mdns
+        if broker is None or not broker.port:
+            return
+        if not mdns.should_advertise(settings.enabled, broker.config.host):
+            return
+        self.advertiser = mdns.Advertiser(
+            settings,
+            mdns.adverts(
+                hub_id=self.config.hub.id,
+                hub_name=self.config.hub.name,
+                port=broker.port,
+                addresses=mdns.local_addresses(broker.config.host, settings.interfaces),
+                hostname=socket.gethostname(),
+                board=self.board is not None,
+                admin=self.admin is not None,
+            ),
+        )
+        self._tasks.append(asyncio.create_task(self.advertiser.start(), name="mdns"))
+
     def _offer_admin_link(self) -> None:
         """A fresh install (no admin token yet) logs a one-time link for the staff's tablet."""
         if self.tokens is None or self.admin is None:
@@ -365,6 +389,7 @@ class App:
                 loop.add_signal_handler(signum, handler)
         await self._start_listeners()
         self._offer_admin_link()
+        self._advertise()
         for sink in self.sinks:
             self._spawn(f"sink:{sink.name}", sink.run)
         pipeline_task = asyncio.create_task(self.pipeline.run(), name="pipeline")
@@ -427,6 +452,8 @@ class App:
         log.info("stopping: finishing the current second and draining outputs")
         for callback in self.on_stopping:
             callback()
+        if self.advertiser is not None:
+            await self.advertiser.close()  # goodbye packets: browsers drop the hub at once
         sources = [t for t in self._tasks if (t.get_name() or "").startswith("source:")]
         for task in sources:
             task.cancel()

@@ -130,6 +130,22 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(scan)
     scan.add_argument("--seconds", type=float, default=10.0, help="how long to listen")
     _broker_commands(commands)
+    disc = commands.add_parser(
+        "discover",
+        help="list the gatewayd hubs on the local network (mDNS/DNS-SD)",
+        description=(
+            "Listen for hubs advertising _gatewayd._tcp for SECONDS and print each one's name, "
+            "hub id and URLs (board, admin page, broker). Exit status 1 when none was heard."
+        ),
+    )
+    disc.add_argument("--seconds", type=float, default=3.0, help="how long to listen (3)")
+    disc.add_argument(
+        "--interface",
+        action="append",
+        metavar="IPV4",
+        help="listen on the interface with this address only (repeat; default: all)",
+    )
+    disc.add_argument("--json", action="store_true", help="one JSON object per hub")
     return parser
 
 
@@ -220,6 +236,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "status":
         return _status(args)
+    if args.command == "discover":
+        return _discover(args)
     if args.command in ("token", "tail"):
         return _broker_client_command(args)
     cfg = config_module.load(args.config)
@@ -437,6 +455,27 @@ def _decode(profile: str, hex_frames: list[str], interval: float) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _discover(args: argparse.Namespace) -> int:
+    from gatewayd import mdns
+
+    setup_logging(args.log_level or "warning")
+    hubs = mdns.discover(args.seconds, args.interface)
+    if not hubs:
+        print(f"no gatewayd hub heard in {args.seconds:g} s", file=sys.stderr)
+        return 1
+    for hub in hubs:
+        urls = hub.urls()
+        if args.json:
+            record = {"name": hub.name, "hub": hub.hub, "version": hub.version, **urls}
+            print(json.dumps({**record, "addresses": list(hub.addresses)}))
+            continue
+        print(f"{hub.name} (hub {hub.hub or '?'}, gatewayd {hub.version or '?'})")
+        for label in ("board", "admin", "broker"):
+            if label in urls:
+                print(f"  {label + ':':<8} {urls[label]}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -351,6 +351,25 @@ class EnergyConfig(Section):
     gross_efficiency: float = Field(0.22, ge=0.1, le=0.35)
 
 
+class MdnsConfig(Section):
+    """DNS-SD over mDNS, so a tablet finds the hub by name (gatewayd/mdns.py, docs/board.md)."""
+
+    # auto: only when the broker listens beyond loopback; true: always; false: never.
+    enabled: bool | Literal["auto"] = "auto"
+    # IPv4 addresses of the interfaces to announce on (and the addresses announced); empty:
+    # every interface's.
+    interfaces: list[str] = []
+
+    @field_validator("interfaces")
+    @classmethod
+    def _ipv4(cls, value: list[str]) -> list[str]:
+        for address in value:
+            parts = address.split(".")
+            if len(parts) != 4 or not all(p.isdigit() and int(p) < 256 for p in parts):
+                raise ValueError(f"{address!r} is not an IPv4 address, e.g. 192.168.1.20")
+        return value
+
+
 class SpoolConfig(Section):
     max_bytes: int = Field(1 << 30, ge=1 << 20)
     max_age_days: float = Field(7.0, gt=0.0)
@@ -388,6 +407,7 @@ class Config(BaseSettings):
     outputs: OutputsConfig = OutputsConfig()
     board: BoardConfig = BoardConfig()
     energy: EnergyConfig = EnergyConfig()
+    mdns: MdnsConfig = MdnsConfig()
     spool: SpoolConfig = SpoolConfig()
     logging: LoggingConfig = LoggingConfig()
 

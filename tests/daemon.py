@@ -23,7 +23,26 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 30.0  # a guard on waits for log lines and exits, never a sleep
+# A time shift (scripts/timeshift) must reach the daemon too, or a test compares two calendars.
+TIME_SHIFT_VARIABLES = (
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "FAKETIME",
+    "FAKETIME_DONT_FAKE_MONOTONIC",
+    "DONT_FAKE_MONOTONIC",
+    "FAKETIME_NO_CACHE",
+    "FAKETIME_FORCE_MONOTONIC_FIX",
+)
 BROKER_LISTENING = re.compile(r"local broker listening on wss?://[\d.]+:(\d+)/connect")
+
+
+def daemon_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment a daemon under test gets: nothing of the developer's but PATH (and a
+    time shift, when the suite runs under one), this checkout first on the import path."""
+    env = {name: os.environ[name] for name in TIME_SHIFT_VARIABLES if name in os.environ}
+    env.update(PATH=os.environ.get("PATH", "/usr/bin:/bin"), PYTHONPATH=str(ROOT), HOME=str(home))
+    env.update(extra)
+    return env
 
 
 class Daemon:
@@ -123,14 +142,12 @@ async def start_daemon(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(ROOT),
-            "HOME": str(tmp_path),
-            "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
-            "GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT": "0",
+        env=daemon_env(
+            tmp_path,
+            GATEWAYD_HUB__STATE_DIR=str(tmp_path / "state"),
+            GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT="0",
             **(env or {}),
-        },
+        ),
     )
     daemon = Daemon(process, path)
     if wait_for_broker:

@@ -33,6 +33,7 @@ from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 from gatewayd.pipeline import Pipeline
 from gatewayd.roster import Roster
 from gatewayd.sources.ant import AntSource
+from tests.daemon import daemon_env
 from tests.fakes.fake_ant_stick import (
     BROADCAST,
     CHANNEL_STATUS,
@@ -551,8 +552,7 @@ def test_the_daemon_runs_on_without_a_stick(tmp_path: Path) -> None:
         "outputs: {stdout: {enabled: true}, local_broker: {port: 0}}\n"
         f"hub: {{state_dir: {tmp_path / 'state'}}}\n"
     )
-    root = Path(__file__).resolve().parents[2]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HOME": str(tmp_path)}
+    env = daemon_env(tmp_path)
     process = subprocess.run(
         [sys.executable, "-m", "gatewayd", "run", "--config", str(config), "--seconds", "3"],
         capture_output=True,

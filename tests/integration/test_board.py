@@ -25,6 +25,7 @@ import pytest
 from websockets.sync.client import connect
 
 from gatewayd.model import format_ts
+from tests.daemon import daemon_env
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
@@ -55,9 +56,7 @@ class Daemon:
 
     def __init__(self, config: Path, tmp_path: Path, port: int = 0) -> None:
         env = {
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": str(ROOT),
-            "HOME": str(tmp_path),
+            **daemon_env(tmp_path),
             "GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT": str(port),
         }
         self.process = subprocess.Popen(

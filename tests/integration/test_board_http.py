@@ -25,9 +25,9 @@ from gatewayd.sinks.local_broker import LocalBroker
 from gatewayd.spool import Spool
 from gatewayd.tokens import TokenStore
 from gatewayd.web import Board, new_token
+from tests.daemon import daemon_env
 from tests.helpers import SteadyClock
 
-ROOT = Path(__file__).resolve().parents[2]
 WAIT = 10.0  # a guard on waits for events, never a sleep
 
 
@@ -132,9 +132,7 @@ def test_run_without_a_config_logs_the_board_url_and_serves_it(tmp_path: Path) -
     if DEFAULT_CONFIG_PATH.exists():
         pytest.skip(f"{DEFAULT_CONFIG_PATH} exists, so `gatewayd run` would not run bare")
     env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(ROOT),
-        "HOME": str(tmp_path),
+        **daemon_env(tmp_path),
         "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
         "GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT": "0",  # parallel-safe; everything else default
     }

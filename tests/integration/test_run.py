@@ -11,15 +11,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from gatewayd.model import parse_ts
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.daemon import daemon_env
 
 
 def gatewayd(*args: str, tmp_path: Path) -> subprocess.Popen[str]:
     env = {
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(ROOT),
-        "HOME": str(tmp_path),
+        **daemon_env(tmp_path),
         "GATEWAYD_CONFIG": str(tmp_path / "none.yaml"),
         "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
         "GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT": "0",

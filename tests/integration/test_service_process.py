@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sys
@@ -14,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from gatewayd.errors import EX_CONFIG
+from tests.daemon import daemon_env
 
-ROOT = Path(__file__).resolve().parents[2]
 GUARD_S = 30.0
 
 
@@ -65,9 +64,7 @@ async def start(tmp_path: Path, config: str, *args: str, **env: str) -> asyncio.
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(ROOT),
-            "HOME": str(tmp_path),
+            **daemon_env(tmp_path),
             "GATEWAYD_CONFIG": str(tmp_path / "gatewayd.yaml"),
             "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
             "GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT": "0",

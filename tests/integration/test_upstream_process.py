@@ -25,6 +25,7 @@ from websockets.asyncio.client import connect
 
 from gatewayd import protocol as p
 from gatewayd.model import parse_ts
+from tests.daemon import daemon_env
 from tests.integration.test_upstream import HUB_TOKEN, WAIT, Key, Upstream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,12 +45,7 @@ class Daemon:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self, fsize_limit: int | None = None) -> None:
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": str(ROOT),
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "HOME": str(self.tmp),
-        }
+        env = daemon_env(self.tmp, PYTHONDONTWRITEBYTECODE="1")
 
         def limit() -> None:
             # A file size limit stands in for a full disk: writes past it fail with EFBIG

@@ -165,6 +165,22 @@ class BrokerLimitsConfig(Section):
         return self
 
 
+class Developer(Section):
+    """Credentials Terra's token endpoints accept (`POST /auth/developer`, `/auth/user`)."""
+
+    dev_id: str = Field(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_key(self) -> Developer:
+        if (self.api_key is None) == (self.api_key_file is None):
+            raise ValueError("give `api_key` or `api_key_file` (one of them)")
+        if self.api_key is not None and len(self.api_key.get_secret_value()) < 16:
+            raise ValueError("`api_key` must be at least 16 characters (it guards token minting)")
+        return self
+
+
 class LocalBrokerConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -172,6 +188,9 @@ class LocalBrokerConfig(Section):
     consumer_tokens: list[str] = []
     producer_tokens: list[ProducerToken] = []
     board_token: str | None = None
+    # Who may mint single-use tokens over HTTP, as with Terra's REST API (docs/broker.md).
+    developers: list[Developer] = []
+    minted_token_ttl_s: float = Field(300.0, gt=0.0, le=86400.0)
     max_consumers: int = Field(200, ge=1)
     heartbeat_interval_s: float = Field(40.0, ge=1.0, le=600.0)  # sent in HELLO
     identify_timeout_s: float = Field(15.0, gt=0.0, le=300.0)

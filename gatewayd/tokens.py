@@ -131,8 +131,12 @@ class TokenStore:
         athletes: Iterable[str] = (),
         single_use: bool = False,
         ttl_s: float | None = None,
+        forget_dead: bool = False,
     ) -> str:
-        """Mint a token, store its hash, and return the token itself (shown once, never kept)."""
+        """Mint a token, store its hash, and return the token itself (shown once, never kept).
+
+        `forget_dead` drops used and expired tokens in the same write, so minting per connection
+        (the HTTP token endpoints) does not grow the file without bound."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
         if self.path is None:
@@ -141,6 +145,8 @@ class TokenStore:
         now = self.clock.wall()
         with self._locked():
             self._reload(force=True)
+            if forget_dead:
+                self._drop_dead(now)
             self._minted[digest(token)] = _Minted(
                 digest(token),
                 role,
@@ -174,15 +180,19 @@ class TokenStore:
         now = self.clock.wall()
         with self._locked():
             self._reload(force=True)
-            stale = [
-                d
-                for d, e in self._minted.items()
-                if e.used or (e.expires is not None and now >= e.expires)
-            ]
-            for d in stale:
-                del self._minted[d]
+            stale = self._drop_dead(now)
             if stale:
                 self._save()
+        return stale
+
+    def _drop_dead(self, now: float) -> int:
+        stale = [
+            d
+            for d, e in self._minted.items()
+            if e.used or (e.expires is not None and now >= e.expires)
+        ]
+        for d in stale:
+            del self._minted[d]
         return len(stale)
 
     def minted(self) -> list[dict[str, object]]:

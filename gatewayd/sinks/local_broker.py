@@ -47,6 +47,7 @@ from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
 from gatewayd.web import Page, board_url
 from gatewayd.web.admin import Admin
 from gatewayd.web.admin import Request as AdminRequest
+from gatewayd.web.auth import TokenEndpoints, load_developers
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,10 @@ class LocalBroker:
             window_s=limits.guess_window_s,
             lock_s=limits.guess_lock_s,
             max_lock_s=limits.guess_max_lock_s,
+        )
+        # Terra's token endpoints on this port (POST /auth/developer, /auth/user?id=).
+        self.auth = TokenEndpoints(
+            load_developers(config.developers, "outputs.local_broker.developers"), self._mint
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -586,6 +591,20 @@ class LocalBroker:
         snapshot["last_seq"] = self.spool.last_seq
         return snapshot
 
+    def _mint(self, role: str, athlete: str | None) -> str:
+        """A single-use token for the HTTP token endpoints; only its hash is stored."""
+        token = self.tokens.create(
+            role,
+            athletes=() if athlete is None else (athlete,),
+            single_use=True,
+            ttl_s=self.config.minted_token_ttl_s,
+            forget_dead=True,
+        )
+        log.info(
+            "minted a single-use %s token over HTTP%s", role, f" for {athlete}" if athlete else ""
+        )
+        return token
+
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
         if path == "/connect":
@@ -601,7 +620,9 @@ class LocalBroker:
             return _response(connection, 200, body, "application/json")
         if path == "/metrics":
             return _response(connection, 200, self.metrics.render().decode("utf-8"), CONTENT_TYPE)
-        page = self.board(path) if self.board is not None else None
+        page = self.auth.respond(request.method, request.path, request.headers)
+        if page is None and self.board is not None:
+            page = self.board(path)
         if page is None and self.admin is not None and self.admin.handles(path):
             page = self.admin.respond(
                 AdminRequest(

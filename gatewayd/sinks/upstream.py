@@ -394,6 +394,8 @@ class Lane:
                 delay = self._backoff()
             finally:
                 self._gone()
+            if self.sink.stopping:
+                return  # close() ended this connection: no reconnect
             self.state = "backoff"
             self.retry_at = self.sink.mono() + delay
             self.sink.changed()
@@ -474,8 +476,16 @@ class Lane:
             pass
         finally:
             timers.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            try:
                 await timers
+            except asyncio.CancelledError:
+                # The timers' own cancel ends here; a cancel of this lane (close()) must not,
+                # or the lane would reconnect after the close frame went out.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            except ConnectionClosed:
+                pass
         with contextlib.suppress(ConnectionClosed):
             await ws.close()
         return self._after_close(ws, self._own_close)
@@ -658,6 +668,7 @@ class UpstreamSink:
         self._tasks: list[asyncio.Task[Any]] = []
         self._saved: dict[str, int] = {}
         self._closing = False
+        self.stopping = False  # set by close(): lanes do not reconnect any more
         self._load_cursors()
         spool.add_listener(self._on_append)
         log.info(
@@ -737,7 +748,14 @@ class UpstreamSink:
         if not self.terra:
             self.lanes[ALL].want()  # the hub-to-hub link stays up; Terra lanes open on demand
         try:
-            await asyncio.gather(*self._tasks)
+            # Not gather(): close() cancels the reader first, and a cancelled child would make
+            # gather() cancel the lanes too, dropping their sockets before the last ACK and the
+            # close frame. Only a part that fails ends (and restarts) the whole sink.
+            done, _ = await asyncio.wait(self._tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                failure = None if task.cancelled() else task.exception()
+                if failure is not None:
+                    raise failure
         finally:
             for task in self._tasks:
                 task.cancel()
@@ -748,6 +766,7 @@ class UpstreamSink:
         if self._closing:
             return
         self._closing = True
+        self.stopping = True
         reader = next((t for t in self._tasks if t.get_name() == "upstream: reader"), None)
         if reader is not None:
             if self.append:
@@ -761,11 +780,15 @@ class UpstreamSink:
                 await reader
         await asyncio.gather(*(lane.settle(CLOSE_ACK_WAIT_S) for lane in self.lanes.values()))
         self.save_cursors()
-        for lane in self.lanes.values():
-            ws = lane.ws
-            if ws is not None:
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.close(p.CloseCode.NORMAL, "gatewayd stopping")
+        # Each socket ends with a close frame (1000), after its last HEARTBEAT was ACKed above.
+        await asyncio.gather(
+            *(
+                lane.ws.close(p.CloseCode.NORMAL, "gatewayd stopping")
+                for lane in self.lanes.values()
+                if lane.ws is not None
+            ),
+            return_exceptions=True,
+        )
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

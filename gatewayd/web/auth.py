@@ -2,9 +2,9 @@
 
 Terra's clients mint a single-use token before every (re)connect (Terra's OpenAPI for the
 streaming API, `rt.yaml`): a consumer with `/auth/developer`, a producer with
-`/auth/user?id=<user>`, authenticated by the `dev-id` and `x-api-key` headers or by `Authorization: Basic
-base64(dev-id:api-key)`. Answers as Terra's: 200 `{"token": ...}`, 400 for missing or malformed
-credentials (or a missing `id`), 403 for credentials that do not match.
+`/auth/user?id=<user>`, authenticated by the `dev-id` and `x-api-key` headers or by
+`Authorization: Basic base64(dev-id:api-key)`. Answers as Terra's: 200 `{"token": ...}`, 400
+for missing or malformed credentials (or a missing `id`), 403 for credentials that do not match.
 
 Pure: the request comes in as method, target and headers; minting is a callback (the broker's
 token store), so nothing here touches a socket or a file after start-up. An unauthenticated

@@ -34,7 +34,33 @@ _FLAGGED = st.builds(
 )
 _KNOWN_PAGE = st.builds(
     lambda number, toggle, rest: bytes([number | toggle]) + rest,
-    st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, 0x10, 0x11, 0x12, 16, 25, 0x50, 0x51]),
+    st.sampled_from(
+        [
+            0,
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+            7,
+            0x10,
+            0x11,
+            0x12,
+            16,
+            18,
+            19,
+            20,
+            21,
+            22,
+            23,
+            24,
+            25,
+            26,
+            0x50,
+            0x51,
+        ]
+    ),
     st.sampled_from([0, 0x80]),
     st.binary(min_size=7, max_size=7),
 )

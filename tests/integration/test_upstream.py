@@ -460,7 +460,8 @@ async def test_the_size_cap_evicts_the_oldest_counts_them_and_the_rest_arrives(
     up = Upstream(tmp_path)
     await up.start()
     await up.stop()  # down from the start: everything waits in the spool
-    async with Gateway(tmp_path, settings(up.url), athletes=8, spool={"max_bytes": 64_000}) as gw:
+    # Blocks take a few bytes a sample: 32 athletes for a minute pass a cap of 48 kB.
+    async with Gateway(tmp_path, settings(up.url), athletes=32, spool={"max_bytes": 48_000}) as gw:
         await gw.run_for(60)
         held = [key(s) for _, s in gw.spool.read(0, 1 << 62, limit=10**6)]
         assert gw.spool.evicted > 0

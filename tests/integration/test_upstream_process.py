@@ -12,7 +12,6 @@ import json
 import re
 import resource
 import signal
-import sqlite3
 import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from websockets.asyncio.client import connect
 
 from gatewayd import protocol as p
 from gatewayd.model import parse_ts
+from gatewayd.spool import read_only as spool_file
 from tests.daemon import daemon_env
 from tests.integration.test_upstream import HUB_TOKEN, WAIT, Key, Upstream
 
@@ -138,12 +138,7 @@ def daemon_config(tmp: Path, upstream_url: str, **extra: Any) -> dict[str, Any]:
 
 def spool_rows(path: Path) -> list[Key]:
     """What a spool holds on disk (committed rows only), read without writing to it."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT uid, t, ts, val, d FROM samples ORDER BY seq").fetchall()
-    finally:
-        db.close()
-    return [(uid, t, ts, val if d is None else tuple(json.loads(d))) for uid, t, ts, val, d in rows]
+    return [(s.uid, s.t, s.ts, s.val if s.d is None else s.d) for _, s in spool_file(path)]
 
 
 def in_order(keys: list[Key]) -> bool:

@@ -7,8 +7,11 @@ number, device type and, where the stick gives it, RSSI. A stick that cannot sca
 one wildcard channel per ANT+ profile, which hears one device of each type.
 
 Threads: openant runs two of its own per stick (USB reader, response dispatcher) and one of ours
-runs its data loop (`node.start()` blocks). Frames cross to the event loop through
-FrameQueue.put_threadsafe. Supervision (find sticks, reopen after loss, back off) is asyncio.
+runs its data loop (`node.start()` blocks). Data messages skip both of openant's queues: they
+become Frames in the USB reader thread itself, and cross to the event loop in batches, one
+call_soon_threadsafe per HANDOFF_S at most (each thread hop and each loop wake-up cost as much
+CPU as everything else a frame needs). Responses and channel events keep openant's own path.
+Supervision (find sticks, reopen after loss, back off) is asyncio.
 
 Hardware trouble never raises out of run(): no stick is a warning and a background retry; an
 unplugged stick is logged once and reopened when it is back; a stick without permission or held
@@ -21,8 +24,11 @@ import array
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
+import operator
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -57,6 +63,10 @@ FALLBACK_PROFILES: dict[int, tuple[str, int]] = {
     124: ("stride (SDM)", 8134),
 }
 
+# Frames wait this long in the reader thread's hand-off before the event loop takes them all: at
+# 400 frames/s one wake-up carries ~4 frames, at 4,000 ~40; the aggregator's grace is >= 100 ms.
+HANDOFF_S = 0.01
+_SYNC = 0xA4
 _SEARCH_FOREVER = 0xFF
 # Short enough that stopping a stick (openant polls its reader) is quick, long enough not to spin.
 _READ_TIMEOUT_MS = 250
@@ -272,6 +282,7 @@ class _Stick:
         clock: Clock,
         name_for: Callable[[int | None, str], str],
         loop: asyncio.AbstractEventLoop,
+        handoff_s: float = HANDOFF_S,
     ) -> None:
         self.where = describe_device(device)
         self.location = _location(device)
@@ -295,6 +306,10 @@ class _Stick:
         self._node: Any = None
         self._thread: threading.Thread | None = None
         self._lost_lock = threading.Lock()
+        self._handoff_s = handoff_s
+        self._handoff: deque[Frame] = deque()  # appended by the reader thread, emptied by the loop
+        self._armed = False  # a take is scheduled on the loop
+        self.bad_bytes = 0  # bytes skipped to find the next message (noise, a torn transfer)
 
     # -- setup (runs in a worker thread; blocking) ---------------------------------------------
 
@@ -302,6 +317,12 @@ class _Stick:
         link = _UsbLink(self._device, self.where, self._lose)
         with _pinned(link):
             self._node = _Node(self._channel_event, self._status_answered)
+        # Instance attributes win over openant's methods: its reader thread calls these for
+        # every message it reads, and nothing is on the air before the channel opens.
+        ant = self._node.ant
+        ant.read_message = functools.partial(self._read_message, ant)
+        ant._on_broadcast = self._on_message
+        ant._on_acknowledge = self._on_message
         if self.lost_reason is not None:
             raise SourceLost("it went away during setup (unplugged?)")
         self._configure(self._node)
@@ -380,8 +401,7 @@ class _Stick:
             channel.enable_extended_messages(1)
 
     def _listen(self, channel: Any) -> None:
-        channel.on_broadcast_data = self._on_data
-        channel.on_acknowledge_data = self._on_data
+        # Broadcast and acknowledged data never reach the channel (see open()).
         channel.on_burst_data = self._on_burst
 
     # -- running (openant's threads and ours) ---------------------------------------------------
@@ -399,12 +419,42 @@ class _Stick:
             log.exception("%s: openant's data loop failed", self.adapter)
             self._lose(f"openant's data loop failed ({exc})")
 
-    def _on_data(self, content: Any) -> None:
+    def _read_message(self, ant: Any) -> Message | None:
+        """The next message from the stick (openant's reader thread).
+
+        openant's own formats every USB read as hex for a debug log, whether or not anything
+        logs it; it also stops at the first byte out of place. This one skips to the next sync
+        byte and drops a message whose checksum is wrong.
+        """
+        while ant._running:
+            buffer = ant._buffer
+            if buffer and buffer[0] != _SYNC:
+                start = buffer.tobytes().find(_SYNC)
+                skipped = len(buffer) if start < 0 else start
+                self.bad_bytes += skipped
+                del buffer[:skipped]
+                continue
+            if len(buffer) >= 4 and len(buffer) >= buffer[1] + 4:
+                end = buffer[1] + 4
+                packet = buffer[:end]
+                if functools.reduce(operator.xor, packet) == 0:
+                    del buffer[:end]
+                    return Message(packet[2], packet[3:-1])
+                self.bad_bytes += 1
+                del buffer[:1]
+                continue
+            buffer.extend(ant._driver.read())
+        return None
+
+    def _on_message(self, message: Message) -> None:
+        """A broadcast or acknowledged data message (openant's reader thread)."""
+        self._on_content(bytes(message._data))
+
+    def _on_content(self, content: bytes) -> None:
         mono = self._clock.mono()
         wall = self._clock.wall()
         try:
-            # openant hands over the content after the channel byte; the channel is not needed
-            message = antplus.parse_content(antplus.MSG_BROADCAST, b"\x00" + bytes(content))
+            message = antplus.parse_content(antplus.MSG_BROADCAST, content)
         except DecodeError as exc:
             self.malformed += 1
             log.debug("%s: malformed data message dropped: %s", self.adapter, exc)
@@ -429,11 +479,25 @@ class _Stick:
             wall=wall,
             rssi=message.rssi,
         )
-        try:
-            self._frames.put_threadsafe(frame)
-        except RuntimeError:
-            return  # the event loop is closing: shutdown
+        self._handoff.append(frame)
         self.frames_out += 1
+        if not self._armed:
+            self._armed = True
+            with contextlib.suppress(RuntimeError):  # the event loop is closing: shutdown
+                self._loop.call_soon_threadsafe(self._arm)
+
+    def _arm(self) -> None:
+        if self._handoff_s > 0:
+            self._loop.call_later(self._handoff_s, self._take)
+        else:
+            self._take()
+
+    def _take(self) -> None:
+        """Move the reader thread's frames into the FrameQueue (event loop)."""
+        self._armed = False  # first: a frame appended from now on arms a new take
+        handoff, put = self._handoff, self._frames.put
+        while handoff:
+            put(handoff.popleft())
 
     def _on_burst(self, content: Any) -> None:
         # ANT+ sensors do not burst their data pages; a burst is ANT-FS or a control reply.
@@ -480,9 +544,12 @@ class AntSource:
 
     name = "ant"
 
-    def __init__(self, config: AntConfig, clock: Clock, *, backend: Any = None) -> None:
+    def __init__(
+        self, config: AntConfig, clock: Clock, *, backend: Any = None, handoff_s: float = HANDOFF_S
+    ) -> None:
         self.config = config
         self._backend = backend  # a pyusb backend; None lets pyusb pick libusb
+        self._handoff_s = handoff_s
         self._clock = clock
         self.sticks: dict[str, _Stick] = {}  # open sticks by adapter name
         self._names: dict[object, str] = {}
@@ -560,7 +627,7 @@ class AntSource:
     async def _serve(
         self, device: usb.core.Device, frames: FrameQueue, loop: asyncio.AbstractEventLoop
     ) -> None:
-        stick = _Stick(device, self.config, frames, self._clock, self._name, loop)
+        stick = _Stick(device, self.config, frames, self._clock, self._name, loop, self._handoff_s)
         opening = asyncio.ensure_future(asyncio.to_thread(stick.open))
         try:
             await asyncio.shield(opening)

@@ -870,7 +870,8 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
 
 
 class CountingFrameQueue(FrameQueue):
-    """A FrameQueue that also lets a test wait, from any thread, until N frames were handed in."""
+    """A FrameQueue that also lets a test wait, from any thread, until N frames were handed in
+    (put on the event loop, past any batching in the source)."""
 
     def __init__(self, maxsize: int = 1_000_000) -> None:
         super().__init__(maxsize)
@@ -878,8 +879,8 @@ class CountingFrameQueue(FrameQueue):
         self.log: list[Frame] = []  # every frame handed in, in order
         self._handed = threading.Condition()
 
-    def put_threadsafe(self, frame: Frame) -> None:
-        super().put_threadsafe(frame)
+    def put(self, frame: Frame) -> None:
+        super().put(frame)
         with self._handed:
             self.log.append(frame)
             self.handed_in += 1

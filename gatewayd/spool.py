@@ -40,7 +40,7 @@ FORMAT = "2"
 RESERVE_BLOCK = 4096
 DEFAULT_RETENTION_S = 24 * 3600.0
 DEFAULT_MAX_AGE_S = 7 * 24 * 3600.0
-# 1 GiB holds ~250 M samples at ~4 bytes each: ~7 days of 100 athletes (docs/upstream.md).
+# 1 GiB holds ~160 M samples at ~6.6 bytes each: 24 h of ~500 athletes (docs/upstream.md).
 DEFAULT_MAX_BYTES = 1 << 30
 PRUNE_EVERY_S = 60.0
 # While the disk is full, unwritten samples wait in memory up to this many, then the oldest go.
@@ -53,9 +53,13 @@ LAST_TS_WINDOW = 200_000
 BLOCK_MAX = 2048
 # Decoded blocks kept for readers (the forwarder and REPLAY read the same recent blocks).
 CACHE_BLOCKS = 8
+# A second of a gym is a row of 1-3 kB: in 4 kB pages one such row fills a page about half, and
+# each commit writes ~12 kB to the WAL (SD card wear); 1 kB pages hold the same rows at ~95 % and
+# write ~4 kB a commit.
+PAGE_SIZE = 1024
 # The WAL is checkpointed every this many pages and cut back to this size, so it stays ~1 MiB
 # rather than SQLite's 4 MiB default (which alone would be 10 % of a day's spool for 10 athletes).
-WAL_PAGES = 256
+WAL_PAGES = 1000
 WAL_LIMIT = 1 << 20
 # Old-format rows converted per transaction.
 CONVERT_CHUNK = 50_000
@@ -126,7 +130,11 @@ class Spool:
         self._db = self._open(path)
         self._load_streams()
         if self._has_table("samples"):
-            self._convert_v1()
+            try:
+                self._convert_v1()
+            except BaseException:
+                self._db.close()  # a later open carries on where this one stopped
+                raise
         db = self._db
         first_block, last, total = db.execute(
             "SELECT min(seq), max(last), sum(last - seq + 1) FROM blocks"
@@ -169,6 +177,7 @@ class Spool:
     def _connect(path: Path) -> sqlite3.Connection:
         try:
             db = sqlite3.connect(path, isolation_level=None)
+            db.execute(f"PRAGMA page_size={PAGE_SIZE}")  # only a new file takes it
             db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a killed process loses nothing committed; only a power cut
             # may lose the last transactions, which is the trade the 1-commit-per-second allows.
@@ -661,8 +670,12 @@ class Spool:
         db.execute("DROP TABLE samples")
         self._set_meta("format", FORMAT)
         db.execute("COMMIT")
-        # The old rows' pages are free now; give them back to the file system.
+        # The old rows' pages are free now: give them back to the file system, and take the
+        # smaller pages (which VACUUM can change only outside WAL mode).
+        db.execute("PRAGMA journal_mode=DELETE")
+        db.execute(f"PRAGMA page_size={PAGE_SIZE}")
         db.execute("VACUUM")
+        db.execute("PRAGMA journal_mode=WAL")
         log.warning("spool %s: conversion done (%d samples)", self.path, done)
 
 

@@ -200,7 +200,8 @@ async def test_a_full_disk_is_a_clear_error_and_the_local_broker_keeps_serving(
     tmp_path: Path, upstream: Upstream
 ) -> None:
     gateway = Daemon(tmp_path, daemon_config(tmp_path, upstream.url))
-    await gateway.start(fsize_limit=96 * 1024)
+    # Small: a second of 3 athletes adds only a few kB (one 1 kB page and its WAL frames).
+    await gateway.start(fsize_limit=32 * 1024)
     try:
         port = int((await gateway.line(r"listening on ws://127\.0\.0\.1:(\d+)/connect"))[1])
         failed = await gateway.line(r"ERROR.*spool .* cannot write \((.*)\)")

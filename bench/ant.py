@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from openant.base.ant import Ant  # noqa: E402
 
+from bench.machine import reference_us  # noqa: E402
 from gatewayd.clock import SystemClock  # noqa: E402
 from gatewayd.config import AntConfig, PipelineConfig  # noqa: E402
 from gatewayd.hub import Hub  # noqa: E402
@@ -149,7 +150,11 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"wall                 {wall:.2f} s")
     print(f"frames/s handled     {taken / wall:,.0f}")
     print(f"gateway CPU          {cpu:.2f} s ({100 * cpu / wall:.1f} % of one core)")
-    print(f"gateway CPU/frame    {cpu / max(taken, 1) * 1e6:.0f} us")
+    per_frame = cpu / max(taken, 1) * 1e6
+    ref = reference_us()
+    print(f"gateway CPU/frame    {per_frame:.0f} us")
+    print(f"machine reference    {ref:.1f} us (timeit -p sum(range(1000)); quiet: 7.8)")
+    print(f"CPU/frame / ref      {per_frame / ref:.1f}x (goal 40 us on a quiet machine = 5.1x)")
     if latencies:
         latencies.sort()
         p99 = latencies[int(len(latencies) * 0.99)]

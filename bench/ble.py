@@ -1,12 +1,15 @@
 """The gateway's CPU per BLE notification: 20 fake straps notifying at 4 Hz through a fake BlueZ.
 
     .venv/bin/python bench/ble.py [--devices 20] [--hz 4] [--seconds 20] [--no-pipeline]
+                                  [--start-notify]
 
 A private dbus-daemon and the fake BlueZ (tests/fakes/fake_bluez.py, in its own process so its
 CPU is not counted) serve org.bluez; this process runs the real BLE source (bleak's BlueZ
 backend) and, unless --no-pipeline, the real pipeline behind it. Once every device is connected
 and notifying, CPU time of this process is measured over --seconds of wall time.
 Prints notifications/s, CPU microseconds per notification, CPU % of one core and peak RSS.
+Notifications come over AcquireNotify (a socket per characteristic) unless --start-notify asks
+for D-Bus PropertiesChanged signals (StartNotify), to compare the two.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import reference_us
 from gatewayd.clock import SystemClock
 from gatewayd.config import BleConfig, PipelineConfig
 from gatewayd.hub import Hub
@@ -64,7 +68,7 @@ async def bench(args: argparse.Namespace) -> None:
 
         queue = FrameQueue(maxsize=100_000)
         source = BleSource(
-            BleConfig(enabled=True, slots_per_adapter=10),
+            BleConfig(enabled=True, slots_per_adapter=10, acquire_notify=not args.start_notify),
             timing=BleTiming(settle_s=0.2, tick_s=1.0),
         )
         tasks = [asyncio.create_task(source.run(queue))]
@@ -110,7 +114,12 @@ async def bench(args: argparse.Namespace) -> None:
     )
     if not args.no_pipeline:
         print(f"  samples published  {samples} ({samples / wall:.1f}/s)")
-    print(f"  CPU per notification {cpu / max(notes, 1) * 1e6:.0f} us")
+    per_note = cpu / max(notes, 1) * 1e6
+    ref = reference_us()
+    print(f"  CPU per notification {per_note:.0f} us")
+    print(f"  machine reference  {ref:.1f} us (timeit -p sum(range(1000)); quiet: 7.8)")
+    print(f"  per notification / ref {per_note / ref:.1f}x (goal 40 us quiet = 5.1x)")
+    print(f"  over AcquireNotify {source.stats.acquired} of {args.devices} subscriptions")
     print(f"  CPU                {cpu / wall * 100:.1f} % of one core")
     print(f"  peak RSS           {rss_mb:.0f} MB")
 
@@ -121,6 +130,7 @@ def main() -> None:
     parser.add_argument("--hz", type=float, default=4.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--no-pipeline", action="store_true")
+    parser.add_argument("--start-notify", action="store_true", help="D-Bus signals, not a socket")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     asyncio.run(bench(args))

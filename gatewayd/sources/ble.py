@@ -7,6 +7,13 @@ connection, on the adapter that hears it best among those with a free slot. Conn
 adapter are serialized because BlueZ answers InProgress to a second one. Every notification,
 read and HR advert becomes a Frame; nothing is decoded here.
 
+Notifications come over AcquireNotify where BlueZ offers it: a socket per characteristic, one
+datagram per notification, read straight from the event loop. The alternative, StartNotify,
+sends each as a D-Bus PropertiesChanged signal through dbus-daemon, which dbus-fast unmarshals
+and bleak routes (about 3x the CPU per notification, docs/benchmarks.md). A device that refuses
+AcquireNotify, or whose acquired link delivers nothing (some peripherals notify before the CCC
+write is answered, and BlueZ then drops the fd), gets StartNotify from then on.
+
 Failure handling, because this is what goes wrong in gyms:
 - a failed connect backs off per device; a device that stopped advertising is not tried again
   until it is heard, so a returning strap reconnects on its first advert;
@@ -147,6 +154,7 @@ class BleStats:
     adverts: int = 0
     advert_frames: int = 0
     notifications: int = 0
+    acquired: int = 0  # subscriptions asked over AcquireNotify (a socket, not D-Bus signals)
     connects: int = 0
     connect_failures: int = 0
     drops: int = 0
@@ -184,6 +192,9 @@ class _Device:
     last_advert: bytes = b""
     last_advert_at: float = -math.inf
     signatures: dict[str, tuple[object, ...]] = field(default_factory=dict)  # adapter -> last
+    notes: int = 0  # notifications ever heard from it
+    start_notify_only: bool = False  # AcquireNotify failed it once: D-Bus signals from now on
+    acquired: bool = False  # this connection's notifications come over AcquireNotify
 
     @property
     def wants_connection(self) -> bool:
@@ -587,6 +598,8 @@ class BleSource:
         dropped = asyncio.Event()
         client: BleakClient | None = None
         reason = ""
+        notes_before = dev.notes
+        dev.acquired = False
         try:
             async with ad.connect_lock:
                 if not ad.usable or self._adapters.get(ad.name) is not ad:
@@ -628,6 +641,8 @@ class BleSource:
                 # shielded: a link cancelled by shutdown or recovery still releases the device
                 await asyncio.shield(_disconnect(client))
             was_connected = dev.connected
+            if was_connected and dev.acquired and dev.notes == notes_before and reason != "stopped":
+                self._acquire_failed(dev, "no notification came over AcquireNotify")
             dev.connected = False
             dev.link = None
             ad.members.discard(dev.address)
@@ -679,7 +694,7 @@ class BleSource:
         subscribed = 0
         for kind, char in chars.items():
             if kind in NOTIFY_KINDS and {"notify", "indicate"} & set(char.properties):
-                await client.start_notify(char, self._notifier(dev, ad.name, kind))
+                await self._subscribe(client, dev, char, self._notifier(dev, ad.name, kind))
                 subscribed += 1
         if not subscribed:
             dev.useless = True
@@ -699,6 +714,33 @@ class BleSource:
                     dev.battery = value[0]
             if await _wait(dropped, self.timing.battery_interval_s):
                 return
+
+    async def _subscribe(
+        self,
+        client: BleakClient,
+        dev: _Device,
+        char: BleakGATTCharacteristic,
+        callback: Callable[[BleakGATTCharacteristic, bytearray], None],
+    ) -> None:
+        if self.config.acquire_notify and not dev.start_notify_only:
+            try:
+                # bleak asks AcquireNotify where BlueZ lists NotifyAcquired, else StartNotify
+                await client.start_notify(char, callback, bluez={"use_start_notify": False})
+            except (BleakError, DBusError) as exc:
+                if not client.is_connected:
+                    raise
+                self._acquire_failed(dev, f"AcquireNotify refused: {exc}")
+            else:
+                self.stats.acquired += 1
+                dev.acquired = True
+                return
+        await client.start_notify(char, callback)
+
+    def _acquire_failed(self, dev: _Device, why: str) -> None:
+        dev.start_notify_only = True
+        log.info(
+            "BLE: %s: %s; D-Bus notifications (StartNotify) for it from now on", dev.address, why
+        )
 
     async def _read(
         self,
@@ -731,11 +773,14 @@ class BleSource:
         clock = self._clock
         wall = self._wall
         stats = self.stats
+        assert self._frames is not None  # run() binds it before any link
+        put = self._frames.put
 
         def on_notify(_char: BleakGATTCharacteristic, data: bytearray) -> None:
             stats.notifications += 1
+            dev.notes += 1
             last = heard.get(adapter)
-            self._put(
+            put(
                 Frame(
                     SOURCE,
                     adapter,
@@ -744,7 +789,7 @@ class BleSource:
                     bytes(data),
                     clock(),
                     wall(),
-                    last.rssi if last is not None else None,
+                    None if last is None else last.rssi,
                 )
             )
 

@@ -4,7 +4,9 @@ It models what the gateway depends on: adapters (Adapter1) with a controller con
 devices (Device1) heard by one or more adapters with their own RSSI, GATT services and
 characteristics under BlueZ's object path shapes, adverts (RSSI / ManufacturerData
 PropertiesChanged while discovering), notifications (PropertiesChanged Value on characteristics
-that were StartNotify'd) and the failures real stacks show: Connect answering InProgress or
+that were StartNotify'd; with AcquireNotify, one datagram each on a SOCK_SEQPACKET socket whose
+other end went to the client as a Unix fd in the method reply, as BlueZ does) and the failures
+real stacks show: Connect answering InProgress or
 Failed, a connection dropping, a strap walking out of range, a controller that goes deaf until it
 is power-cycled.
 
@@ -24,13 +26,14 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from dbus_fast import BusType, DBusError, Variant
+from dbus_fast import BusType, DBusError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 from dbus_fast.annotations import DBusSignature
 from dbus_fast.service import PropertyAccess, ServiceInterface, dbus_property, method
@@ -49,6 +52,9 @@ BASE_UUID = "-0000-1000-8000-00805f9b34fb"
 IN_PROGRESS = "org.bluez.Error.InProgress"
 FAILED = "org.bluez.Error.Failed"
 NOT_READY = "org.bluez.Error.NotReady"
+NOT_PERMITTED = "org.bluez.Error.NotPermitted"
+GATT_CHAR = "org.bluez.GattCharacteristic1"
+ATT_MTU = 23  # what AcquireNotify answers beside the fd (the LE default)
 
 
 def uuid16(short: str) -> str:
@@ -127,6 +133,8 @@ class Stats:
     max_connected: dict[str, int] = field(default_factory=dict)
     power_offs: dict[str, int] = field(default_factory=dict)
     notifications: int = 0
+    acquired: int = 0  # AcquireNotify calls answered with an fd
+    fd_notifications: int = 0  # notifications written to an acquired fd (not D-Bus signals)
     ever_connected: set[str] = field(default_factory=set)
 
 
@@ -335,9 +343,82 @@ class CharIface(ServiceInterface):
     def StopNotify(self):
         self.notifying = False
 
+    @property
+    def subscribed(self) -> bool:
+        return False
+
     def push(self, value: bytes) -> None:
         self.value = value
         self.emit_properties_changed({"Value": value})
+
+    def release(self) -> None:
+        pass
+
+
+class NotifyCharIface(CharIface):
+    """A characteristic that can notify: BlueZ then offers AcquireNotify (NotifyAcquired)."""
+
+    def __init__(self, fake: FakeBlueZ, link: Link, spec: CharSpec, service_path: str) -> None:
+        super().__init__(fake, link, spec, service_path)
+        self.acquired: socket.socket | None = None  # our end of an AcquireNotify socket
+
+    @dbus_property(access=PropertyAccess.READ)
+    def NotifyAcquired(self) -> Bool:
+        return self.acquired is not None
+
+    @property
+    def subscribed(self) -> bool:
+        return self.notifying or self.acquired is not None
+
+    def acquire(self) -> socket.socket:
+        """AcquireNotify: return the client's end of a fresh socket pair."""
+        if not self._link.connected:
+            raise DBusError(FAILED, "Not connected")
+        if self._link.spec.address in self._fake.refuse_acquire:
+            raise DBusError(NOT_PERMITTED, "Notify acquire refused")
+        if self.subscribed:
+            raise DBusError(NOT_PERMITTED, "Notify already started")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        self.acquired = ours
+        # The client never writes: readable means it closed its end (stop_notify).
+        asyncio.get_running_loop().add_reader(ours.fileno(), self._readable)
+        self._fake.stats.acquired += 1
+        self.emit_properties_changed({"NotifyAcquired": True})
+        return theirs
+
+    def _readable(self) -> None:
+        assert self.acquired is not None
+        try:
+            data = self.acquired.recv(512)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.release()
+
+    def release(self) -> None:
+        if self.acquired is None:
+            return
+        asyncio.get_running_loop().remove_reader(self.acquired.fileno())
+        self.acquired.close()
+        self.acquired = None
+        self.emit_properties_changed({"NotifyAcquired": False})
+
+    def push(self, value: bytes) -> None:
+        if self.acquired is None:
+            super().push(value)
+            return
+        self.value = value
+        try:
+            self.acquired.send(value)
+        except BlockingIOError:
+            pass  # the client is not reading: like BlueZ, drop rather than block
+        except OSError:
+            self.release()
+        else:
+            self._fake.stats.fd_notifications += 1
 
 
 class ControlIface(ServiceInterface):
@@ -428,6 +509,8 @@ class FakeBlueZ:
         self.adapters: dict[str, FakeAdapter] = {}
         self.devices: dict[str, FakeDeviceSpec] = {}
         self.links: dict[tuple[str, str], Link] = {}  # (hci, address)
+        self.char_at: dict[str, CharIface] = {}  # by object path
+        self.refuse_acquire: set[str] = set()  # devices whose AcquireNotify fails
         self.present: dict[str, bool] = {}
         self.fail_plan: dict[str, list[str]] = {}
         self.bus: MessageBus | None = None
@@ -439,7 +522,10 @@ class FakeBlueZ:
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self.bus = await MessageBus(bus_address=self.bus_address, bus_type=BusType.SYSTEM).connect()
+        self.bus = await MessageBus(
+            bus_address=self.bus_address, bus_type=BusType.SYSTEM, negotiate_unix_fd=True
+        ).connect()
+        self.bus.add_message_handler(self._acquire_notify)
         self.bus.export("/org/gatewayd/fake", ControlIface(self))
         await self.bus.request_name("org.bluez")
         self._advertiser = asyncio.create_task(self._advertise_forever())
@@ -450,6 +536,8 @@ class FakeBlueZ:
         for link in self.links.values():
             if link.notifier is not None:
                 link.notifier.cancel()
+            for char in link.chars.values():
+                char.release()
         if self.bus is not None:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
@@ -534,7 +622,11 @@ class FakeBlueZ:
             handle += 1
             for char in service.chars:
                 char_path = f"{service_path}/char{handle:04x}"
-                char_iface = CharIface(self, link, char, service_path)
+                notifies = {"notify", "indicate"} & set(char.flags)
+                char_iface = (NotifyCharIface if notifies else CharIface)(
+                    self, link, char, service_path
+                )
+                self.char_at[char_path] = char_iface
                 self.bus.export(char_path, char_iface)
                 link.exported.append((char_path, char_iface))
                 link.chars[char.uuid] = char_iface
@@ -569,7 +661,7 @@ class FakeBlueZ:
     def notify(self, address: str, uuid: str, value: bytes) -> None:
         for link in self._links_of(address):
             char = link.chars.get(uuid)
-            if link.connected and char is not None and char.notifying:
+            if link.connected and char is not None and char.subscribed:
                 char.push(value)
                 self.stats.notifications += 1
 
@@ -587,6 +679,27 @@ class FakeBlueZ:
                 await self.changed.wait()
 
     # ----------------------------------------------------------------- behaviour
+
+    def _acquire_notify(self, msg: Message) -> Message | bool | None:
+        """AcquireNotify, answered by hand: the reply carries a Unix fd, and our copy of the
+        client's end may only be closed once the reply is on the wire."""
+        if (
+            msg.message_type is not MessageType.METHOD_CALL
+            or msg.interface != GATT_CHAR
+            or msg.member != "AcquireNotify"
+        ):
+            return None
+        char = self.char_at.get(msg.path or "")
+        if not isinstance(char, NotifyCharIface):
+            return None  # the service's own dispatch answers UnknownMethod
+        try:
+            theirs = char.acquire()
+        except DBusError as exc:
+            return Message.new_error(msg, exc.type, exc.text)
+        assert self.bus is not None
+        reply = Message.new_method_return(msg, "hq", [0, ATT_MTU], [theirs.fileno()])
+        self.bus.send(reply).add_done_callback(lambda _: theirs.close())
+        return True
 
     def _links_of(self, address: str) -> list[Link]:
         return [link for (_, a), link in self.links.items() if a == address]
@@ -658,6 +771,7 @@ class FakeBlueZ:
         else:
             for char in link.chars.values():
                 char.notifying = False
+                char.release()  # the client's fd reads EOF, as when BlueZ loses the device
             if link.notifier is not None:
                 link.notifier.cancel()
                 link.notifier = None
@@ -690,7 +804,7 @@ class FakeBlueZ:
         next_at = loop.time()
         while link.connected:
             for char in link.chars.values():
-                if char.notifying:
+                if char.subscribed:
                     char.push(self._value_for(spec, char.spec.uuid))
                     self.stats.notifications += 1
             next_at += period

@@ -324,6 +324,44 @@ async def test_notification_bytes_reach_the_frame_unchanged(fake: FakeBlueZ) -> 
     assert before <= frame.wall <= time.time()
     assert frame.mono <= time.monotonic()
     assert status["adapters"]["hci3"]["in_use"] == 1 and status["connected"] == 1
+    # it came over the AcquireNotify socket, not as a D-Bus signal
+    assert fake.stats.acquired == 1 and fake.stats.fd_notifications >= 1
+    assert source.stats.acquired == 1
+
+
+async def test_start_notify_when_acquire_notify_is_refused_or_switched_off(
+    fake: FakeBlueZ, caplog: pytest.LogCaptureFixture
+) -> None:
+    """AcquireNotify fails on some peripherals: such a device gets D-Bus notifications, and so
+    does every device with sources.ble.acquire_notify false."""
+    caplog.set_level(logging.INFO, logger="gatewayd.sources.ble")
+    fake.add_adapter("hci0")
+    fake.add_strap(addr(1), {"hci0": -50}, hr=71)
+    fake.add_strap(addr(2), {"hci0": -50}, hr=72)
+    fake.refuse_acquire.add(addr(1))
+    source = source_for()
+    async with running(source) as out:
+        await until(lambda: len(source.connected()) == 2, source.changed)
+        await until(
+            lambda: (
+                {"2a37"} <= out.kinds_by_device().get(addr(1), set())
+                and {"2a37"} <= out.kinds_by_device().get(addr(2), set())
+            ),
+            out.event,
+        )
+    assert fake.stats.acquired == 1, "only the device that accepts it"
+    assert fake.stats.fd_notifications > 0
+    assert any(
+        addr(1) in r.getMessage() and "AcquireNotify refused" in r.getMessage()
+        for r in caplog.records
+    )
+    off = source_for(acquire_notify=False)
+    fake.refuse_acquire.clear()
+    before = fake.stats.acquired
+    async with running(off) as out:
+        await until(lambda: len(off.connected()) == 2, off.changed)
+        await until(lambda: {"2a37"} <= out.kinds_by_device().get(addr(2), set()), out.event)
+    assert fake.stats.acquired == before and off.stats.acquired == 0
 
 
 async def test_dropped_link_reconnects_and_frees_its_slot(fake: FakeBlueZ) -> None:

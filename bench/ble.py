@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -43,9 +44,28 @@ async def drain(queue: FrameQueue) -> None:
         queue.take_all()
 
 
+def daemon_of(address: str) -> int | None:
+    """The pid of the dbus-daemon serving `address` (unix:path=<dir>/dbus-...)."""
+    folder = str(Path(address.split("=", 1)[1].split(",", maxsplit=1)[0]).parent)
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if f"unix:dir={folder}".encode() in cmdline.read_bytes():
+                return int(cmdline.parent.name)
+    return None
+
+
+def cpu_of(pid: int | None) -> float:
+    """User + system CPU seconds of a process (Linux /proc); 0 when unknown."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def bench(args: argparse.Namespace) -> None:
     async with private_system_bus() as address:
         os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = address
+        dbus_daemon = daemon_of(address)
         adapters = max(1, (args.devices + 9) // 10)
         fake = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -90,9 +110,11 @@ async def bench(args: argparse.Namespace) -> None:
         n0 = source.stats.notifications
         s0 = 0 if args.no_pipeline else pipeline.samples
         cpu0 = time.process_time()
+        daemon0 = cpu_of(dbus_daemon)
         wall0 = time.perf_counter()
         await asyncio.sleep(args.seconds)
         cpu = time.process_time() - cpu0
+        daemon_cpu = cpu_of(dbus_daemon) - daemon0
         wall = time.perf_counter() - wall0
         notes = source.stats.notifications - n0
         samples = 0 if args.no_pipeline else pipeline.samples - s0
@@ -120,6 +142,7 @@ async def bench(args: argparse.Namespace) -> None:
     print(f"  machine reference  {ref:.1f} us (timeit -p sum(range(1000)); quiet: 7.8)")
     print(f"  per notification / ref {per_note / ref:.1f}x (goal 40 us quiet = 5.1x)")
     print(f"  over AcquireNotify {source.stats.acquired} of {args.devices} subscriptions")
+    print(f"  dbus-daemon CPU    {daemon_cpu / max(notes, 1) * 1e6:.0f} us per notification")
     print(f"  CPU                {cpu / wall * 100:.1f} % of one core")
     print(f"  peak RSS           {rss_mb:.0f} MB")
 

@@ -9,8 +9,8 @@ one wildcard channel per ANT+ profile, which hears one device of each type.
 Threads: openant runs two of its own per stick (USB reader, response dispatcher) and one of ours
 runs its data loop (`node.start()` blocks). Data messages skip both of openant's queues: they
 become Frames in the USB reader thread itself, and cross to the event loop in batches, one
-call_soon_threadsafe per HANDOFF_S at most (each thread hop and each loop wake-up cost as much
-CPU as everything else a frame needs). Responses and channel events keep openant's own path.
+call_soon_threadsafe per HANDOFF_S (25 ms) at most: each thread hop and each loop wake-up costs
+as much CPU as everything else a frame needs. Responses and channel events keep openant's path.
 Supervision (find sticks, reopen after loss, back off) is asyncio.
 
 Hardware trouble never raises out of run(): no stick is a warning and a background retry; an
@@ -64,8 +64,10 @@ FALLBACK_PROFILES: dict[int, tuple[str, int]] = {
 }
 
 # Frames wait this long in the reader thread's hand-off before the event loop takes them all: at
-# 400 frames/s one wake-up carries ~4 frames, at 4,000 ~40; the aggregator's grace is >= 100 ms.
-HANDOFF_S = 0.01
+# 400 frames/s one wake-up carries ~10 frames, at 4,000 ~100. Each loop wake-up costs more than
+# the frames it carries (bench/ant.py: 10 ms ~165 us/frame, 25 ms ~120, 50 ms ~85 under load);
+# 25 ms stays well inside the aggregator's grace (<= 100 ms), so no frame comes late for it.
+HANDOFF_S = 0.025
 _SYNC = 0xA4
 _SEARCH_FOREVER = 0xFF
 # Short enough that stopping a stick (openant polls its reader) is quick, long enough not to spin.

@@ -499,6 +499,12 @@ class FakeAntStick:
             self._emit(msg_id, content, counted=False)
             self._lock.notify_all()
 
+    def inject_bytes(self, data: bytes) -> None:
+        """Send the host raw bytes: line noise, or a message torn or damaged on the way."""
+        with self._lock:
+            self._out.extend(data)
+            self._lock.notify_all()
+
     def _channel_for(self, device: SimDevice) -> int | None:
         number, device_type, trans = device.channel_id()
         if self.scanning:

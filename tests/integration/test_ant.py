@@ -529,6 +529,22 @@ async def test_a_malformed_message_is_counted_and_dropped() -> None:
         assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 2), 64)
 
 
+async def test_noise_and_a_bad_checksum_are_skipped_and_the_stream_goes_on() -> None:
+    """openant's own reader stops its thread at the first byte out of place (an assert); ours
+    resyncs on the next sync byte and drops a message whose checksum does not add up."""
+    strap = HeartRateStrap(3, phase=0.01, bpm=64)
+    async with Rig([strap]) as rig:
+        stick = rig.sticks[0]
+        await rig.configured()
+        head = bytes([0xA4, 1, 0x6F, 0x20])  # a startup message: sync, length, id, content
+        damaged = head + bytes([0xA4 ^ 1 ^ 0x6F ^ 0x20 ^ 0xFF])  # its checksum, damaged
+        stick.inject_bytes(b"\x00\x13\x37" + damaged)
+        await rig.player.play(3.0)
+        ant0 = rig.source.sticks["ant0"]
+        assert ant0.bad_bytes >= 3 + 1
+        assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 2), 64)
+
+
 async def test_a_stick_without_libconfig_still_names_devices() -> None:
     strap = HeartRateStrap(3, phase=0.01, bpm=64, rssi=-50)
     stick = FakeAntStick(lib_config=False)

@@ -433,6 +433,10 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
         if counter:
             counter[1].send("end")
             mqtt_result = await asyncio.to_thread(counter[1].recv)
+    except BaseException:
+        for daemon in daemons:
+            print(daemon.log[-4000:], file=sys.stderr)
+        raise
     finally:
         for daemon in reversed(daemons):
             with contextlib.suppress(Exception):

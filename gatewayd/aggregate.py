@@ -267,14 +267,20 @@ class Aggregator:
 
     def _detect_lost(self, mono: float, wall: float) -> list[DeviceStatus]:
         statuses = []
+        lost = set()
         for key, device in self._devices.items():
             if device.live and mono - device.last_mono > self.lost_after:
                 device.live = False
                 silent = mono - device.last_mono
                 reason = f"silent for {silent:.1f} s"
                 statuses.append(self._status(device, DeviceState.LOST, reason, wall))
-                for stream_key in [k for k, s in self._streams.items() if s.owner == key]:
-                    del self._streams[stream_key]
+                lost.add(key)
+        if lost:
+            # One pass for all of them: a whole room going quiet at once (or a stalled host)
+            # must not cost devices x streams.
+            streams = self._streams
+            for stream_key in [k for k, s in streams.items() if s.owner in lost]:
+                del streams[stream_key]
         return statuses
 
     def _emit_second(self, second: int, mono: float, out: list[Sample]) -> None:

@@ -22,6 +22,9 @@ from gatewayd.roster import Roster
 
 log = logging.getLogger(__name__)
 
+GATHER_S = 0.01  # after a frame wakes the pipeline, it waits this long for more ...
+GATHER_FRAMES = 256  # ... unless this many are already queued
+
 
 class FrameQueue:
     """Bounded queue between sources and the pipeline.
@@ -230,8 +233,14 @@ class Pipeline:
         self.tick()
 
     async def run(self) -> None:
+        frames = self.frames
         while True:
-            await self.frames.wait(self._until_next_tick())
+            await frames.wait(self._until_next_tick())
+            if 0 < len(frames) < GATHER_FRAMES:
+                # A frame woke us: let its neighbours arrive and take them in one turn. Radios
+                # deliver one frame per callback, and a wake-up per frame cost more than the
+                # frame itself; a few ms are nothing against the grace of a second's close.
+                await asyncio.sleep(GATHER_S)
             self.run_once()
 
     def _until_next_tick(self) -> float:

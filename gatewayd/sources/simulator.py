@@ -28,6 +28,7 @@ ANT_POWER_PERIOD = 8182 / 32768
 ANT_SC_PERIOD = 8086 / 32768
 BLE_HR_PERIOD = 1.0
 STEP_S = 0.25
+WAKE_S = 0.01  # the simulator's shortest sleep: frames due meanwhile go out together
 
 _NAMES = (
     "Ada", "Ben", "Chloe", "Dev", "Elena", "Finn", "Grace", "Hugo", "Iris", "Jonas", "Kira",
@@ -271,7 +272,9 @@ class SimulatorSource:
             next_due = self.emit_due(self.clock.mono() - start, frames)
             if next_due is None:
                 return
-            await asyncio.sleep(max(0.0, next_due - (self.clock.mono() - start)))
+            # Radios deliver in bursts too (BLE connection events, USB transfers): waking every
+            # few ms instead of for each of thousands of frames a second costs a fraction.
+            await asyncio.sleep(max(WAKE_S, next_due - (self.clock.mono() - start)))
 
     def _emit(
         self, device: SimDevice, t: float, frames: FrameQueue, mono: float, wall: float

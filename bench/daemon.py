@@ -36,7 +36,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fanout import _masked, _mqtt_packets, _ws_frames, _ws_handshake, cpu_of, free_port, split
+from fanout import (
+    _masked,
+    _mqtt_packets,
+    _ws_frames,
+    _ws_handshake,
+    cpu_of,
+    split,
+    start_mosquitto,
+)
 
 from gatewayd import protocol as p
 from tests.daemon import Daemon, start_daemon
@@ -312,24 +319,6 @@ async def _wait_until(check: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.2)  # bench only: polling a process we started
 
 
-def start_mosquitto(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 0\nlog_type error\n"
-    )
-    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.1).close()
-            break
-        except OSError:
-            time.sleep(0.05)  # bench only: waiting for a process we started to listen
-    return process, port
-
-
 async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-daemon-"))
     mosquitto = None
@@ -435,7 +424,7 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
             mqtt_result = await asyncio.to_thread(counter[1].recv)
     except BaseException:
         for daemon in daemons:
-            print(daemon.log[-4000:], file=sys.stderr)
+            print(daemon.log[:3000], "\n...\n", daemon.log[-3000:], file=sys.stderr)
         raise
     finally:
         for daemon in reversed(daemons):

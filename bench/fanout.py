@@ -376,6 +376,25 @@ def mqtt_sub_process(pipe: Connection, port: int, n: int, expected: int, timeout
     asyncio.run(_lean_consumers(pipe, "mqtt", f"mqtt://127.0.0.1:{port}/", n, expected, timeout))
 
 
+def start_mosquitto(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """mosquitto on a free loopback port, configured in `tmp`; returns once it listens."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    port = free_port()
+    conf = tmp / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "max_queued_messages 0\nlog_type error\n"
+    )
+    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.1).close()
+            break
+        except OSError:
+            time.sleep(0.05)  # bench only: waiting for a process we started to listen
+    return broker, port
+
+
 def run_mosquitto(args: argparse.Namespace) -> dict[str, Any] | None:
     import paho.mqtt.client as mqtt
 
@@ -384,20 +403,8 @@ def run_mosquitto(args: argparse.Namespace) -> dict[str, Any] | None:
         print("mosquitto not found (apt-get install mosquitto): skipping the comparison")
         return None
     tmp = Path(tempfile.mkdtemp(prefix="fanout-mqtt-"))
-    port = free_port()
-    conf = tmp / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "max_queued_messages 0\nlog_type error\n"
-    )
-    broker = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL)
+    broker, port = start_mosquitto(tmp)
     try:
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.1).close()
-                break
-            except OSError:
-                time.sleep(0.05)  # bench only: waiting for a process we started to listen
         ctx = mp.get_context("fork")
         per_burst = args.athletes * args.types
         expected = per_burst * args.seconds

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from daemon import reference_us
 
 from gatewayd.clock import ManualClock
 from gatewayd.config import PipelineConfig, SimulatorConfig
@@ -25,18 +26,6 @@ from gatewayd.hub import Hub
 from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import Roster
 from gatewayd.sources.simulator import SimulatorSource
-
-
-def reference_us() -> float:
-    """`python -m timeit "sum(range(1000))"` in µs: this machine's speed, right now."""
-    out = subprocess.run(
-        [sys.executable, "-m", "timeit", "-p", "sum(range(1000))"],
-        check=False,
-        capture_output=True,
-        text=True,
-    ).stdout
-    match = re.search(r"([\d.]+) usec per loop", out)
-    return float(match.group(1)) if match else float("nan")
 
 
 def main() -> None:

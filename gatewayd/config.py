@@ -160,6 +160,16 @@ class BrokerLimitsConfig(Section):
     guess_window_s: float = Field(60.0, gt=0.0, le=86_400.0)
     guess_lock_s: float = Field(60.0, gt=0.0, le=86_400.0)
     guess_max_lock_s: float = Field(3600.0, gt=0.0, le=7 * 86_400.0)
+    # REPLAYs queued behind a consumer's running one; one more closes it with 1008.
+    replay_waiting: int = Field(4, ge=0, le=1000)
+    # The share of the broker's time all REPLAYs together may take (live DISPATCH keeps the rest).
+    replay_share: float = Field(0.25, gt=0.0, le=1.0)
+    # SUBMITs per athlete and data type per second of sample time; more are dropped and counted.
+    submit_per_s: int = Field(10, ge=1, le=10_000)
+    submit_future_s: float = Field(60.0, ge=0.0, le=86_400.0)  # later stamps are dropped
+    # This many dropped SUBMITs within the window is sustained abuse: close with 1008.
+    submit_abuse_drops: int = Field(1000, ge=1, le=10_000_000)
+    submit_abuse_window_s: float = Field(10.0, gt=0.0, le=3600.0)
 
     @model_validator(mode="after")
     def _lock_order(self) -> BrokerLimitsConfig:

@@ -29,6 +29,7 @@ _WS_LOG.setLevel(logging.WARNING)
 FATAL = {
     p.CloseCode.MALFORMED: "the broker refused a frame as malformed",
     p.CloseCode.INVALID_UTF8: "the broker refused a frame as invalid UTF-8",
+    p.CloseCode.POLICY: "the broker closed this client for flooding it (REPLAYs or SUBMITs)",
     p.CloseCode.NO_IDENTIFY: "IDENTIFY was not sent in time",
     p.CloseCode.BAD_TOKEN: "token refused (invalid, expired or already used): get a new one",
     p.CloseCode.SECOND_IDENTIFY: "IDENTIFY was sent twice",

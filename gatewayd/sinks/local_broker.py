@@ -41,6 +41,7 @@ from gatewayd.hub import Event, Subscription
 from gatewayd.lockout import GuessBrake
 from gatewayd.metrics import CONTENT_TYPE, Metrics
 from gatewayd.model import DeviceState, DeviceStatus, Sample
+from gatewayd.ratelimit import ReplayPacer, SubmitLimiter, Verdict, replay_admissible
 from gatewayd.sinks.request_body import body_connection
 from gatewayd.spool import Spool
 from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
@@ -85,6 +86,9 @@ class _Session:
         self.drainer: asyncio.Task[None] | None = None
         self.replays: asyncio.Queue[p.ReplayRequested] | None = None
         self.replayer: asyncio.Task[None] | None = None
+        self.replaying = False
+        self.limiter: SubmitLimiter | None = None  # a producer's SUBMIT budget
+        self.limited = False  # logged that its SUBMITs are being dropped
         self.closing = False
         self.peer = _peer(ws)
         self.host = self.peer.rpartition(":")[0]
@@ -209,6 +213,7 @@ class LocalBroker:
             lock_s=limits.guess_lock_s,
             max_lock_s=limits.guess_max_lock_s,
         )
+        self.pacer = ReplayPacer(share=limits.replay_share)
         # Terra's token endpoints on this port (POST /auth/developer, /auth/user?id=).
         self.auth = TokenEndpoints(
             load_developers(config.developers, "outputs.local_broker.developers"), self._mint
@@ -358,7 +363,7 @@ class LocalBroker:
         elif isinstance(event, p.StatusReported):
             await self._status(session, event)
         elif isinstance(event, p.ReplayRequested):
-            self._queue_replay(session, event)
+            await self._queue_replay(session, event)
         elif isinstance(event, p.Dropped):
             self.metrics.status_ignored.labels(event.label).inc()
             log.debug(
@@ -417,6 +422,13 @@ class LocalBroker:
         else:
             self._producers += 1
             self.metrics.producers.set(self._producers)
+            limits = self.config.limits
+            session.limiter = SubmitLimiter(
+                per_second=limits.submit_per_s,
+                future_s=limits.submit_future_s,
+                abuse_drops=limits.submit_abuse_drops,
+                abuse_window_s=limits.submit_abuse_window_s,
+            )
         log.info(
             "%s %s connected with %s",
             "consumer" if consumer else "producer",
@@ -457,9 +469,33 @@ class LocalBroker:
             # At-least-once forwarders re-send after a reconnect; (uid, t, ts) identifies a sample.
             self.metrics.submit_ignored.labels("duplicate").inc()
             return
+        assert session.limiter is not None
+        verdict = session.limiter.admit(key, sample.ts, wall=self.wall(), mono=self.mono())
+        if verdict is not Verdict.ACCEPT:
+            await self._over_budget(session, verdict)
+            return
         self._last_submitted[key] = sample.ts
         self.metrics.submitted.inc()
         self.publish(sample._replace(source=sample.source or "submit"))
+
+    async def _over_budget(self, session: _Session, verdict: Verdict) -> None:
+        limits = self.config.limits
+        if verdict is Verdict.ABUSE:
+            reason = f"{limits.submit_abuse_drops} SUBMITs over the limit within "
+            reason += f"{limits.submit_abuse_window_s:g} s"
+            session.conn.reject(p.CloseCode.POLICY, reason)
+            await self._close(session, p.CloseCode.POLICY, reason)
+            return
+        self.metrics.submit_ignored.labels(verdict.value).inc()
+        if not session.limited:
+            session.limited = True  # once per connection; the metric counts every one
+            log.warning(
+                "producer %s: dropping SUBMITs over %d per athlete and type per second, or "
+                "stamped over %g s ahead (gatewayd_broker_submit_ignored counts them)",
+                session.peer,
+                limits.submit_per_s,
+                limits.submit_future_s,
+            )
 
     async def _status(self, session: _Session, event: p.StatusReported) -> None:
         grant = session.grant
@@ -485,10 +521,16 @@ class LocalBroker:
             )
         )
 
-    def _queue_replay(self, session: _Session, event: p.ReplayRequested) -> None:
+    async def _queue_replay(self, session: _Session, event: p.ReplayRequested) -> None:
         if session.replays is None:
             session.replays = asyncio.Queue()
             session.replayer = self._spawn(self._replayer(session))
+        limit = self.config.limits.replay_waiting
+        if not replay_admissible(session.replaying, session.replays.qsize(), limit):
+            reason = f"more than {limit} REPLAYs waiting behind the running one"
+            session.conn.reject(p.CloseCode.POLICY, reason)
+            await self._close(session, p.CloseCode.POLICY, reason)
+            return
         session.replays.put_nowait(event)
 
     async def _replayer(self, session: _Session) -> None:
@@ -496,14 +538,23 @@ class LocalBroker:
         try:
             while True:
                 request = await session.replays.get()
+                session.replaying = True
                 await self._replay(session, request.after, request.before)
+                session.replaying = False
         except (ConnectionError, ConnectionClosed):
             pass
 
     async def _replay(self, session: _Session, after: int, before: int) -> None:
         oldest_ts = self.wall() - self.retention_s
         cursor = after
+        pacer = self.pacer
         while session.open:
+            # All REPLAYs share one time budget, so live DISPATCH keeps the rest of the loop.
+            wait = pacer.delay(self.mono())
+            if wait > 0:
+                await asyncio.sleep(wait)  # a wake-up on the loop's timer; then look again
+                continue
+            started = self.mono()
             rows = self.spool.read(cursor, before, REPLAY_CHUNK)
             if not rows:
                 return
@@ -513,6 +564,7 @@ class LocalBroker:
                 for seq, s in rows
                 if s.ts >= oldest_ts and session.filter.wants(s.uid, s.t)
             ]
+            pacer.spent(started, self.mono())
             if frames:
                 self.metrics.replayed.inc(len(frames))
                 await session.send_reliably(frames)

@@ -7,6 +7,7 @@ they keep what held up in the first hostile run holding up, and what failed fixe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from pathlib import Path
@@ -15,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gatewayd import protocol as p
+from gatewayd.model import format_ts
 from tests.daemon import Daemon, daemon_process
 
 CONSUMER = "hostile-consumer-token"
@@ -131,7 +133,7 @@ async def test_deep_json_before_identify_is_1003_and_quiet(tmp_path: Path) -> No
 
 async def test_thousands_of_random_frames_leave_no_traceback(tmp_path: Path) -> None:
     rng = random.Random(16)
-    frames = [random_frame(rng) for _ in range(3000)]
+    frames = [random_frame(rng) for _ in range(2000)]
     async with daemon_process(tmp_path, CONFIG) as daemon:
         codes = await send_all(daemon.broker_url, frames)
         # The broker still serves a well-behaved consumer afterwards (from another address:
@@ -198,3 +200,86 @@ async def test_token_guessing_is_braked_per_address_and_logged_once(tmp_path: Pa
     assert sum("refusing its IDENTIFYs unchecked" in line for line in new_lines) == 1
     assert sum("127.0.0.1" in line for line in new_lines) == 1, "".join(new_lines)
     assert "guess-" not in daemon.log  # a token never reaches a log
+
+
+async def consumer(url: str, **kw: object) -> ClientConnection:
+    ws = await connect(url, max_size=None, **kw)  # type: ignore[arg-type]
+    await hello(ws)
+    await ws.send(p.identify(CONSUMER, p.Role.CONSUMER))
+    assert json.loads(await asyncio.wait_for(ws.recv(), WAIT)) == {"op": 4}
+    return ws
+
+
+async def next_dispatch(ws: ClientConnection) -> dict:  # type: ignore[type-arg]
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), WAIT))
+        if frame["op"] == p.Op.DISPATCH:
+            return frame  # type: ignore[no-any-return]
+
+
+async def test_a_replay_flood_is_closed_with_1008_and_others_keep_their_stream(
+    tmp_path: Path,
+) -> None:
+    async with daemon_process(tmp_path, CONFIG) as daemon:
+        bystander = await consumer(daemon.broker_url)
+        first = (await next_dispatch(bystander))["seq"]
+        flooder = await consumer(daemon.broker_url)
+        # Before: all 10,000 queued, 1.49 M frames in 30 s to one client, 23.8 CPU-seconds.
+        burst = [p.replay(0, 1 << 62)] * 10_000
+        with contextlib.suppress(ConnectionClosed):
+            for frame in burst:
+                await flooder.send(frame)
+        assert await close_code(flooder) == 1008
+        # The bystander's live stream went on, in order, nothing skipped.
+        seqs = [(await next_dispatch(bystander))["seq"] for _ in range(5)]
+        assert seqs == sorted(seqs) and seqs[0] > first
+        # A consumer within the bounds gets every REPLAY served, one after the other.
+        polite = await consumer(daemon.broker_url)
+        live = (await next_dispatch(polite))["seq"]
+        for _ in range(3):
+            await polite.send(p.replay(0, live))
+        replayed = []
+        while len(replayed) < 3 * (live - 1):
+            frame = await next_dispatch(polite)
+            if frame["seq"] < live:
+                replayed.append(frame["seq"])
+        assert replayed == list(range(1, live)) * 3
+        await bystander.close()
+        await polite.close()
+    assert "more than 4 REPLAYs waiting" in daemon.log
+
+
+async def test_a_submit_flood_is_dropped_counted_and_closed_with_1008(tmp_path: Path) -> None:
+    config = CONFIG + "    limits: {submit_abuse_drops: 500}\n"
+    async with daemon_process(tmp_path, config) as daemon:
+        watcher = await consumer(daemon.broker_url)
+        async with connect(daemon.broker_url) as producer:
+            await hello(producer)
+            await producer.send(p.identify(PRODUCER, p.Role.PRODUCER))
+            assert json.loads(await asyncio.wait_for(producer.recv(), WAIT)) == {"op": 4}
+            base = 1_795_000_000  # a fixed calendar: in the past of any machine running this
+            sent = 0
+            with contextlib.suppress(ConnectionClosed):
+                for i in range(20_000):  # 1 ms apart in sample time: 1000 per second
+                    ms = i % 1000
+                    second = base + i // 1000
+                    ts = f"{format_ts(second + ms / 1000)}"
+                    frame = json.dumps(
+                        {"op": 6, "t": "HEART_RATE", "d": {"ts": ts, "val": 60 + i % 50}}
+                    )
+                    await producer.send(frame)
+                    sent += 1
+            assert await close_code(producer) == 1008
+        # What got through reached consumers: 10 in the flood's first second of sample time.
+        got = []
+        while len(got) < 10:
+            frame = await next_dispatch(watcher)
+            if frame["uid"] == "phone-1":
+                got.append(frame["d"]["ts"])
+        assert got == [format_ts(base + i / 1000) for i in range(10)]
+        text = await scrape(daemon)
+        await watcher.close()
+    # Before: 170,000 accepted in 5 s from one producer. After: 10 per second of sample time.
+    assert metric(text, "gatewayd_broker_submitted_total") == 10
+    assert metric(text, 'gatewayd_broker_submit_ignored_total{reason="excess"}') == 499
+    assert daemon.log.count("dropping SUBMITs over 10") == 1

@@ -41,6 +41,7 @@ from gatewayd.sources.simulator import SimulatorSource
 from gatewayd.spool import Spool
 from gatewayd.tokens import ADMIN, ADMIN_SETUP, TokenStore
 from gatewayd.web import Board, board_url, new_token
+from gatewayd.web.access import load_or_create_key
 from gatewayd.web.admin import Admin, admin_link
 
 log = logging.getLogger(__name__)
@@ -175,16 +176,17 @@ class App:
         settings = self.config.outputs.local_broker
         state_dir = self.config.state_dir()
         spool = self._spool()
-        consumer_tokens = list(settings.consumer_tokens)
-        if settings.board_token:
-            consumer_tokens.append(settings.board_token)
         self.board = self._build_board()
-        if self.board is not None and not settings.board_token:
-            consumer_tokens.append(self.board.token)  # generated: valid for this run only
+        # The board's token (configured, or generated for this run) is scoped to what the board
+        # shows: live samples, and REPLAY of its last minutes only.
+        board_tokens = [] if self.board is None else [self.board.token]
+        if settings.board_token and settings.board_token not in board_tokens:
+            board_tokens.append(settings.board_token)
         tokens = TokenStore(
             state_dir,
-            consumer_tokens=consumer_tokens,
+            consumer_tokens=settings.consumer_tokens,
             producer_tokens=[(t.token, t.athletes) for t in settings.producer_tokens],
+            scoped_consumer_tokens=[(t, self.config.board.forget_after_s) for t in board_tokens],
             clock=self.clock,
         )
         self.tokens = tokens
@@ -199,6 +201,7 @@ class App:
             metrics=self.metrics,
             board=None if self.board is None else self.board.respond,
             admin=self.admin,
+            board_key=None if self.board is None else self.board.key,
             clock=self.clock,
         )
 
@@ -223,6 +226,7 @@ class App:
             lost_after_s=self.config.pipeline.lost_after_s,
             athletes=self._athletes,
             workouts=self._workouts,
+            key=self.config.board.key or load_or_create_key(self.config.state_dir()),
         )
 
     def _workouts(self) -> dict[str, dict[str, object]]:

@@ -192,6 +192,11 @@ def _broker_commands(commands: Any) -> None:
     tail.add_argument("--status", action="store_true", help="also show device status changes")
     tail.add_argument("--json", action="store_true", help="JSON lines instead of a table")
 
+    board = commands.add_parser(
+        "board-url", help="print the gym board's link, with its key (put it on the TV)"
+    )
+    _config_option(board)
+
     status = commands.add_parser(
         "status",
         help="ask the running daemon (its broker's /healthz) how it and each upstream are doing",
@@ -238,6 +243,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _status(args)
     if args.command == "discover":
         return _discover(args)
+    if args.command == "board-url":
+        return _board_url(config_module.load(args.config))
     if args.command in ("token", "tail"):
         return _broker_client_command(args)
     cfg = config_module.load(args.config)
@@ -268,6 +275,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             config_module.DEFAULT_CONFIG_PATH,
         )
     return asyncio.run(app.App(cfg, config_path=path).run(seconds=args.seconds))
+
+
+def _board_url(cfg: config_module.Config) -> int:
+    from gatewayd.web import board_url
+    from gatewayd.web.access import load_or_create_key
+
+    if not cfg.board.enabled:
+        print("gatewayd: the board is off (board.enabled: false)", file=sys.stderr)
+        return 1
+    broker = cfg.outputs.local_broker
+    key = cfg.board.key or load_or_create_key(cfg.state_dir())
+    print(board_url(broker.host, broker.port, key))
+    return 0
 
 
 async def _ant_heard(cfg: config_module.Config, seconds: float) -> dict[str, dict[str, Any]]:

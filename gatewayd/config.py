@@ -358,8 +358,11 @@ class BoardConfig(Section):
     # For athletes with neither max_hr nor age, e.g. an unknown strap; unset shows bpm only.
     default_max_hr: int | None = Field(None, ge=100, le=250)
     low_battery_pct: float = Field(20.0, ge=0.0, le=100.0)
-    # A lost athlete's tile stays (marked "signal lost") this long, then leaves the board.
-    forget_after_s: float = Field(600.0, ge=10.0)
+    # A lost athlete's tile stays (marked "signal lost") this long, then leaves the board. The
+    # board's token may REPLAY only this far back.
+    forget_after_s: float = Field(600.0, ge=10.0, le=86_400.0)
+    # The key in the board's URL; unset: a random one kept in <state dir>/board.key.
+    key: str | None = Field(None, min_length=16, pattern=r"^[A-Za-z0-9_-]+$")
 
     @field_validator("zones")
     @classmethod

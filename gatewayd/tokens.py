@@ -43,6 +43,8 @@ class Grant:
     role: str
     athletes: frozenset[str]
     label: str  # safe to log
+    # A consumer that may REPLAY only this far back (the board's token); None: as far as kept.
+    replay_window_s: float | None = None
 
     def may_submit_for(self, uid: str) -> bool:
         return not self.athletes or uid in self.athletes
@@ -74,6 +76,7 @@ class TokenStore:
         *,
         consumer_tokens: Iterable[str] = (),
         producer_tokens: Iterable[tuple[str, Iterable[str]]] = (),
+        scoped_consumer_tokens: Iterable[tuple[str, float]] = (),
         clock: Clock,
     ) -> None:
         self.path = None if state_dir is None else state_dir / TOKENS_FILE
@@ -85,6 +88,9 @@ class TokenStore:
         for token, athletes in producer_tokens:
             d = digest(token)
             self._static[d] = Grant(PRODUCER, frozenset(athletes), label(d))
+        for token, replay_window_s in scoped_consumer_tokens:
+            d = digest(token)
+            self._static[d] = Grant(CONSUMER, frozenset(), label(d), replay_window_s)
         self._minted: dict[str, _Minted] = {}
         # (inode, size, mtime, ctime) of the file as last read: every save replaces the file
         # (a new inode), so a token minted within the clock's granularity is still noticed,

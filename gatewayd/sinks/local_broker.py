@@ -182,10 +182,12 @@ class LocalBroker:
         timer_interval_s: float = 0.5,
         board: Callable[[str], Page | None] | None = None,
         admin: Admin | None = None,
+        board_key: str | None = None,
     ) -> None:
         self.subscription = subscription
         self.admin = admin  # /admin and /api (gatewayd/web/admin.py); None serves neither
-        self.board = board  # extra GET pages (the gym board); None serves none
+        self.board = board  # extra GET pages (the gym board), by request target; None: none
+        self.board_key = board_key  # logged as part of the board's URL
         self.config = config
         self.spool = spool
         self.tokens = tokens
@@ -245,7 +247,7 @@ class LocalBroker:
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
         log.info("local broker listening on ws://%s:%d/connect", self.config.host, self.port)
         if self.board is not None:
-            log.info("board: %s", board_url(self.config.host, self.port))
+            log.info("board: %s", board_url(self.config.host, self.port, self.board_key))
 
     async def run(self) -> None:
         await self.start()
@@ -546,6 +548,9 @@ class LocalBroker:
 
     async def _replay(self, session: _Session, after: int, before: int) -> None:
         oldest_ts = self.wall() - self.retention_s
+        assert session.grant is not None
+        if session.grant.replay_window_s is not None:  # the board's token: its last minutes
+            oldest_ts = max(oldest_ts, self.wall() - session.grant.replay_window_s)
         cursor = after
         pacer = self.pacer
         while session.open:
@@ -674,7 +679,7 @@ class LocalBroker:
             return _response(connection, 200, self.metrics.render().decode("utf-8"), CONTENT_TYPE)
         page = self.auth.respond(request.method, request.path, request.headers)
         if page is None and self.board is not None:
-            page = self.board(path)
+            page = self.board(request.path)
         if page is None and self.admin is not None and self.admin.handles(path):
             page = self.admin.respond(
                 AdminRequest(

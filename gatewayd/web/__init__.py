@@ -3,10 +3,11 @@
 The local broker serves these on its own port (`GET /`), so a TV on the gym's LAN needs nothing
 but a browser: no build step, no CDN.
 
-What `/board/config.json` tells anyone on the LAN, and why that is acceptable: the board token (a
-consumer token: it can receive and REPLAY, never SUBMIT, and what it receives is what the board
-shows on the wall anyway), athletes' uids, display names and max HR (the board shows names and
-percent of max HR), and the zone bounds. Never device ids, ages, the hub's other tokens or paths.
+What `/board/config.json` tells whoever holds the board link (its `?key=`, gatewayd/web/access.py;
+without it the page and the JSON answer 401): the board token (a consumer token scoped to what
+the board shows: live samples, and REPLAY of the last minutes only; never SUBMIT), athletes'
+uids, display names and max HR (the board shows names and percent of max HR), and the zone
+bounds. Never device ids, ages, the hub's other tokens or paths.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from importlib import resources
 
 from gatewayd.config import BoardConfig
 from gatewayd.roster import AthleteInfo
+from gatewayd.web.access import KEY_PARAM, LOCKED_PAGE, key_from, key_ok
 
 CONFIG_PATH = "/board/config.json"
 
@@ -59,13 +61,19 @@ def new_token() -> str:
     return "board_" + secrets.token_urlsafe(24)
 
 
-def board_url(host: str, port: int) -> str:
+def board_url(host: str, port: int, key: str | None = None, *, tls: bool = False) -> str:
     """Where to point a browser; a wildcard listener is reached by this machine's name."""
     if host in ("", "0.0.0.0", "::"):
         host = socket.gethostname()
     elif ":" in host:
         host = f"[{host}]"
-    return f"http://{host}:{port}/"
+    query = "" if key is None else f"?{KEY_PARAM}={key}"
+    return f"{'https' if tls else 'http'}://{host}:{port}/{query}"
+
+
+# Pages that need the key: the board itself and the JSON holding its token. Its static files
+# hold no secret and are served to anyone (the 401 page needs none of them).
+_KEYED = frozenset({"/", "/index.html", CONFIG_PATH})
 
 
 class Board:
@@ -80,17 +88,24 @@ class Board:
         lost_after_s: float,
         athletes: Callable[[], Iterable[AthleteInfo]],
         workouts: Callable[[], Mapping[str, Mapping[str, object]]] = dict,
+        key: str | None = None,
     ) -> None:
         self.config = config
         self.token = token
+        self.key = key  # None: no key needed (tests of the page alone)
         self.title = config.title or title
         self.lost_after_s = lost_after_s
         self.athletes = athletes
         self.workouts = workouts  # uid -> {"since", "kcal", "zone_minutes"} (gatewayd/energy.py)
         self._files: dict[str, str] = {}
 
-    def respond(self, path: str) -> Page | None:
-        """The answer for `path`, or None when the path is not the board's."""
+    def respond(self, target: str) -> Page | None:
+        """The answer for a request target (path and query), or None when it is not the board's."""
+        path = target.split("?", 1)[0]
+        if path in _KEYED and self.key is not None and not key_ok(key_from(target), self.key):
+            if path == CONFIG_PATH:
+                return Page(401, "application/json", '{"error": "ask staff for the board link"}')
+            return Page(401, "text/html; charset=utf-8", LOCKED_PAGE)
         if path == CONFIG_PATH:
             return Page(200, "application/json", json.dumps(self.page_config()))
         entry = _FILES.get(path)

@@ -68,7 +68,15 @@
     const abort = new AbortController();
     const abortTimer = setTimeout(() => abort.abort(), ANSWER_TIMEOUT_MS);
     try {
-      const response = await fetch("board/config.json", { cache: "no-store", signal: abort.signal });
+      // The board's key rides along from the page's own link (?key=...).
+      const response = await fetch("board/config.json" + location.search, {
+        cache: "no-store",
+        signal: abort.signal,
+      });
+      if (response.status === 401) {
+        retry("this link has no valid board key: ask staff for the board link");
+        return;
+      }
       if (!response.ok) throw new Error(`HTTP ${response.status}`);
       applyConfig(await response.json());
       configFetchedAt = performance.now();

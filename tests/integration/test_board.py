@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,7 +86,12 @@ class Daemon:
 
     @property
     def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1].strip("/"))
+        return urllib.parse.urlsplit(self.url).port or 0
+
+    @property
+    def query(self) -> str:
+        """`?key=...`: the board's key, without which it answers 401."""
+        return "?" + urllib.parse.urlsplit(self.url).query
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -240,7 +246,7 @@ def test_board_shows_every_athlete_live_marks_lost_ones_and_survives_outages(
     daemon = Daemon(config, tmp_path)
     link = Link(daemon.port)
     try:
-        page.goto(f"http://127.0.0.1:{link.port}/")
+        page.goto(f"http://127.0.0.1:{link.port}/{daemon.query}")
         expect(page).to_have_title("Board test gym")
 
         # 12 tiles, ordered by name, with heart rates that move.

@@ -1,5 +1,5 @@
 """The board on the real broker (127.0.0.1, port 0): its pages over HTTP, and its token, which
-anyone on the LAN can read from /board/config.json, only ever receives."""
+whoever has the board link can read from /board/config.json, only ever receives."""
 
 from __future__ import annotations
 
@@ -147,14 +147,15 @@ def test_run_without_a_config_logs_the_board_url_and_serves_it(tmp_path: Path) -
     try:
         url = None
         for line in process.stderr:  # ends if the daemon dies; pytest's timeout guards a hang
-            found = re.search(r"board: (http://127\.0\.0\.1:\d+/)$", line.strip())
+            found = re.search(r"board: (http://127\.0\.0\.1:\d+/\?key=[\w-]+)$", line.strip())
             if found:
                 url = found.group(1)
                 break
         assert url is not None, "no board URL in the log"
         status, _, body = get(url)
         assert status == 200 and "board.js" in body
-        status, _, body = get(url + "board/config.json")
+        base, query = url.split("?")
+        status, _, body = get(f"{base}board/config.json?{query}")
         assert status == 200 and len(json.loads(body)["athletes"]) == 8  # the default simulator
     finally:
         process.send_signal(signal.SIGTERM)

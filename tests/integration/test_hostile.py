@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import sys
 from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -17,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gatewayd import protocol as p
 from gatewayd.model import format_ts
-from tests.daemon import Daemon, daemon_process
+from tests.daemon import ROOT, Daemon, daemon_process
 
 CONSUMER = "hostile-consumer-token"
 PRODUCER = "hostile-producer-token"
@@ -283,3 +285,63 @@ async def test_a_submit_flood_is_dropped_counted_and_closed_with_1008(tmp_path: 
     assert metric(text, "gatewayd_broker_submitted_total") == 10
     assert metric(text, 'gatewayd_broker_submit_ignored_total{reason="excess"}') == 499
     assert daemon.log.count("dropping SUBMITs over 10") == 1
+
+
+async def http_get(port: int, target: str) -> tuple[int, str]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    raw = (await asyncio.wait_for(reader.read(), WAIT)).decode()
+    writer.close()
+    head, _, body = raw.partition("\r\n\r\n")
+    return int(head.split(" ", 2)[1]), body
+
+
+async def test_the_board_needs_its_key_and_nothing_leaks_secrets(tmp_path: Path) -> None:
+    config = CONFIG + (
+        "    board_token: board-token-secret-1\n"
+        "  upstream:\n"
+        "    enabled: true\n"
+        "    url: wss://user:upstream-password@127.0.0.1:9/connect?token=upstream-query-secret\n"
+        "    token: upstream-token-secret\n"
+    )
+    async with daemon_process(tmp_path, config) as daemon:
+        logged = await daemon.wait_for_log(r"board: (http://127\.0\.0\.1:\d+/\?key=([\w-]+))")
+        key = logged.group(2)
+        port = daemon.broker_port or 0
+        for target in ("/", "/index.html", "/board/config.json", "/?key=wrong"):
+            status, body = await http_get(port, target)
+            assert status == 401, target
+            assert "board-token-secret-1" not in body
+        status, body = await http_get(port, "/")
+        assert "Ask the staff for the board link" in body
+        status, body = await http_get(port, f"/board/config.json?key={key}")
+        assert status == 200 and json.loads(body)["token"] == "board-token-secret-1"
+        exposed = (await http_get(port, "/healthz"))[1] + (await http_get(port, "/metrics"))[1]
+        printed = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gatewayd",
+            "board-url",
+            "--config",
+            str(daemon.config),
+            stdout=asyncio.subprocess.PIPE,
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
+            },
+        )
+        out, _ = await asyncio.wait_for(printed.communicate(), WAIT)
+    assert printed.returncode == 0
+    assert out.decode().strip().endswith(f"/?key={key}")
+    for secret in (
+        "upstream-password",
+        "upstream-query-secret",
+        "upstream-token-secret",
+        "board-token-secret-1",
+        key,
+        CONSUMER,
+        PRODUCER,
+    ):
+        assert secret not in exposed, secret
+    assert "127.0.0.1:9/connect" in exposed  # the upstream is named, without its credentials

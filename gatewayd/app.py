@@ -30,7 +30,7 @@ from gatewayd.metrics import Metrics
 from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import AthleteInfo, Roster
 from gatewayd.service import Service
-from gatewayd.sinks.local_broker import LocalBroker
+from gatewayd.sinks.local_broker import LocalBroker, tls_context
 from gatewayd.sinks.mqtt import MqttSink
 from gatewayd.sinks.stdout import StdoutSink
 from gatewayd.sinks.upstream import UpstreamSink, forget_cursors
@@ -48,6 +48,15 @@ log = logging.getLogger(__name__)
 
 STARTUP_BUDGET_S = 10.0  # READY=1 goes out by then even if a listening output cannot bind yet
 SHUTDOWN_BUDGET_S = 4.0  # the promise is "exit within 5 s"; the unit's TimeoutStopSec= is 10 s
+
+
+def preflight(config: Config) -> None:
+    """Everything `run` refuses at start, without starting anything (`check-config` runs this):
+    every file a key names is there and readable, and the broker's certificate loads."""
+    config_module.check_files(config)
+    broker = config.outputs.local_broker
+    if broker.enabled:
+        tls_context(broker)
 
 
 class Source(Protocol):
@@ -87,6 +96,7 @@ class App:
         config_path: Path | None = None,
         service: Service | None = None,
     ) -> None:
+        preflight(config)  # what check-config refuses, run refuses the same way (exit 78)
         self.config = config
         self.config_path = config_path
         self.clock = clock or SystemClock()

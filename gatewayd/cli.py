@@ -236,7 +236,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _scan(args)
     if args.command == "check-config":
         path = config_module.resolve_path(args.file)
-        config_module.load(path)
+        from gatewayd.app import preflight
+
+        preflight(config_module.load(path))
         print(f"{path or 'built-in defaults'}: OK")
         return 0
     if args.command == "status":
@@ -286,7 +288,7 @@ def _board_url(cfg: config_module.Config) -> int:
         return 1
     broker = cfg.outputs.local_broker
     key = cfg.board.key or load_or_create_key(cfg.state_dir())
-    print(board_url(broker.host, broker.port, key))
+    print(board_url(broker.host, broker.port, key, tls=broker.tls.enabled))
     return 0
 
 

@@ -32,10 +32,23 @@ DEFAULT_CONFIG_PATH = Path("/etc/gatewayd/gatewayd.yaml")
 ENV_CONFIG = "GATEWAYD_CONFIG"
 
 
+# No setting needs a number this large, and beyond it floats lose integer precision; NaN and
+# infinities are refused outright (allow_inf_nan), so `lost_after_s: .inf` is an error.
+MAX_NUMBER = 2**53
+
+
 class Section(BaseModel):
     """Every section refuses unknown keys, so a typo is an error rather than a silent default."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite_and_bounded(cls, value: object) -> object:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and abs(value) > MAX_NUMBER:  # type: ignore[arg-type]
+            raise ValueError(f"must be between -2**53 and 2**53, not {value:g}")
+        return value
 
 
 class HubConfig(Section):
@@ -194,6 +207,23 @@ class Developer(Section):
         return self
 
 
+class BrokerTlsConfig(Section):
+    """wss:// and https:// on the broker's one port (the board then loads over https)."""
+
+    cert_file: Path | None = None  # PEM certificate chain
+    key_file: Path | None = None  # its PEM private key
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _pair(self) -> BrokerTlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        return self
+
+
 class LocalBrokerConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -210,6 +240,7 @@ class LocalBrokerConfig(Section):
     send_queue: int = Field(10_000, ge=10)  # DISPATCHes held per slow consumer before dropping
     replay_retention_h: float = Field(24.0, gt=0.0)  # REPLAY serves this far back (spool caps win)
     limits: BrokerLimitsConfig = BrokerLimitsConfig()
+    tls: BrokerTlsConfig = BrokerTlsConfig()
 
 
 class UpstreamConfig(Section):
@@ -506,6 +537,37 @@ class Config(BaseSettings):
         return Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "gatewayd"
 
 
+# Path keys that name a directory gatewayd creates, not a file it reads.
+DIRECTORY_KEYS = frozenset({"hub.state_dir"})
+
+
+def file_keys(config: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
+    """Every (dotted key, path) naming a file that `run` will read: set, and not in a section
+    that is switched off (`enabled: false`)."""
+    if getattr(config, "enabled", True) is False:
+        return []
+    found: list[tuple[str, Path]] = []
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        key = f"{prefix}{name}"
+        if isinstance(value, Path) and key not in DIRECTORY_KEYS:
+            found.append((key, value))
+        elif isinstance(value, BaseModel):
+            found.extend(file_keys(value, f"{key}."))
+    return found
+
+
+def check_files(config: Config) -> None:
+    """Refuse (ConfigError naming the key) any file a key names that is missing or unreadable."""
+    for key, path in file_keys(config):
+        if not path.exists():
+            raise ConfigError(key, f"{path} does not exist (fix the path, or unset {key})")
+        if not path.is_file():
+            raise ConfigError(key, f"{path} is not a file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(key, f"{path} is not readable by this user (check its mode)")
+
+
 def _max_hr_from_age(age: int | None) -> int | None:
     return 220 - age if age is not None else None
 
@@ -527,15 +589,53 @@ def resolve_path(explicit: str | Path | None) -> Path | None:
     return None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise ConfigError(
+                    str(key),
+                    f"the key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                    "YAML would silently keep the last: remove one",
+                )
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+# Deeper than any real config; far below what would exhaust the parser's recursion.
+MAX_YAML_DEPTH = 64
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError("", f"config file {path} does not exist") from None
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "",
+            f"{path} is not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r}); "
+            "is it the right file? Save it as UTF-8",
+        ) from None
+    depth = _nesting(text)
+    if depth > MAX_YAML_DEPTH:
+        raise ConfigError(
+            "", f"{path} is nested {depth} levels deep (at most {MAX_YAML_DEPTH}): not a config"
+        )
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except RecursionError:
+        raise ConfigError("", f"{path} is nested too deep to be a config") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -545,6 +645,21 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("", f"{path} must hold a mapping of sections, not {type(data).__name__}")
     return data
+
+
+def _nesting(text: str) -> int:
+    """An upper bound of the flow-style nesting ([ and {), cheap enough to run before parsing.
+
+    Counts brackets outside quotes only roughly (a bracket inside a quoted string counts too),
+    which can only over-estimate: a real config stays far below the limit either way."""
+    deepest = depth = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def load(path: str | Path | None = None, *, defaults_run_simulator: bool = True) -> Config:

@@ -33,7 +33,7 @@ TIME_SHIFT_VARIABLES = (
     "FAKETIME_NO_CACHE",
     "FAKETIME_FORCE_MONOTONIC_FIX",
 )
-BROKER_LISTENING = re.compile(r"local broker listening on wss?://[\d.]+:(\d+)/connect")
+BROKER_LISTENING = re.compile(r"local broker listening on (wss?)://[\d.]+:(\d+)/connect")
 
 
 def daemon_env(home: Path, **extra: str) -> dict[str, str]:
@@ -53,6 +53,7 @@ class Daemon:
         self._changed = asyncio.Condition()
         self._reader = asyncio.create_task(self._read_stderr())
         self.broker_port: int | None = None
+        self.tls = False  # the broker serves wss:// and https:// (outputs.local_broker.tls)
 
     async def _read_stderr(self) -> None:
         assert self.process.stderr is not None
@@ -70,12 +71,12 @@ class Daemon:
     @property
     def broker_url(self) -> str:
         assert self.broker_port is not None, "the local broker is not listening"
-        return f"ws://127.0.0.1:{self.broker_port}/connect"
+        return f"{'wss' if self.tls else 'ws'}://127.0.0.1:{self.broker_port}/connect"
 
     @property
     def http_url(self) -> str:
         assert self.broker_port is not None, "the local broker is not listening"
-        return f"http://127.0.0.1:{self.broker_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.broker_port}"
 
     async def wait_for_log(
         self, pattern: str | re.Pattern[str], *, after: int = 0
@@ -156,7 +157,8 @@ async def start_daemon(
         except BaseException:
             await daemon.kill()
             raise
-        daemon.broker_port = int(match.group(1))
+        daemon.tls = match.group(1) == "wss"
+        daemon.broker_port = int(match.group(2))
     return daemon
 
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import struct
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -36,7 +37,7 @@ from gatewayd import __version__
 from gatewayd import protocol as p
 from gatewayd.clock import Clock
 from gatewayd.config import LocalBrokerConfig
-from gatewayd.errors import SpoolError
+from gatewayd.errors import ConfigError, SpoolError
 from gatewayd.hub import Event, Subscription
 from gatewayd.lockout import GuessBrake
 from gatewayd.metrics import CONTENT_TYPE, Metrics
@@ -220,6 +221,7 @@ class LocalBroker:
         self.auth = TokenEndpoints(
             load_developers(config.developers, "outputs.local_broker.developers"), self._mint
         )
+        self.tls = tls_context(config)  # here, so a bad certificate stops `run` at once (78)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -227,6 +229,7 @@ class LocalBroker:
         """Listen; afterwards `port` holds the bound port (useful with port 0)."""
         if self._server is not None:
             return
+        tls = self.tls
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -243,11 +246,16 @@ class LocalBroker:
             create_connection=None
             if self.admin is None
             else body_connection(self.admin.authorized),
+            ssl=tls,
         )
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
-        log.info("local broker listening on ws://%s:%d/connect", self.config.host, self.port)
+        scheme = "wss" if tls is not None else "ws"
+        log.info(
+            "local broker listening on %s://%s:%d/connect", scheme, self.config.host, self.port
+        )
         if self.board is not None:
-            log.info("board: %s", board_url(self.config.host, self.port, self.board_key))
+            url = board_url(self.config.host, self.port, self.board_key, tls=tls is not None)
+            log.info("board: %s", url)
 
     async def run(self) -> None:
         await self.start()
@@ -695,6 +703,32 @@ class LocalBroker:
                 response.headers[name] = value
             return response
         return _response(connection, 404, "not found: try /connect, /healthz or /metrics\n", None)
+
+
+def tls_context(config: LocalBrokerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context from `tls.cert_file`/`key_file`, or None for plain ws/http.
+
+    Raises ConfigError naming the key when a file cannot be read or does not hold a matching
+    certificate and key, so `run` and `check-config` refuse the same configs.
+    """
+    tls = config.tls
+    if tls.cert_file is None or tls.key_file is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except FileNotFoundError as exc:
+        key = "cert_file" if exc.filename == str(tls.cert_file) else "key_file"
+        raise ConfigError(
+            f"outputs.local_broker.tls.{key}", f"{exc.filename} does not exist"
+        ) from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "outputs.local_broker.tls.cert_file",
+            f"cannot load {tls.cert_file} with {tls.key_file}: {exc} "
+            "(both PEM, the key matching the certificate, readable by gatewayd)",
+        ) from None
+    return context
 
 
 def _select(

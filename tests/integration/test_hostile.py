@@ -14,6 +14,7 @@ import random
 import sys
 from pathlib import Path
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -345,3 +346,34 @@ async def test_the_board_needs_its_key_and_nothing_leaks_secrets(tmp_path: Path)
     ):
         assert secret not in exposed, secret
     assert "127.0.0.1:9/connect" in exposed  # the upstream is named, without its credentials
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (b"sources: {replay: {file: /nonexistent/capture.jsonl}}\n", b"sources.replay.file"),
+        (b"pipeline: {lost_after_s: .inf}\n", b"pipeline.lost_after_s"),
+        (
+            b"outputs: {mqtt: {enabled: true, tls: {enabled: true, ca_file: /no/ca.pem}}}\n",
+            b"outputs.mqtt.tls.ca_file",
+        ),
+        (b"hub: {name: a}\nhub: {name: b}\n", b"twice"),
+        (b"\x7fELF\x02\x01\x01\x00\xff\xfe", b"not UTF-8"),
+        (b"[" * 5000, b"nested"),
+    ],
+)
+async def test_check_config_refuses_what_run_refuses(
+    tmp_path: Path, content: bytes, named: bytes
+) -> None:
+    """Before: check-config said OK to the first four; the last two gave tracebacks."""
+    path = tmp_path / "gatewayd.yaml"
+    path.write_bytes(content)
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT)}
+    env |= {"HOME": str(tmp_path), "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state")}
+    for command in (["check-config", str(path)], ["run", "--config", str(path), "--seconds", "5"]):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gatewayd", *command, stderr=asyncio.subprocess.PIPE, env=env
+        )
+        _, err = await asyncio.wait_for(process.communicate(), WAIT)
+        assert process.returncode == 78, (command, err)
+        assert named in err and b"Traceback" not in err, (command, err)

@@ -377,3 +377,41 @@ async def test_check_config_refuses_what_run_refuses(
         _, err = await asyncio.wait_for(process.communicate(), WAIT)
         assert process.returncode == 78, (command, err)
         assert named in err and b"Traceback" not in err, (command, err)
+
+
+async def test_idle_sockets_are_closed_with_4000(tmp_path: Path) -> None:
+    config = CONFIG + "    identify_timeout_s: 1\n"
+    async with daemon_process(tmp_path, config) as daemon:
+        idle = [await connect(daemon.broker_url) for _ in range(50)]
+        codes = await asyncio.gather(*(close_code(ws) for ws in idle))
+    assert set(codes) == {4000}
+
+
+async def test_oversize_binary_and_non_utf8_frames_get_their_codes(tmp_path: Path) -> None:
+    async with daemon_process(tmp_path, CONFIG) as daemon:
+        for frame, text, code in [
+            ('{"op": 0, "pad": "' + "x" * 70_000 + '"}', None, 1009),
+            (b"\x00\xffbinary", None, 1003),
+            (b'{"op": 0, "d": "\xff"}', True, 1007),
+        ]:
+            async with connect(daemon.broker_url, max_size=None) as ws:
+                await hello(ws)
+                await (ws.send(frame) if text is None else ws.send(frame, text=True))
+                assert await close_code(ws) == code, frame[:20]
+    assert tracebacks(daemon) == 0
+
+
+async def test_path_traversal_reaches_no_file(tmp_path: Path) -> None:
+    async with daemon_process(tmp_path, CONFIG) as daemon:
+        port = daemon.broker_port or 0
+        for target in (
+            "/../gatewayd/config.py",
+            "/%2e%2e/%2e%2e/etc/passwd",
+            "/board/../../pyproject.toml",
+            "/web/board.js/../__init__.py",
+            "//etc/passwd",
+            "/board.js%00.html",
+        ):
+            status, body = await http_get(port, target)
+            assert status in (400, 404), target
+            assert "import" not in body and "root:" not in body

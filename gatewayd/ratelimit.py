@@ -88,6 +88,10 @@ class SubmitLimiter:
             return Verdict.ACCEPT
         return self._drop(Verdict.EXCESS, mono)
 
+    def unusable(self, mono: float) -> Verdict:
+        """A SUBMIT dropped for its content (malformed, unknown type): it counts toward abuse."""
+        return self._drop(Verdict.EXCESS, mono)
+
     def _drop(self, verdict: Verdict, mono: float) -> Verdict:
         self.dropped += 1
         if mono >= self._window_start + self.abuse_window_s:

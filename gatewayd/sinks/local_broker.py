@@ -466,6 +466,9 @@ class LocalBroker:
             sample = p.sample_from_frame(message, uid, self.wall())
         except p.Unusable as exc:
             self.metrics.submit_ignored.labels(exc.label).inc()
+            assert session.limiter is not None
+            if session.limiter.unusable(self.mono()) is Verdict.ABUSE:
+                await self._over_budget(session, Verdict.ABUSE)
             return
         except p.ProtocolError as exc:
             session.conn.reject(exc.code, exc.reason)

@@ -106,3 +106,8 @@ def test_one_replay_running_and_a_small_queue() -> None:
     assert replay_admissible(running=False, waiting=0, limit=4)
     assert replay_admissible(running=True, waiting=3, limit=4)
     assert not replay_admissible(running=True, waiting=4, limit=4)
+
+
+def test_unusable_submits_count_toward_abuse() -> None:
+    limiter = SubmitLimiter(abuse_drops=3, abuse_window_s=10.0)
+    assert [limiter.unusable(0.0) for _ in range(3)][-1] is Verdict.ABUSE

@@ -383,7 +383,9 @@ class App:
         except (OSError, GatewayError) as exc:
             log.warning("no admin link: cannot mint a setup token (%s)", exc)
             return
-        url = admin_link(board_url(broker.config.host, broker.port), setup)
+        url = admin_link(
+            board_url(broker.config.host, broker.port, tls=broker.tls is not None), setup
+        )
         log.warning(
             "admin: no admin token yet; open this one-time link on the staff tablet: %s "
             "(or run `gatewayd token create --role admin`)",

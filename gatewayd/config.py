@@ -554,6 +554,10 @@ def file_keys(config: BaseModel, prefix: str = "") -> list[tuple[str, Path]]:
             found.append((key, value))
         elif isinstance(value, BaseModel):
             found.extend(file_keys(value, f"{key}."))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    found.extend(file_keys(item, f"{key}.{i}."))
     return found
 
 

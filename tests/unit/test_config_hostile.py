@@ -23,12 +23,14 @@ ENABLERS: dict[str, dict[str, Any]] = {
     "outputs.mqtt.tls": {"outputs": {"mqtt": {"enabled": True, "tls": {"enabled": True}}}},
     "outputs.mqtt": {"outputs": {"mqtt": {"enabled": True}}},
     "outputs.local_broker.tls": {},
+    "outputs.local_broker.developers": {},
 }
 # Required fields of list items, so an item can exist to carry the key under test.
 ITEM_MINIMUM: dict[str, dict[str, Any]] = {
     "athletes": {"id": "a1"},
     "athletes.0.devices": {"source": "ble", "id": "AA:BB"},
     "outputs.local_broker.producer_tokens": {"token": "producer-token"},
+    "outputs.local_broker.developers": {"dev_id": "gym"},
 }
 PAIRS = {  # keys that only make sense with a partner: the partner is set to a real file
     "outputs.mqtt.tls.cert_file": "key_file",

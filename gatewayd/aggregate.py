@@ -9,7 +9,9 @@ Rules per data type (issue 3, and formats.md part D):
   is live.
 - POWER: the mean of the second's values; BIKE_CADENCE, SPEED, STEPS_CADENCE: the latest. All
   four are held while events keep coming and fall to 0 `hold` seconds after the last event.
-- RR_INTERVAL: the intervals that ended in the second; a second with none emits nothing.
+- RR_INTERVAL: one Sample per beat, not per second (the way Terra's clients read it): `val` is the
+  interval in ms and `ts` when that beat happened, to the millisecond. A reading's last interval
+  ends when the reading arrived, each earlier one where the next began; times only grow per stream.
 - BATTERY: only in seconds when the device reported it.
 A device silent for `lost_after` seconds is lost: a status event, and no invented samples.
 When two live devices of one athlete give the same data type, the first one keeps it.
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 
 _MEAN = frozenset({DataType.POWER})
-_CONCAT = frozenset({DataType.RR_INTERVAL})
+_PER_BEAT = frozenset({DataType.RR_INTERVAL})
 _FALLS_TO_ZERO = frozenset(
     {DataType.POWER, DataType.BIKE_CADENCE, DataType.SPEED, DataType.STEPS_CADENCE}
 )
@@ -68,6 +70,9 @@ class _Stream:
     last_event_mono: float = 0.0
     first_second: int | None = None
     pending: dict[int, list[float]] = field(default_factory=dict)
+    # Per-beat types: when each interval in `pending` ended (unix s, whole ms), and the last one.
+    beats: dict[int, list[float]] = field(default_factory=dict)
+    last_beat: float = 0.0
 
 
 class Aggregator:
@@ -165,6 +170,8 @@ class Aggregator:
                 bucket = pending[second] = []
             if d is not None:
                 bucket.extend(d)
+                if t in _PER_BEAT:
+                    stream.beats.setdefault(second, []).extend(_beat_times(stream, d, wall))
             elif val is not None:
                 bucket.append(val)
                 stream.last_val = val
@@ -193,6 +200,7 @@ class Aggregator:
             self.timeline_resets += 1
             for stream in self._streams.values():
                 stream.pending.clear()
+                stream.beats.clear()
                 stream.first_second = None
             self._next_second = closable + 1
             return [], statuses
@@ -290,14 +298,15 @@ class Aggregator:
                 continue  # a stream starts with the second of its first value
             bucket = stream.pending.pop(second, None)
             device = self._devices[stream.owner]
-            if t in _CONCAT:
-                if bucket:
+            if t in _PER_BEAT:
+                times = stream.beats.pop(second, [])
+                for interval, at in zip(bucket or (), times, strict=True):
                     out.append(
                         Sample(
                             uid,
                             t,
-                            ts,
-                            d=tuple(bucket),
+                            at,
+                            val=interval,
                             device_id=device.device_id,
                             source=device.source,
                         )
@@ -328,3 +337,22 @@ class Aggregator:
             battery=device.battery,
             rssi=device.rssi,
         )
+
+
+def _beat_times(stream: _Stream, intervals_ms: tuple[float, ...], wall: float) -> list[float]:
+    """When each interval ended: the last when the reading arrived (`wall`), each earlier one
+    where the next began; whole ms, and strictly after the stream's previous beat (arrival jitter
+    must not reorder beats, or a receiver that drops re-sent samples by time would drop one)."""
+    ends = []
+    end = wall
+    for interval in reversed(intervals_ms):
+        ends.append(end)
+        end -= interval / 1000.0
+    out = []
+    for estimate in reversed(ends):
+        at = math.floor(estimate * 1000.0) / 1000.0
+        if at <= stream.last_beat:
+            at = round(stream.last_beat + 0.001, 3)
+        stream.last_beat = at
+        out.append(at)
+    return out

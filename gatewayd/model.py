@@ -106,7 +106,7 @@ class Sample(NamedTuple):
 
     uid: str
     t: DataType
-    ts: float  # unix seconds at the start of the second
+    ts: float  # unix seconds at the start of the second (RR_INTERVAL: the beat's time, in ms)
     val: float | None = None
     d: tuple[float, ...] | None = None
     device_id: str = ""

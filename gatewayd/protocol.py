@@ -12,6 +12,9 @@ gatewayd extensions (a Terra client never sends or sees them):
 - A consumer that opted in receives device status as DISPATCH with `t = "DEVICE_STATUS"` and
   `d = {"ts", "device_id", "source", "state": "connected"|"lost", "reason", "battery", "rssi"}`.
   These carry no `seq`: they are live-only and never replayed, so sample seqs stay dense.
+- IDENTIFY `d.gatewayd.rr_array = true`: RR_INTERVAL as one DISPATCH per athlete and second with
+  `d = {"ts": <start of the second>, "d": [ms, ...]}` (seq of its last beat) instead of Terra's one
+  DISPATCH per beat with `val` (rr_arrays()).
 - SUBMIT and STATUS may carry `uid` (hub-to-hub mode).
 """
 
@@ -21,6 +24,7 @@ import enum
 import json
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +213,7 @@ class Filter:
     athletes: frozenset[str] | None = None
     types: frozenset[str] | None = None
     device_status: bool = False
+    rr_array: bool = False  # RR_INTERVAL as per-second arrays (rr_arrays) instead of per beat
 
     def wants(self, uid: str, t: str) -> bool:
         return (self.athletes is None or uid in self.athletes) and (
@@ -223,6 +228,8 @@ class Filter:
             out["types"] = sorted(self.types)
         if self.device_status:
             out["device_status"] = True
+        if self.rr_array:
+            out["rr_array"] = True
         return out
 
 
@@ -240,6 +247,31 @@ def dispatch(seq: int, sample: Sample) -> str:
     return _dumps(
         {"op": Op.DISPATCH, "d": sample.payload(), "uid": sample.uid, "seq": seq, "t": sample.t}
     )
+
+
+def rr_arrays(rows: Sequence[tuple[int, Sample]]) -> list[tuple[int, Sample]]:
+    """The `rr_array` extension: the per-beat RR_INTERVAL rows of one athlete and second become
+    one row `d = [ms, ...]` stamped with the start of that second, placed at (and carrying the seq
+    of) its last beat, so seqs still only grow. Other rows pass through. Beats of one second that
+    arrive in two calls (two batches, two REPLAY chunks) give two arrays for that second."""
+    last: dict[tuple[str, int], int] = {}
+    for i, (_, sample) in enumerate(rows):
+        if sample.t is DataType.RR_INTERVAL and sample.val is not None:
+            last[(sample.uid, math.floor(sample.ts))] = i
+    if not last:
+        return list(rows)
+    beats: dict[tuple[str, int], list[float]] = {}
+    out: list[tuple[int, Sample]] = []
+    for i, (seq, sample) in enumerate(rows):
+        if sample.t is not DataType.RR_INTERVAL or sample.val is None:
+            out.append((seq, sample))
+            continue
+        key = (sample.uid, math.floor(sample.ts))
+        beats.setdefault(key, []).append(sample.val)
+        if last[key] == i:
+            whole = tuple(beats.pop(key))
+            out.append((seq, sample._replace(ts=float(key[1]), val=None, d=whole)))
+    return out
 
 
 def dispatch_status(status: DeviceStatus) -> str:
@@ -597,12 +629,13 @@ def _parse_filter(ext: object) -> Filter:
             )
         return frozenset(value)
 
-    device_status = ext.get("device_status", False)
-    if not isinstance(device_status, bool):
-        raise ProtocolError(
-            CloseCode.MALFORMED, f"`d.{EXTENSION_KEY}.device_status` must be a boolean"
-        )
-    return Filter(names("athletes"), names("types"), device_status)
+    flags = []
+    for key in ("device_status", "rr_array"):
+        flag = ext.get(key, False)
+        if not isinstance(flag, bool):
+            raise ProtocolError(CloseCode.MALFORMED, f"`d.{EXTENSION_KEY}.{key}` must be a boolean")
+        flags.append(flag)
+    return Filter(names("athletes"), names("types"), *flags)
 
 
 def _parse_replay(d: object) -> ReplayRequested | None:

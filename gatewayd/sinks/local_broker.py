@@ -41,7 +41,7 @@ from gatewayd.errors import ConfigError, SpoolError
 from gatewayd.hub import Event, Subscription
 from gatewayd.lockout import GuessBrake
 from gatewayd.metrics import CONTENT_TYPE, Metrics
-from gatewayd.model import DeviceState, DeviceStatus, Sample
+from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 from gatewayd.ratelimit import ReplayPacer, SubmitLimiter, Verdict, replay_admissible
 from gatewayd.sinks.request_body import body_connection
 from gatewayd.spool import Spool
@@ -209,6 +209,7 @@ class LocalBroker:
         self._last_submitted: dict[tuple[str, str], float] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._status_wanted = 0  # consumers that opted in to DEVICE_STATUS
+        self._rr_arrays_wanted = 0  # consumers that asked for RR_INTERVAL as per-second arrays
         limits = config.limits
         self.brake = GuessBrake(
             attempts=limits.guess_attempts,
@@ -320,6 +321,7 @@ class LocalBroker:
         if self._status_wanted:
             plain = [frame for frame, key in zip(frames, keys, strict=True) if not key[2]]
         delivered = 0
+        arrays: tuple[list[bytes], list[tuple[str, str, bool]]] | None = None
         for session in self._consumers:
             wanted = session.filter
             if wanted is p.EVERYTHING:
@@ -328,11 +330,41 @@ class LocalBroker:
                 session.offer(plain, joined, self.metrics)
                 delivered += len(plain)
                 continue
-            mine = _select(frames, keys, wanted)
+            if wanted.rr_array:
+                if arrays is None:
+                    arrays = self._rr_array_frames(batch, first, frames, keys)
+                mine = _select(*arrays, wanted)
+            else:
+                mine = _select(frames, keys, wanted)
             if mine:
                 session.offer(mine, None, self.metrics)
                 delivered += len(mine)
         self.metrics.dispatched.inc(delivered)
+
+    def _rr_array_frames(
+        self,
+        batch: list[Event],
+        first: int,
+        frames: list[bytes],
+        keys: list[tuple[str, str, bool]],
+    ) -> tuple[list[bytes], list[tuple[str, str, bool]]]:
+        """The batch's frames for consumers of the `rr_array` extension (built once per batch)."""
+        rows: list[tuple[int, Sample]] = []
+        seq = first
+        for event in batch:
+            if isinstance(event, Sample):
+                rows.append((seq, event))
+                seq += 1
+        if not any(s.t is DataType.RR_INTERVAL for _, s in rows):
+            return frames, keys  # no RR in this batch: the same frames
+        merged = p.rr_arrays(rows)
+        out = [ws_text_frame(p.dispatch(n, s).encode("utf-8")) for n, s in merged]
+        out_keys = [(s.uid, str(s.t), False) for _, s in merged]
+        for frame, key in zip(frames, keys, strict=True):
+            if key[2]:  # device status frames follow the samples
+                out.append(frame)
+                out_keys.append(key)
+        return out, out_keys
 
     def _publish_locally(self, event: Event) -> None:
         self.dispatch([event])
@@ -429,6 +461,7 @@ class LocalBroker:
             self.metrics.consumers.set(len(self._consumers))
             if event.filter.device_status:
                 self._status_wanted += 1
+            self._rr_arrays_wanted += event.filter.rr_array
         else:
             self._producers += 1
             self.metrics.producers.set(self._producers)
@@ -575,11 +608,14 @@ class LocalBroker:
             if not rows:
                 return
             cursor = rows[-1][0]
-            frames = [
-                ws_text_frame(p.dispatch(seq, s).encode("utf-8"))
+            wanted = [
+                (seq, s)
                 for seq, s in rows
                 if s.ts >= oldest_ts and session.filter.wants(s.uid, s.t)
             ]
+            if session.filter.rr_array:
+                wanted = p.rr_arrays(wanted)
+            frames = [ws_text_frame(p.dispatch(seq, s).encode("utf-8")) for seq, s in wanted]
             pacer.spent(started, self.mono())
             if frames:
                 self.metrics.replayed.inc(len(frames))
@@ -610,6 +646,7 @@ class LocalBroker:
             self.metrics.consumers.set(len(self._consumers))
             if session.filter.device_status:
                 self._status_wanted -= 1
+            self._rr_arrays_wanted -= session.filter.rr_array
         elif session.grant is not None:
             self._producers -= 1
             self.metrics.producers.set(self._producers)

@@ -81,15 +81,8 @@ class SensorKind:
 
 SENSORS: dict[DataType, SensorKind] = {
     DataType.HEART_RATE: SensorKind("Heart rate", "bpm", None, "measurement", "mdi:heart-pulse"),
-    DataType.RR_INTERVAL: SensorKind(
-        "RR interval",
-        "ms",
-        "duration",
-        "measurement",
-        None,
-        # A second can hold several beats; the sensor shows the last, the JSON has them all.
-        "{{ value_json.d | last }}",
-    ),
+    # One message per beat (`val` in ms), as the local broker and the upstream send it.
+    DataType.RR_INTERVAL: SensorKind("RR interval", "ms", "duration", "measurement", None),
     DataType.POWER: SensorKind("Power", "W", "power", "measurement", None),
     DataType.BIKE_CADENCE: SensorKind("Cadence", "rpm", None, "measurement", "mdi:bike"),
     DataType.SPEED: SensorKind("Speed", "m/s", "speed", "measurement", None),

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -200,8 +201,16 @@ def assert_every_second(
 
 def assert_rr(rig: Rig, strap: HeartRateStrap, seconds: range) -> None:
     """One RR per beat, each 60000/bpm ms (to the strap's 1/1024 s resolution)."""
-    got = rig.per_second(DataType.RR_INTERVAL, strap)
-    values = [rr for s in seconds for rr in got.get(s, ())]  # type: ignore[attr-defined]
+    # RR_INTERVAL comes one sample per beat (`val`), stamped with the beat's own time.
+    uid = f"ant:{strap.device_id}"
+    values = [
+        e.val
+        for e in rig.events()
+        if isinstance(e, Sample)
+        and e.t is DataType.RR_INTERVAL
+        and e.uid == uid
+        and math.floor(e.ts - START_WALL) in seconds
+    ]
     beats = len(seconds) * strap.bpm / 60
     assert abs(len(values) - beats) <= 1.5, f"{len(values)} RR intervals for ~{beats:.1f} beats"
     assert values == pytest.approx([60000 / strap.bpm] * len(values), abs=1.0)

@@ -152,7 +152,7 @@ async def wait_consumers(h: Harness, n: int) -> None:
 async def test_consumer_gets_hello_ready_and_dispatches(harness: Harness) -> None:
     async with client(harness) as ws:
         harness.hub.publish(hr(0))
-        harness.hub.publish(Sample("a1", DataType.RR_INTERVAL, T0, d=(800.0, 812.5)))
+        harness.hub.publish(Sample("a1", DataType.RR_INTERVAL, T0 + 0.25, val=812.5))
         first = await recv_json(ws)
         assert first == {
             "op": 5,
@@ -162,7 +162,35 @@ async def test_consumer_gets_hello_ready_and_dispatches(harness: Harness) -> Non
             "t": "HEART_RATE",
         }
         second = await recv_json(ws)
-        assert second["seq"] == 2 and second["d"] == {"ts": first["d"]["ts"], "d": [800.0, 812.5]}
+        # One DISPATCH per beat, `val` in ms, `ts` the beat's time (what Terra's clients read).
+        assert second["seq"] == 2
+        assert second["d"] == {"ts": "2026-11-24T14:30:00.250Z", "val": 812.5}
+
+
+async def test_rr_array_extension_groups_beats_per_second_live_and_in_replay(
+    harness: Harness,
+) -> None:
+    beats = [
+        Sample("a1", DataType.RR_INTERVAL, T0 + 0.1, val=800.0),
+        Sample("a1", DataType.HEART_RATE, T0, val=75),
+        Sample("a1", DataType.RR_INTERVAL, T0 + 0.9, val=810.0),
+        Sample("a1", DataType.RR_INTERVAL, T0 + 1.7, val=790.0),
+    ]
+    wants_arrays = p.Filter(rr_array=True)
+    async with client(harness, filter_=wants_arrays) as arrays, client(harness) as plain:
+        await wait_consumers(harness, 2)
+        assert harness.broker is not None
+        harness.broker.dispatch(list(beats))  # one batch, as the pipeline hands a second over
+        got = [await recv_json(arrays) for _ in range(3)]
+        assert [(f["seq"], f["t"], f["d"]) for f in got] == [
+            (2, "HEART_RATE", {"ts": "2026-11-24T14:30:00.000Z", "val": 75}),
+            (3, "RR_INTERVAL", {"ts": "2026-11-24T14:30:00.000Z", "d": [800.0, 810.0]}),
+            (4, "RR_INTERVAL", {"ts": "2026-11-24T14:30:01.000Z", "d": [790.0]}),
+        ]
+        per_beat = [await recv_json(plain) for _ in range(4)]
+        assert [f["d"].get("val") for f in per_beat] == [800.0, 75, 810.0, 790.0]
+        await arrays.send(p.replay(0, 5))
+        assert [await recv_json(arrays) for _ in range(3)] == got
 
 
 async def test_heartbeat_is_acked(harness: Harness) -> None:

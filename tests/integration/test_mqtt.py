@@ -93,8 +93,8 @@ async def test_samples_and_device_state_arrive_on_their_topics(
             Sample(
                 "anna",
                 DataType.RR_INTERVAL,
-                TS,
-                d=(812.0, 790.5),
+                TS + 0.25,
+                val=812.0,
                 device_id="C0:FF:EE:00:00:01",
                 source="ble",
             )
@@ -151,8 +151,8 @@ async def test_samples_and_device_state_arrive_on_their_topics(
     ]
     assert payloads(watcher, f"{base}/athletes/anna/RR_INTERVAL") == [
         {
-            "ts": "2027-01-15T08:00:00.000Z",
-            "d": [812.0, 790.5],
+            "ts": "2027-01-15T08:00:00.250Z",
+            "val": 812.0,
             "device": "C0:FF:EE:00:00:01",
             "source": "ble",
         }
@@ -350,7 +350,7 @@ async def test_home_assistant_discovery_is_well_formed_and_follows_the_roster(
                 "anna",
                 DataType.RR_INTERVAL,
                 TS,
-                d=(800.0,),
+                val=800.0,
                 device_id="C0:FF:EE:00:00:01",
                 source="ble",
             )

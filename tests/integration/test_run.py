@@ -44,10 +44,14 @@ def test_simulated_athletes_each_produce_one_heart_rate_per_second(tmp_path):
             heart[record["uid"]].append(parse_ts(record["ts"]))
     assert sorted(heart) == ["sim-01", "sim-02", "sim-03", "sim-04", "sim-05"]
     for uid, stamps in heart.items():
+        # Per-second samples start on the second; RR_INTERVAL is per beat, at the beat's time.
         assert all(
-            ts.endswith(".000Z")
-            for ts in (r["ts"] for r in records if r.get("uid") == uid and "t" in r)
+            r["ts"].endswith(".000Z")
+            for r in records
+            if r.get("uid") == uid and "t" in r and r["t"] != "RR_INTERVAL"
         )
+        beats = [r for r in records if r.get("uid") == uid and r.get("t") == "RR_INTERVAL"]
+        assert all(isinstance(r["val"], float) and "d" not in r for r in beats)
         assert stamps == [stamps[0] + i for i in range(len(stamps))], f"{uid}: {stamps}"
         assert started - 1 <= stamps[0] and stamps[-1] <= finished
         assert len(stamps) >= 4

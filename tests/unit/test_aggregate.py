@@ -98,17 +98,32 @@ def test_cadence_is_held_then_falls_to_zero_after_three_seconds_without_an_event
     assert len(values) == 6
 
 
-def test_rr_intervals_are_collected_and_empty_seconds_emit_nothing():
+def test_rr_intervals_come_one_per_beat_stamped_when_the_beat_happened():
+    # Terra's clients read RR_INTERVAL's `val` (terra-examples consumer.ts), so one sample per
+    # beat: `val` the interval in ms, `ts` the beat's time to the millisecond.
     room = Room()
     room.advance(0.2)
     room.hear(DataType.RR_INTERVAL, d=(800.0,))
-    room.advance(0.5)
-    room.hear(DataType.RR_INTERVAL, d=(810.0, 790.0))
+    room.advance(1.6)
+    room.hear(DataType.RR_INTERVAL, d=(810.0, 790.0))  # arrived at 1.8: beats at 1.01 and 1.8
     room.advance(1.0)
     room.hear(DataType.HEART_RATE, 75)  # keeps the device live, no RR
     room.advance(1.5)
-    rr = [(s.ts - T0, s.d) for s in room.samples if s.t is DataType.RR_INTERVAL]
-    assert rr == [(0.0, (800.0, 810.0, 790.0))]
+    rr = [(round(s.ts - T0, 3), s.val, s.d) for s in room.samples if s.t is DataType.RR_INTERVAL]
+    assert rr == [(0.2, 800.0, None), (1.01, 810.0, None), (1.8, 790.0, None)]
+
+
+def test_beat_times_only_grow_even_when_readings_arrive_bunched():
+    room = Room()
+    room.advance(0.5)
+    room.hear(DataType.RR_INTERVAL, d=(800.0,))
+    room.advance(0.1)  # a late notification whose beats would land before the last one
+    room.hear(DataType.RR_INTERVAL, d=(900.0, 700.0))
+    room.advance(2.0)
+    times = [s.ts for s in room.samples if s.t is DataType.RR_INTERVAL]
+    assert [s.val for s in room.samples if s.t is DataType.RR_INTERVAL] == [800.0, 900.0, 700.0]
+    assert times == sorted(set(times)) and len(times) == 3
+    assert all(abs(t * 1000 - round(t * 1000)) < 1e-3 for t in times)  # whole milliseconds
 
 
 def test_a_silent_device_is_lost_once_and_no_samples_are_invented():

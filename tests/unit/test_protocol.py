@@ -44,8 +44,34 @@ def test_dispatch_has_terra_shape() -> None:
         "seq": 73,
         "t": "HEART_RATE",
     }
-    rr = Sample("ath1", DataType.RR_INTERVAL, parse_ts(TS), d=(812.0, 790.5))
-    assert json.loads(p.dispatch(1, rr))["d"] == {"ts": TS, "d": [812.0, 790.5]}
+    rr = Sample("ath1", DataType.RR_INTERVAL, parse_ts(TS) + 0.42, val=812.0)
+    assert json.loads(p.dispatch(1, rr))["d"] == {"ts": "2026-11-24T14:30:05.420Z", "val": 812.0}
+
+
+def test_rr_arrays_group_beats_per_athlete_and_second_at_the_last_beat() -> None:
+    t0 = parse_ts(TS)
+    rows = [
+        (1, Sample("a", DataType.RR_INTERVAL, t0 + 0.1, val=800.0)),
+        (2, Sample("b", DataType.RR_INTERVAL, t0 + 0.2, val=700.0)),
+        (3, Sample("a", DataType.HEART_RATE, t0, val=75)),
+        (4, Sample("a", DataType.RR_INTERVAL, t0 + 0.9, val=810.0)),
+        (5, Sample("a", DataType.RR_INTERVAL, t0 + 1.7, val=790.0)),
+    ]
+    assert p.rr_arrays(rows) == [
+        (2, Sample("b", DataType.RR_INTERVAL, t0, d=(700.0,))),
+        (3, Sample("a", DataType.HEART_RATE, t0, val=75)),
+        (4, Sample("a", DataType.RR_INTERVAL, t0, d=(800.0, 810.0))),
+        (5, Sample("a", DataType.RR_INTERVAL, t0 + 1, d=(790.0,))),
+    ]
+    assert p.rr_arrays(rows[2:3]) == rows[2:3]
+
+
+def test_rr_array_is_asked_for_in_identify() -> None:
+    conn = p.ServerConnection(0.0)
+    [event] = conn.receive(p.identify("t", p.Role.CONSUMER, p.Filter(rr_array=True)), 0.0)
+    assert isinstance(event, p.Identified) and event.filter.rr_array
+    bad = '{"op": 3, "d": {"token": "t", "type": 1, "gatewayd": {"rr_array": "yes"}}}'
+    assert close_code(p.ServerConnection(0.0).receive(bad, 0.0)) == 1003
 
 
 def test_submit_round_trips_through_the_server_parser() -> None:

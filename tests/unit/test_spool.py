@@ -45,6 +45,17 @@ def test_values_keep_their_json_shape(tmp_path: Path) -> None:
     assert c.val == 3.25
 
 
+def test_a_beat_keeps_its_millisecond_time(tmp_path: Path) -> None:
+    # RR_INTERVAL is stored per beat, stamped to the millisecond: REPLAY must give that time back.
+    spool = Spool(tmp_path / "s.db", clock=ManualClock())
+    beat = Sample("a", DataType.RR_INTERVAL, 1_800_000_005.123, val=812.0, device_id="x")
+    spool.append([beat])
+    spool.flush()
+    [(_, back)] = spool.read(0, 100)
+    assert back.ts_text() == beat.ts_text() == "2027-01-15T08:00:05.123Z"
+    assert back.val == 812.0 and back.d is None
+
+
 def test_clean_restart_keeps_seqs_dense(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "s.db", clock=ManualClock())
     spool.append([hr(i) for i in range(5)])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from typing import Any
 from websockets.asyncio.client import connect
 
 from gatewayd import protocol as p
-from tests.daemon import ROOT, Daemon, daemon_process
+from tests.daemon import Daemon, daemon_env, daemon_process
 
 CONSUMER = "admin-test-consumer"
 CONFIG = (
@@ -35,12 +34,7 @@ def mint_admin(tmp_path: Path) -> str:
         capture_output=True,
         text=True,
         check=True,
-        env={
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "PYTHONPATH": str(ROOT),
-            "HOME": str(tmp_path),
-            "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
-        },
+        env=daemon_env(tmp_path, GATEWAYD_HUB__STATE_DIR=str(tmp_path / "state")),
     )
     return out.stdout.strip()
 
@@ -75,12 +69,18 @@ async def acall(*args: Any, **kwargs: Any) -> tuple[int, Any]:
 
 
 async def wait_for_devices(daemon: Daemon, token: str, n: int) -> list[dict[str, Any]]:
-    while True:
-        status, devices = await acall(daemon, "GET", "/api/devices", token)
-        assert status == 200
-        if len(devices) >= n and all(d["kind"] for d in devices):
-            return devices  # type: ignore[no-any-return]
-        await daemon.wait_for_log("", after=len(daemon.lines))  # the next log line, not a sleep
+    """Ask again after each DISPATCH a consumer receives: samples are the sign that the pipeline
+    has heard devices (a log line is no such sign: the daemon may log nothing more)."""
+    async with connect(daemon.broker_url) as ws:
+        assert json.loads(await ws.recv())["op"] == 2
+        await ws.send(p.identify(CONSUMER, p.Role.CONSUMER))
+        assert json.loads(await ws.recv()) == {"op": 4}
+        while True:
+            status, devices = await acall(daemon, "GET", "/api/devices", token)
+            assert status == 200
+            if len(devices) >= n and all(d["kind"] for d in devices):
+                return devices  # type: ignore[no-any-return]
+            await asyncio.wait_for(ws.recv(), 30)
 
 
 async def test_tokens_are_required(tmp_path: Path) -> None:

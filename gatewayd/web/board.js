@@ -287,7 +287,8 @@
     configFetching = true;
     configFetchedAt = performance.now();
     try {
-      const response = await fetch("board/config.json", { cache: "no-store" });
+      // The key rides along here too: without it the refresh is refused (401).
+      const response = await fetch("board/config.json" + location.search, { cache: "no-store" });
       if (response.ok) applyConfig(await response.json());
     } catch (err) {
       // the connection's own retry reports trouble

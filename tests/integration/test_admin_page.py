@@ -83,7 +83,8 @@ async def test_staff_enrol_a_strap_and_the_board_shows_the_new_name(tmp_path: Pa
 
             # The board (a TV, no login) shows the strap's tile under the new name.
             board = await context.new_page()
-            await board.goto(f"{daemon.http_url}/")
+            board_link = await daemon.wait_for_log(r"board: (\S+\?key=\S+)")
+            await board.goto(board_link.group(1))
             tile = board.locator('.tile[data-uid="zoe-quinn"]')
             await expect(tile.locator(".name")).to_have_text("Zoë Quinn", timeout=20_000)
             await expect(tile.locator(".hr")).to_have_text(re.compile(r"^\d+$"))

@@ -59,6 +59,7 @@ from fanout import (
     split,
     start_mosquitto,
 )
+from machine import reference_us
 
 from gatewayd import protocol as p
 from tests.daemon import Daemon, start_daemon
@@ -71,20 +72,6 @@ TS = b'"ts":"'
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def reference_us() -> float:
-    """`python -m timeit "sum(range(1000))"`: µs per loop, this machine's speed right now."""
-    out = subprocess.run(
-        [sys.executable, "-m", "timeit", "-p", "sum(range(1000))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    match = re.search(r"([\d.]+) (usec|nsec|msec) per loop", out)
-    assert match, out
-    scale = {"nsec": 1e-3, "usec": 1.0, "msec": 1e3}[match.group(2)]
-    return float(match.group(1)) * scale
 
 
 def rss_kib(pid: int) -> dict[str, int]:

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daemon import reference_us
+from machine import reference_us
 
 from gatewayd.clock import ManualClock
 from gatewayd.config import PipelineConfig, SimulatorConfig

@@ -168,10 +168,12 @@ async def test_sigkill_mid_stream_loses_nothing_committed(
     await gateway.start()
     try:
         await gateway.line(r"upstream: connected")
-        # The upstream may read a second's rows before they are committed, so wait for three
-        # distinct seconds: the spool commits once a second, so the first one is on disk.
+        # The upstream may read a second's rows before they are committed: wait for three
+        # distinct seconds upstream and for the spool file itself to hold committed rows
+        # (looked at again on each sample the upstream receives, never on a timer).
         await upstream.watch.until(
-            lambda: len({key[2] for key in list(upstream.keys())}) >= 3, "a few seconds of data"
+            lambda: len({key[2] for key in list(upstream.keys())}) >= 3 and bool(spool_rows(spool)),
+            "a few seconds of data, some of it committed",
         )
     finally:
         assert await gateway.stop(signal.SIGKILL) == -signal.SIGKILL

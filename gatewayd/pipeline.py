@@ -55,6 +55,25 @@ class FrameQueue:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def put_quiet(self, frame: Frame) -> None:
+        """Queue a frame without waking the pipeline, unless GATHER_FRAMES are waiting.
+
+        For sources whose frames arrive one per event-loop wake-up (BLE notifications): the
+        pipeline takes them at its next wake, at most half a second later and always before it
+        emits a second's close, so no frame misses its second; a wake-up per frame would cost
+        more than the frame.
+        """
+        self.received += 1
+        items = self._items
+        if len(items) >= self.maxsize:
+            items.popleft()
+            self.dropped += 1
+        items.append(frame)
+        if len(items) >= GATHER_FRAMES:
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
     def put_threadsafe(self, frame: Frame) -> None:
         loop = self._loop
         if loop is None:
@@ -69,10 +88,13 @@ class FrameQueue:
         self._items.clear()
         return items
 
-    async def wait(self, timeout: float) -> None:
-        """Return when a frame is queued or `timeout` seconds pass, whichever is first."""
+    async def wait(self, timeout: float) -> bool:
+        """Return when a frame is queued or `timeout` seconds pass, whichever is first.
+
+        True when frames woke it (or were waiting already), False when the time ran out.
+        """
         if self._items:
-            return
+            return True
         self._waiter = asyncio.get_running_loop().create_future()
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands just as
         # a frame arrives, and then the pipeline would not stop at shutdown.
@@ -80,9 +102,10 @@ class FrameQueue:
             async with asyncio.timeout(timeout):
                 await self._waiter
         except TimeoutError:
-            pass
+            return False
         finally:
             self._waiter = None
+        return True
 
 
 class RateLimitedLog:
@@ -235,8 +258,8 @@ class Pipeline:
     async def run(self) -> None:
         frames = self.frames
         while True:
-            await frames.wait(self._until_next_tick())
-            if 0 < len(frames) < GATHER_FRAMES:
+            woken = await frames.wait(self._until_next_tick())
+            if woken and 0 < len(frames) < GATHER_FRAMES:
                 # A frame woke us: let its neighbours arrive and take them in one turn. Radios
                 # deliver one frame per callback, and a wake-up per frame cost more than the
                 # frame itself; a few ms are nothing against the grace of a second's close.

@@ -546,7 +546,7 @@ class BleSource:
 
     def _put(self, frame: Frame) -> None:
         if self._frames is not None:
-            self._frames.put(frame)
+            self._frames.put_quiet(frame)
 
     # ------------------------------------------------------------------ scheduling
 
@@ -774,7 +774,7 @@ class BleSource:
         wall = self._wall
         stats = self.stats
         assert self._frames is not None  # run() binds it before any link
-        put = self._frames.put
+        put = self._frames.put_quiet
 
         def on_notify(_char: BleakGATTCharacteristic, data: bytearray) -> None:
             stats.notifications += 1

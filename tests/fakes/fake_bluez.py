@@ -456,6 +456,10 @@ class ControlIface(ServiceInterface):
     def Notifications(self) -> Int32:
         return self._fake.stats.notifications
 
+    @method()
+    def Pause(self, paused: Bool):
+        self._fake.paused = paused
+
 
 # --------------------------------------------------------------------------- state
 
@@ -512,6 +516,7 @@ class FakeBlueZ:
         self.char_at: dict[str, CharIface] = {}  # by object path
         self.refuse_acquire: set[str] = set()  # devices whose AcquireNotify fails
         self.present: dict[str, bool] = {}
+        self.paused = False  # connected devices stay connected but send no notifications
         self.fail_plan: dict[str, list[str]] = {}
         self.bus: MessageBus | None = None
         self._advertiser: asyncio.Task[None] | None = None
@@ -804,7 +809,7 @@ class FakeBlueZ:
         next_at = loop.time()
         while link.connected:
             for char in link.chars.values():
-                if char.subscribed:
+                if char.subscribed and not self.paused:
                     char.push(self._value_for(spec, char.spec.uuid))
                     self.stats.notifications += 1
             next_at += period

@@ -1,0 +1,90 @@
+"""FrameQueue.put_quiet: frames that do not wake the pipeline still reach their own second."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from gatewayd.config import PipelineConfig
+from gatewayd.hub import Hub
+from gatewayd.model import DataType, Frame, Sample
+from gatewayd.pipeline import GATHER_FRAMES, FrameQueue, Pipeline
+from gatewayd.roster import Roster
+from tests.helpers import SteadyClock
+
+STRAP = "C0:FF:EE:00:00:01"
+
+
+def hr_frame(bpm: int, mono: float = 0.0, wall: float = 0.0) -> Frame:
+    return Frame("ble", "hci0", STRAP, "2a37", bytes([0x00, bpm]), mono, wall, -60)
+
+
+async def _yield_to_the_loop() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_quiet_frame_does_not_wake_a_waiter_and_a_loud_one_does() -> None:
+    queue = FrameQueue()
+    waiter = asyncio.create_task(queue.wait(30))
+    await _yield_to_the_loop()
+    queue.put_quiet(hr_frame(60))
+    await _yield_to_the_loop()
+    assert not waiter.done()
+    queue.put(hr_frame(61))
+    assert await waiter is True
+    assert [f.payload[1] for f in queue.take_all()] == [60, 61]
+    assert queue.received == 2
+
+
+async def test_the_wait_runs_out_with_quiet_frames_queued_and_says_so() -> None:
+    queue = FrameQueue()
+    waiter = asyncio.create_task(queue.wait(0.02))
+    await _yield_to_the_loop()
+    queue.put_quiet(hr_frame(60))
+    assert await waiter is False
+    assert len(queue) == 1
+
+
+async def test_a_pile_of_quiet_frames_wakes_the_waiter() -> None:
+    queue = FrameQueue()
+    waiter = asyncio.create_task(queue.wait(30))
+    await _yield_to_the_loop()
+    for _ in range(GATHER_FRAMES - 1):
+        queue.put_quiet(hr_frame(60))
+    await _yield_to_the_loop()
+    assert not waiter.done()
+    queue.put_quiet(hr_frame(60))
+    assert await waiter is True
+    assert len(queue) == GATHER_FRAMES
+
+
+def test_quiet_frames_beyond_the_bound_drop_the_oldest_and_count_it() -> None:
+    queue = FrameQueue(maxsize=3)
+    for bpm in (60, 61, 62, 63):
+        queue.put_quiet(hr_frame(bpm))
+    assert [f.payload[1] for f in queue.take_all()] == [61, 62, 63]
+    assert queue.dropped == 1
+
+
+async def test_the_running_pipeline_emits_a_quiet_frame_in_its_own_second() -> None:
+    clock = SteadyClock()
+    queue = FrameQueue()
+    hub = Hub()
+    events = hub.subscribe("test", 1000)
+    pipeline = Pipeline(queue, hub, Roster([], {}), PipelineConfig(), clock)
+    task = asyncio.create_task(pipeline.run())
+    try:
+        wall = clock.wall()
+        queue.put_quiet(hr_frame(77, clock.mono(), wall))
+        samples: list[Sample] = []
+        async with asyncio.timeout(5):
+            while not samples:
+                batch = await events.get_batch()
+                samples += [
+                    e for e in batch if isinstance(e, Sample) and e.t == DataType.HEART_RATE
+                ]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [(s.device_id, s.ts, s.val) for s in samples] == [(STRAP, math.floor(wall), 77)]

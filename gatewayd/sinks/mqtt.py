@@ -46,7 +46,7 @@ from gatewayd.errors import ConfigError
 from gatewayd.hub import Event, Subscription
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, format_ts
 from gatewayd.roster import Roster
-from gatewayd.sinks.mqtt_wire import BatchedSocket, QuietWake
+from gatewayd.sinks.mqtt_client import Client
 
 log = logging.getLogger(__name__)
 
@@ -233,57 +233,6 @@ class _CredentialsUnreadable(OSError):
     """The password file or variable is missing; treated like any failed attempt."""
 
 
-class _Client(paho.Client):
-    """paho's client, plus two things its reconnect loop lacks: the reason a connection attempt
-    failed (paho swallows the OSError), and credentials read afresh before every attempt, so
-    fixing a password file takes effect without a restart."""
-
-    def __init__(
-        self,
-        *args: Any,
-        credentials: Callable[[], tuple[str | None, str | None]],
-        attempt_failed: Callable[[OSError], None],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self._gw_credentials = credentials
-        self._gw_attempt_failed = attempt_failed
-
-    def _create_socket(self) -> Any:
-        # Every connection's socket batches its writes and reads (gatewayd/sinks/mqtt_wire.py).
-        return BatchedSocket(super()._create_socket())  # type: ignore[arg-type]
-
-    def want_write(self) -> bool:
-        sock = self._sock
-        return super().want_write() or (isinstance(sock, BatchedSocket) and sock.has_output())
-
-    def loop_write(self) -> MQTTErrorCode:
-        rc = super().loop_write()
-        sock = self._sock
-        if isinstance(sock, BatchedSocket):
-            sock.flush()  # one send() for everything paho wrote in this turn
-        return rc
-
-    def quiet_wake(self) -> QuietWake | None:
-        """paho's wake-up socket, wrapped so that a batch of publishes wakes its thread once."""
-        wake: Any = self._sockpairW
-        if wake is None or isinstance(wake, QuietWake):
-            return wake
-        quiet = QuietWake(wake)
-        self._sockpairW = quiet  # type: ignore[assignment]
-        return quiet
-
-    def reconnect(self) -> MQTTErrorCode:
-        try:
-            username, password = self._gw_credentials()
-            if username is not None:
-                self.username_pw_set(username, password)
-            return super().reconnect()
-        except OSError as exc:
-            self._gw_attempt_failed(exc)
-            raise
-
-
 class MqttSink:
     name = "mqtt"
 
@@ -350,10 +299,10 @@ class MqttSink:
             if tls.enabled and path is not None and not path.is_file():
                 raise ConfigError(f"outputs.mqtt.{key}", f"{path} does not exist or is not a file")
 
-    def _make_client(self) -> _Client:
+    def _make_client(self) -> Client:
         cfg = self.config
         v5 = cfg.protocol == "5"
-        client = _Client(
+        client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             clean_session=None if v5 else cfg.clean_session,

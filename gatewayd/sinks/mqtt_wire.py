@@ -9,7 +9,9 @@ only change how bytes cross the kernel boundary:
 - `BatchedSocket` collects what paho sends and writes it in one send() when paho has nothing
   more to write (`flush`, called from the client's loop_write); it reads 64 KiB at a time and
   serves paho's small reads from that buffer. `pending()` tells paho's loop that buffered bytes
-  are waiting, as an SSL socket does, so buffered input is never left unread.
+  are waiting, as an SSL socket does, so buffered input is never left unread. `take_pubacks`
+  hands the client (gatewayd/sinks/mqtt_client.py) the run of plain PUBACKs at the head of that
+  buffer, so a burst of acknowledgements is handled in one go instead of packet by packet.
 - `QuietWake` stands in for paho's wake-up socket while the sink hands over a batch, so the
   network thread is woken once per batch instead of once per message.
 """
@@ -25,6 +27,29 @@ from typing import Any
 READ_SIZE = 1 << 16
 WRITE_HIGH = 1 << 18  # buffered output past this makes paho wait for the socket (backpressure)
 _AGAIN = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+# PUBACK reason codes that say the message was accepted (MQTT 5.0 §3.4.2.1): Success, and
+# No matching subscribers (what mosquitto answers while nobody subscribes to the topic).
+PUBACK_ACCEPTED = (0x00, 0x10)
+
+
+def plain_pubacks(data: bytes | bytearray, v5: bool) -> tuple[list[tuple[int, int]], int]:
+    """(packet id, reason code) of the complete plain PUBACKs at the head of `data`, and the
+    bytes they take. Plain: `40 02 <id>` (no reason code: Success), or in MQTT 5 `40 03 <id>
+    <code>` with an accepting code. Stops at anything else, a PUBACK cut short included."""
+    acks: list[tuple[int, int]] = []
+    at = 0
+    end = len(data)
+    while at + 4 <= end and data[at] == 0x40:
+        size = data[at + 1]
+        if size == 2:
+            acks.append((data[at + 2] << 8 | data[at + 3], 0))
+            at += 4
+        elif size == 3 and v5 and at + 5 <= end and data[at + 4] in PUBACK_ACCEPTED:
+            acks.append((data[at + 2] << 8 | data[at + 3], data[at + 4]))
+            at += 5
+        else:
+            break
+    return acks, at
 
 
 class BatchedSocket:
@@ -82,6 +107,28 @@ class BatchedSocket:
         chunk = bytes(self._in[:size])
         del self._in[:size]
         return chunk
+
+    def take_pubacks(self, v5: bool) -> list[tuple[int, int]] | None:
+        """The plain PUBACKs at the head of the input (`plain_pubacks`), consumed; [] when something
+        else is next (paho reads it); None when nothing is readable now. Reads the socket once
+        if nothing is buffered."""
+        if not self._in:
+            if self.broken is not None:
+                return []  # paho's next read raises it
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except _AGAIN:
+                return None
+            except OSError as exc:
+                self.broken = exc
+                return []
+            if not data:
+                return []  # end of stream: paho's own read sees it again
+            self._in += data
+        acks, used = plain_pubacks(self._in, v5)
+        if used:
+            del self._in[:used]
+        return acks
 
     def pending(self) -> int:
         inner = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0

@@ -5,7 +5,9 @@
 For each QoS (0 and 1) and protocol (5, 3.1.1): a fresh mosquitto on 127.0.0.1 (the test
 fixture's), the sink connected, then `--samples` samples (100 athletes x data types) pushed
 into the hub at once; timed until the broker has them all (QoS 0: written to the socket;
-QoS 1: PUBACKed). Also: memory per message held in the offline queue while the broker is down.
+QoS 1: PUBACKed). CPU is this process's (paho's thread included), per sample, also divided by
+the machine-speed reference (`sum(range(1000))`, bench/machine.py) measured in the same run.
+Also: memory per message held in the offline queue while the broker is down.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import tracemalloc
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import reference_us
 
 from gatewayd.config import MqttConfig
 from gatewayd.hub import Hub
@@ -104,7 +109,9 @@ async def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.INFO)
     batch = samples(args.samples)
+    reference = reference_us()
     print(f"{args.samples} samples per run, mosquitto on 127.0.0.1")
+    print(f"machine reference sum(range(1000)): {reference:.2f} us CPU")
     for protocol in ("5", "3.1.1"):
         for qos in (0, 1):
             with tempfile.TemporaryDirectory() as directory:
@@ -116,7 +123,7 @@ async def main() -> None:
                     broker.stop()
             print(
                 f"  MQTT {protocol:5} QoS {qos}: {rate:10,.0f} samples/s, "
-                f"{cpu_us:5.1f} us CPU per sample"
+                f"{cpu_us:5.1f} us CPU per sample = {cpu_us / reference:4.2f}x reference"
             )
     per = await offline_bytes_per_message(20_000)
     print(

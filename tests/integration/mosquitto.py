@@ -73,7 +73,12 @@ def make_certificates(directory: Path, ca_file: Path) -> tuple[Path, Path]:
 
 class Mosquitto:
     def __init__(
-        self, directory: Path, passwords: dict[str, str] | None = None, *, tls: bool = False
+        self,
+        directory: Path,
+        passwords: dict[str, str] | None = None,
+        *,
+        tls: bool = False,
+        acl: str | None = None,
     ) -> None:
         self.directory = directory
         self.port = free_port()
@@ -82,6 +87,7 @@ class Mosquitto:
         self.ca_file = directory / "ca.pem"
         self.host = "127.0.0.1"
         self.passwords = passwords
+        self.acl = acl  # mosquitto acl_file text: what clients may read and write
         self.log: list[str] = []
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -120,6 +126,10 @@ class Mosquitto:
                     capture_output=True,
                 )
             lines += ["allow_anonymous false", f"password_file {password_file}"]
+        if self.acl is not None:
+            acl_file = self.directory / "acl"
+            acl_file.write_text(self.acl)
+            lines.append(f"acl_file {acl_file}")
         self.config_file.write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
@@ -169,18 +179,22 @@ class Mosquitto:
 
 
 def _start(
-    directory: Path, passwords: dict[str, str] | None = None, *, tls: bool = False
+    directory: Path,
+    passwords: dict[str, str] | None = None,
+    *,
+    tls: bool = False,
+    acl: str | None = None,
 ) -> Iterator[Mosquitto]:
     if shutil.which("mosquitto") is None:
         pytest.fail("mosquitto is not installed: run scripts/setup --dev (Debian: mosquitto)")
-    broker = Mosquitto(directory, passwords, tls=tls)
+    broker = Mosquitto(directory, passwords, tls=tls, acl=acl)
     for _attempt in range(3):
         try:
             broker.start()
             break
         except RuntimeError:
             # Another test took the port between probing and binding: try a fresh one.
-            broker = Mosquitto(directory, passwords, tls=tls)
+            broker = Mosquitto(directory, passwords, tls=tls, acl=acl)
     else:
         broker.start()
     try:
@@ -204,6 +218,17 @@ def mosquitto_tls(tmp_path: Path) -> Iterator[Mosquitto]:
 def mosquitto_auth(tmp_path: Path) -> Iterator[Mosquitto]:
     """A broker that accepts only user `gym` with password `s3cret-pass`."""
     yield from _start(tmp_path / "mosquitto", {"gym": "s3cret-pass"})
+
+
+@pytest.fixture
+def mosquitto_acl(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A broker whose clients may publish only a hub's status and athlete `anna`'s topics."""
+    acl = (
+        "topic readwrite gatewayd/+/status\n"
+        "topic readwrite gatewayd/+/athletes/anna/#\n"
+        "topic read gatewayd/#\n"
+    )
+    yield from _start(tmp_path / "mosquitto", acl=acl)
 
 
 class Watcher:

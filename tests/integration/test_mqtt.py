@@ -27,11 +27,13 @@ from tests.integration.mosquitto import (
     Watcher,
     free_port,
     mosquitto,
+    mosquitto_acl,
     mosquitto_auth,
     mosquitto_tls,
 )
 
-__all__ = ["mosquitto", "mosquitto_auth", "mosquitto_tls"]  # fixtures, imported for pytest
+# fixtures, imported for pytest
+__all__ = ["mosquitto", "mosquitto_acl", "mosquitto_auth", "mosquitto_tls"]
 
 REPO = Path(__file__).resolve().parents[2]
 TS = 1_800_000_000.0
@@ -269,6 +271,47 @@ async def test_qos1_samples_survive_a_broker_restart(mosquitto: Mosquitto) -> No
         ).start()
         await second_run.wait_for(lambda m: seconds(m) >= set(range(10, 40)))
         second_run.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_acks_in_bulk_count_every_message_and_refusals_apart(
+    mosquitto_acl: Mosquitto, protocol: str
+) -> None:
+    """mosquitto answers, in one stream: Success (anna's heart rate has a subscriber), No
+    matching subscribers (her power has none), Not authorized (bob may not publish). The first
+    two go through the client's bulk path (gatewayd/sinks/mqtt_client.py), refusals through
+    paho's own reader. MQTT 3.1.1 cannot refuse: mosquitto acknowledges and drops."""
+    base = f"gatewayd/{HUB}/athletes"
+    watcher = await Watcher(mosquitto_acl, [f"{base}/+/HEART_RATE"]).start()
+    async with running(config(mosquitto_acl, protocol=protocol)) as gw:
+        await asyncio.wait_for(gw.sink.wait_idle(), WAIT_S)  # "online" is out
+        before = gw.sink.published
+        for second in range(300):
+            gw.hub.publish(hr("anna", second, second))
+            gw.hub.publish(
+                Sample(
+                    "anna", DataType.POWER, TS + second, val=200.0, device_id="11:7", source="ant"
+                )
+            )
+            if second % 3 == 0:
+                gw.hub.publish(hr("bob", second, second, device="C0:FF:EE:00:00:02"))
+        await asyncio.wait_for(gw.sink.wait_idle(), WAIT_S)
+        stats = gw.sink.stats()
+        published = gw.sink.published - before
+        fast = gw.sink._client.fast_acks
+        await watcher.wait_for(lambda _: len(watcher.on(f"{base}/anna/HEART_RATE")) == 300)
+    watcher.stop()
+    assert stats["in_flight"] == stats["queued"] == 0
+    if protocol == "5":
+        assert (published, stats["rejected"]) == (600, 100)
+        assert fast >= 600  # every accepted message (and "online")
+    else:
+        assert (published, stats["rejected"]) == (700, 0)
+        assert fast >= 700
+    assert [json.loads(p)["val"] for p in watcher.on(f"{base}/anna/HEART_RATE")] == [
+        float(second) for second in range(300)
+    ]
+    assert watcher.on(f"{base}/bob/HEART_RATE") == []
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import socket
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -27,6 +26,9 @@ from gatewayd.sinks.mqtt_client import (
     install_lean_info,
 )
 from gatewayd.sinks.mqtt_wire import PUBACK_ACCEPTED, BatchedSocket, plain_pubacks
+from tests.unit.test_mqtt_wire import pair
+
+__all__ = ["pair"]  # a fixture, imported for pytest
 
 V5 = MQTTProtocolVersion.MQTTv5
 V311 = MQTTProtocolVersion.MQTTv311
@@ -83,16 +85,6 @@ def test_accepting_codes_are_the_ones_paho_counts_as_success() -> None:
 
 
 # -- the fast path against paho's own reader, on the same bytes ------------------------------
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    yield a, b
-    a.close()
-    b.close()
 
 
 def attached(client: paho.Client, sock: Any) -> list[tuple[int, int, int, bytes]]:

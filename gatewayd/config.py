@@ -183,6 +183,9 @@ class BrokerLimitsConfig(Section):
     # This many dropped SUBMITs within the window is sustained abuse: close with 1008.
     submit_abuse_drops: int = Field(1000, ge=1, le=10_000_000)
     submit_abuse_window_s: float = Field(10.0, gt=0.0, le=3600.0)
+    # A consumer whose send queue has been dropping this long without catching up is stuck:
+    # closed with 1013, which frees its queue and its socket's buffers.
+    slow_consumer_close_s: float = Field(60.0, gt=0.0, le=86_400.0)
 
     @model_validator(mode="after")
     def _lock_order(self) -> BrokerLimitsConfig:

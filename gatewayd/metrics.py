@@ -23,6 +23,11 @@ _FROM_HEALTH: dict[str, tuple[str, str, bool]] = {
     "frames_dropped": ("gatewayd_frames_dropped", "Frames dropped by a full frame queue", True),
     "devices_live": ("gatewayd_devices_live", "Devices heard within the dropout window", False),
     "spool_depth": ("gatewayd_spool_depth", "Samples held in the spool", False),
+    "send_queue_bytes": (
+        "gatewayd_broker_send_queue_bytes",
+        "Bytes the broker holds for its consumers: send queues and socket write buffers",
+        False,
+    ),
     "spool_evicted": (
         "gatewayd_spool_evicted",
         "Spooled samples removed by the size or age cap before every upstream had them",

@@ -66,6 +66,7 @@ class CloseCode(enum.IntEnum):
     POLICY = 1008  # sustained flooding (SUBMIT over its rate, REPLAYs past the queue)
     TOO_BIG = 1009
     INTERNAL = 1011
+    TRY_AGAIN_LATER = 1013  # a consumer stuck behind its full send queue (RFC 6455 registry)
     NO_IDENTIFY = 4000
     BAD_TOKEN = 4001
     CONSUMER_LIMIT = 4002
@@ -75,7 +76,15 @@ class CloseCode(enum.IntEnum):
 
 
 # What a client should do after each close code (PROTOCOL.md, Close codes).
-RETRY = frozenset({CloseCode.GOING_AWAY, CloseCode.INTERNAL, CloseCode.HEARTBEAT_MISSED, 1006})
+RETRY = frozenset(
+    {
+        CloseCode.GOING_AWAY,
+        CloseCode.INTERNAL,
+        CloseCode.TRY_AGAIN_LATER,
+        CloseCode.HEARTBEAT_MISSED,
+        1006,
+    }
+)
 BACK_OFF = frozenset({CloseCode.CONSUMER_LIMIT})
 NEW_TOKEN = frozenset({CloseCode.BAD_TOKEN})
 

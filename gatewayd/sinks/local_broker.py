@@ -7,6 +7,7 @@ Fan-out: each Sample gets its seq from the spool and is encoded into a WebSocket
 every consumer then gets the bytes of its share of a batch in one transport write. A consumer
 whose socket is full gets a bounded send queue: past `send_queue` frames the oldest go (counted,
 logged once per episode) and it can REPLAY them; it never slows the pipeline or other consumers.
+One that stays behind for `limits.slow_consumer_close_s` is closed with 1013 (gatewayd.sendqueue).
 Frames are written straight to the transport because a per-message `send()` per consumer costs
 several times the CPU; this is sound because compression is off (frames are byte-identical for
 every consumer) and the broker never fragments. Closing still goes through websockets.
@@ -23,7 +24,6 @@ import json
 import logging
 import ssl
 import struct
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -43,6 +43,7 @@ from gatewayd.lockout import GuessBrake
 from gatewayd.metrics import CONTENT_TYPE, Metrics
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 from gatewayd.ratelimit import ReplayPacer, SubmitLimiter, Verdict, replay_admissible
+from gatewayd.sendqueue import SendQueue
 from gatewayd.sinks.request_body import body_connection
 from gatewayd.spool import Spool
 from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
@@ -60,6 +61,7 @@ _WS_LOG.setLevel(logging.WARNING)
 REPLAY_CHUNK = 500
 FLUSH_EVERY_S = 1.0
 BATCH_LIMIT = 5000
+CLOSE_BUDGET_S = 3.0  # the closing handshake, then the socket is cut (websockets' timeout is 2 s)
 
 
 def ws_text_frame(payload: bytes) -> bytes:
@@ -75,15 +77,12 @@ def ws_text_frame(payload: bytes) -> bytes:
 class _Session:
     """One connection: its protocol state, its grant, and (for a consumer) its send queue."""
 
-    def __init__(self, ws: ServerConnection, conn: p.ServerConnection, send_queue: int) -> None:
+    def __init__(self, ws: ServerConnection, conn: p.ServerConnection, queue: SendQueue) -> None:
         self.ws = ws
         self.conn = conn
         self.grant: Grant | None = None
         self.filter = p.EVERYTHING
-        self.limit = send_queue
-        self.pending: deque[bytes] = deque()
-        self.dropped = 0
-        self.dropping = False
+        self.pending = queue
         self.drainer: asyncio.Task[None] | None = None
         self.replays: asyncio.Queue[p.ReplayRequested] | None = None
         self.replayer: asyncio.Task[None] | None = None
@@ -98,6 +97,11 @@ class _Session:
     def open(self) -> bool:
         return not self.closing and self.ws.protocol.state is State.OPEN
 
+    @property
+    def held_bytes(self) -> int:
+        """What the hub holds for this client: its send queue and its transport's buffer."""
+        return self.pending.nbytes + self.ws.transport.get_write_buffer_size()
+
     def write(self, data: bytes) -> None:
         if self.open:
             self.ws.transport.write(data)
@@ -105,28 +109,25 @@ class _Session:
     def write_text(self, text: str) -> None:
         self.write(ws_text_frame(text.encode("utf-8")))
 
-    def offer(self, frames: list[bytes], joined: bytes | None, metrics: Metrics) -> None:
+    def offer(
+        self, frames: list[bytes], joined: bytes | None, metrics: Metrics, now: float
+    ) -> None:
         """Live DISPATCHes: write now, or queue (dropping the oldest) while the socket is full."""
         if not self.open:
             return
-        if not self.ws.paused and not self.pending:
+        pending = self.pending
+        if not self.ws.paused and not pending:
             self.ws.transport.write(joined if joined is not None else b"".join(frames))
             return
-        pending = self.pending
-        pending.extend(frames)
-        overflow = len(pending) - self.limit
-        if overflow > 0:
-            for _ in range(overflow):
-                pending.popleft()
-            self.dropped += overflow
-            metrics.dropped.inc(overflow)
-            if not self.dropping:
-                self.dropping = True
+        overflow = pending.push(frames, now)
+        if overflow is not None:
+            metrics.dropped.inc(overflow.dropped)
+            if overflow.started:
                 log.warning(
                     "consumer %s is not keeping up: dropping its oldest DISPATCHes "
                     "(send queue of %d full); it can REPLAY them",
                     self.peer,
-                    self.limit,
+                    pending.limit,
                 )
         if self.drainer is None:
             self.drainer = asyncio.create_task(self._drain())
@@ -137,13 +138,12 @@ class _Session:
                 await self.ws.drain()
                 if not self.open:
                     break
-                data = b"".join(self.pending)
-                self.pending.clear()
-                self.ws.transport.write(data)
-            if self.dropping:
-                self.dropping = False
+                self.ws.transport.write(self.pending.take())
+            if self.pending.caught_up():
                 log.info(
-                    "consumer %s caught up; %d DISPATCHes dropped so far", self.peer, self.dropped
+                    "consumer %s caught up; %d DISPATCHes dropped so far",
+                    self.peer,
+                    self.pending.dropped,
                 )
         except ConnectionClosed:
             pass
@@ -321,13 +321,14 @@ class LocalBroker:
         if self._status_wanted:
             plain = [frame for frame, key in zip(frames, keys, strict=True) if not key[2]]
         delivered = 0
+        mono = self.mono()
         arrays: tuple[list[bytes], list[tuple[str, str, bool]]] | None = None
         for session in self._consumers:
             wanted = session.filter
             if wanted is p.EVERYTHING:
                 if joined is None:
                     joined = b"".join(plain)
-                session.offer(plain, joined, self.metrics)
+                session.offer(plain, joined, self.metrics, mono)
                 delivered += len(plain)
                 continue
             if wanted.rr_array:
@@ -337,7 +338,7 @@ class LocalBroker:
             else:
                 mine = _select(frames, keys, wanted)
             if mine:
-                session.offer(mine, None, self.metrics)
+                session.offer(mine, None, self.metrics, mono)
                 delivered += len(mine)
         self.metrics.dispatched.inc(delivered)
 
@@ -377,7 +378,10 @@ class LocalBroker:
             heartbeat_interval_s=self.config.heartbeat_interval_s,
             identify_timeout_s=self.config.identify_timeout_s,
         )
-        session = _Session(ws, conn, self.config.send_queue)
+        queue = SendQueue(
+            limit=self.config.send_queue, stall_s=self.config.limits.slow_consumer_close_s
+        )
+        session = _Session(ws, conn, queue)
         self._sessions.add(session)
         session.write_text(conn.hello())
         try:
@@ -629,13 +633,26 @@ class LocalBroker:
         self._forget(session)
         session.closing = True
         self.metrics.closed.labels(str(code)).inc()
+        # Before IDENTIFY succeeds a client costs at most a counter (`closed` by code) and a
+        # debug line, so a stream of junk connections cannot fill the log.
+        level = logging.INFO if session.grant is not None else logging.DEBUG
         if code not in (p.CloseCode.NORMAL, p.CloseCode.GOING_AWAY):
-            # Before IDENTIFY succeeds a client costs at most a counter (`closed` by code) and a
-            # debug line, so a stream of junk connections cannot fill the log.
-            level = logging.INFO if session.grant is not None else logging.DEBUG
             log.log(level, "closing %s with %d: %s", session.peer, code, reason)
-        with contextlib.suppress(ConnectionClosed):
-            await session.ws.close(code, reason[:120])
+        try:
+            # A client that reads nothing never takes the close frame, and websockets waits for
+            # the socket to drain before its own close timeout starts: bound the whole handshake,
+            # or the socket and its buffers would stay open for good.
+            await asyncio.wait_for(session.ws.close(code, reason[:120]), CLOSE_BUDGET_S)
+        except ConnectionClosed:
+            pass
+        except TimeoutError:
+            session.ws.transport.abort()
+            log.log(
+                level,
+                "%s took no close frame in %g s: connection cut",
+                session.peer,
+                CLOSE_BUDGET_S,
+            )
 
     def _forget(self, session: _Session) -> None:
         if session not in self._sessions:
@@ -674,6 +691,13 @@ class LocalBroker:
             for event in session.conn.tick(now):
                 if isinstance(event, p.Close):
                     self._spawn(self._close(session, event.code, event.reason))
+            if session.pending.stalled(now) and not session.closing:
+                reason = (
+                    f"too slow: DISPATCHes dropped for {session.pending.stall_s:g} s "
+                    "without catching up; reconnect and REPLAY the gap"
+                )
+                session.conn.reject(p.CloseCode.TRY_AGAIN_LATER, reason)
+                self._spawn(self._close(session, p.CloseCode.TRY_AGAIN_LATER, reason))
         if now - self._last_flush >= FLUSH_EVERY_S:
             self._last_flush = now
             self._flush()
@@ -692,6 +716,7 @@ class LocalBroker:
         snapshot.setdefault("upstream", None)
         snapshot["consumers"] = len(self._consumers)
         snapshot["producers"] = self._producers
+        snapshot["send_queue_bytes"] = sum(c.held_bytes for c in self._consumers)
         snapshot["spool_depth"] = self.spool.depth()
         snapshot["last_seq"] = self.spool.last_seq
         return snapshot

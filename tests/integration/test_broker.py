@@ -469,7 +469,7 @@ async def test_a_consumer_that_stops_reading_loses_oldest_not_others(tmp_path: P
                 seqs.extend([(await recv_json(healthy))["seq"] for _ in range(500)])
             assert seqs == list(range(1, n + 1))  # the healthy one missed nothing
             assert broker.metrics.dropped._value.get() > 0  # the stalled one lost its oldest
-            stalled_session = next(s for s in broker._consumers if s.dropped)
+            stalled_session = next(s for s in broker._consumers if s.pending.dropped)
             assert len(stalled_session.pending) <= 50
             # once it reads again it sees a gap it can fill with REPLAY
             got = []

@@ -2,6 +2,10 @@
 
 Each test is bounded in frames and connections so the suite stays a few seconds long; together
 they keep what held up in the first hostile run holding up, and what failed fixed.
+
+`kill -9` is not repeated here: tests/integration/test_terra_reconnect.py kills the daemon with
+SIGKILL under a consumer (restart, no seq reused, committed seconds REPLAYed as they were) and
+tests/integration/test_upstream_process.py under the upstream forwarder (nothing committed lost).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import contextlib
 import json
 import os
 import random
+import re
+import socket
 import sys
 from pathlib import Path
 
@@ -19,7 +25,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from gatewayd import protocol as p
-from gatewayd.model import format_ts
+from gatewayd.clock import SystemClock
+from gatewayd.model import DataType, Sample, format_ts, parse_ts
+from gatewayd.spool import Spool
 from tests.daemon import ROOT, Daemon, daemon_process
 
 CONSUMER = "hostile-consumer-token"
@@ -418,3 +426,114 @@ async def test_path_traversal_reaches_no_file(tmp_path: Path) -> None:
             status, body = await http_get(port, target)
             assert status in (400, 404), target
             assert "import" not in body and "root:" not in body
+
+
+class Follower:
+    """A well-behaved consumer in the background: reads everything, HEARTBEATs as it must."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.frames: list[dict] = []  # type: ignore[type-arg]
+        self._new = asyncio.Condition()
+        self.task = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        second = ""
+        while True:
+            frame = json.loads(await self.ws.recv())
+            if frame["op"] != p.Op.DISPATCH:
+                continue
+            # One HEARTBEAT per new second of samples, far more often than the interval asks:
+            # without them the broker closes it with 4005 (PROTOCOL.md, Lifecycle 5).
+            if frame["d"]["ts"][:19] != second:
+                second = frame["d"]["ts"][:19]
+                await self.ws.send(p.heartbeat())
+            async with self._new:
+                self.frames.append(frame)
+                self._new.notify_all()
+
+    def seconds(self) -> list[str]:
+        return sorted({f["d"]["ts"][:19] for f in self.frames if f["t"] == "HEART_RATE"})
+
+    async def until_seconds(self, n: int) -> None:
+        async def wait() -> None:
+            async with self._new:
+                await self._new.wait_for(lambda: len(self.seconds()) >= n or self.task.done())
+            if self.task.done():
+                self.task.result()  # its error, if it stopped
+
+        await asyncio.wait_for(wait(), WAIT)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        await self.ws.close()
+
+
+def rss_kib(daemon: Daemon, field: str = "VmRSS") -> int:
+    status = Path(f"/proc/{daemon.process.pid}/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1))  # type: ignore[union-attr]
+
+
+async def test_a_consumer_that_stops_reading_costs_a_bounded_queue_then_1013(
+    tmp_path: Path,
+) -> None:
+    # History for the slow reader to REPLAY: 26 MB of DISPATCHes, more than loopback's buffers
+    # hold (the hub's send buffer grows to tcp_wmem's 4 MB), so its socket is full at once.
+    clock = SystemClock()
+    spool = Spool(tmp_path / "state" / "spool.db", clock=clock)
+    start = int(clock.wall()) - 3600  # inside REPLAY's retention, whatever the date
+    spool.append(
+        Sample(f"old-{i % 50:02d}", DataType.HEART_RATE, start + i // 50, val=60 + i % 90)
+        for i in range(200_000)
+    )
+    spool.flush()
+    spool.close()
+    config = CONFIG + "    send_queue: 50\n    limits: {slow_consumer_close_s: 3}\n"
+    async with daemon_process(tmp_path, config) as daemon:
+        bystander = Follower(await consumer(daemon.broker_url))
+        await bystander.until_seconds(2)
+        rss_before = rss_kib(daemon)
+        # A small receive buffer set before connecting, so the window it advertises stays small.
+        tiny = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        tiny.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        tiny.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(tiny, ("127.0.0.1", daemon.broker_port))
+        # No keepalive pings of its own: it would close itself for want of their answers.
+        slow = await consumer(daemon.broker_url, sock=tiny, ping_interval=None)
+        peer = f"127.0.0.1:{tiny.getsockname()[1]}"
+        await slow.send(p.replay(0, 1 << 62))
+        slow.transport.pause_reading()  # and never reads again
+        lines = len(daemon.lines)
+        await daemon.wait_for_log(f"consumer {peer} is not keeping up", after=lines)
+        dropping = await scrape(daemon)
+        closing = await daemon.wait_for_log(f"closing {peer} with (\\d+)", after=lines)
+        # It takes no close frame either: the hub cuts the socket, freeing its buffers (before:
+        # the close waited for the socket to drain, forever, and the socket stayed open).
+        await daemon.wait_for_log(f"{peer} took no close frame in 3 s: connection cut", after=lines)
+        closed = await scrape(daemon)
+        rss_peak = rss_kib(daemon, "VmHWM")
+        seen = len(bystander.seconds())
+        await bystander.until_seconds(seen + 3)  # live data goes on after the close too
+        slow.transport.resume_reading()
+        slow_code = await close_code(slow)
+        await bystander.close()
+    assert int(closing.group(1)) == 1013
+    assert metric(closed, 'gatewayd_broker_closed_total{code="1013"}') == 1
+    assert metric(closed, "gatewayd_broker_consumers") == 1
+    assert metric(dropping, "gatewayd_broker_dropped_total") > 0
+    assert metric(closed, "gatewayd_broker_dropped_total") > 0
+    # What the hub holds for its consumers: the slow one's queue (50 frames of ~130 B), its
+    # transport's buffer (64 KiB write limit plus one REPLAY chunk of 500 frames).
+    assert metric(dropping, "gatewayd_broker_send_queue_bytes") < 256 * 1024
+    assert metric(closed, "gatewayd_broker_send_queue_bytes") < 16 * 1024
+    # Had the hub buffered the REPLAY the socket would not take (26 MB less the kernel's 4 MB),
+    # its memory would have grown by more than twice this.
+    assert rss_peak - rss_before < 8 * 1024, (rss_before, rss_peak)
+    assert slow_code in (1013, 1006)  # it read nothing, so the close frame may never reach it
+    seqs = [f["seq"] for f in bystander.frames]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "the bystander lost DISPATCHes"
+    seconds = [int(parse_ts(s + ".000Z")) for s in bystander.seconds()]
+    assert seconds == list(range(seconds[0], seconds[0] + len(seconds))), "a second went missing"
+    assert tracebacks(daemon) == 0

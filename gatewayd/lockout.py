@@ -1,9 +1,11 @@
-"""PURE. The guessing brake: an address that keeps presenting wrong tokens stops being heard.
+"""PURE. The guessing brake: an address that keeps presenting wrong credentials stops being heard.
 
 Sans-I/O like gatewayd.protocol: the caller passes the peer's address and the monotonic time.
 
-After `attempts` refused IDENTIFYs from one address within `window_s`, that address is locked:
-its further IDENTIFYs are refused (4001, as for any bad token) without looking at the token, for
+After `attempts` refused credentials from one address within `window_s` (the broker counts wrong
+IDENTIFY tokens, admin tokens on /api and developer keys on /auth together), that address is
+locked: its further attempts are refused (IDENTIFY with 4001 as for any bad token, HTTP with 429)
+without looking at the credential, for
 `lock_s`, doubling with each new episode up to `max_lock_s`. An address that stays quiet for
 `max_lock_s` after its last lock is forgiven (its next episode starts at `lock_s` again). Other
 addresses are unaffected, so a right token from elsewhere is checked as usual.
@@ -62,9 +64,14 @@ class GuessBrake:
         self._table: OrderedDict[str, _Address] = OrderedDict()
 
     def locked(self, address: str, now: float) -> bool:
-        """True: refuse this IDENTIFY without checking its token."""
+        """True: refuse this attempt without checking its credential."""
         entry = self._table.get(address)
         return entry is not None and now < entry.locked_until
+
+    def retry_after(self, address: str, now: float) -> float:
+        """Seconds left in the address's lock; 0 when it is not locked."""
+        entry = self._table.get(address)
+        return max(entry.locked_until - now, 0.0) if entry is not None else 0.0
 
     def refused(self, address: str, now: float) -> Locked | None:
         """Record a checked and refused token; a Locked when this starts an episode."""

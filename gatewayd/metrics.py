@@ -111,6 +111,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.http_refused = Counter(
+            "gatewayd_broker_http_refused",
+            "Requests to /auth and /api refused: a wrong credential, or unchecked (429) from a "
+            "locked address",
+            ["reason"],
+            registry=r,
+        )
         self.consumers = Gauge("gatewayd_broker_consumers", "Consumers connected", registry=r)
         self.producers = Gauge("gatewayd_broker_producers", "Producers connected", registry=r)
         self.dispatch_delay = Histogram(

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import ssl
 import struct
 from collections.abc import Callable, Mapping
@@ -48,8 +49,9 @@ from gatewayd.sinks.request_body import body_connection
 from gatewayd.spool import Spool
 from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
 from gatewayd.web import Page, board_url
-from gatewayd.web.admin import Admin
+from gatewayd.web.admin import Admin, bearer
 from gatewayd.web.admin import Request as AdminRequest
+from gatewayd.web.auth import PATHS as AUTH_PATHS
 from gatewayd.web.auth import TokenEndpoints, load_developers
 
 log = logging.getLogger(__name__)
@@ -244,9 +246,7 @@ class LocalBroker:
             server_header=f"gatewayd/{__version__}",
             logger=_WS_LOG,
             # Only the admin API takes request bodies; without it, websockets' own connection.
-            create_connection=None
-            if self.admin is None
-            else body_connection(self.admin.authorized),
+            create_connection=None if self.admin is None else body_connection(self._may_send_body),
             ssl=tls,
         )
         self.port = int(next(iter(self._server.sockets)).getsockname()[1])
@@ -427,18 +427,7 @@ class LocalBroker:
         grant = self.tokens.check(event.token, CONSUMER if consumer else PRODUCER)
         if grant is None:
             self.metrics.identify_refused.labels("token").inc()
-            locked = self.brake.refused(session.host, now)
-            if locked is not None:
-                # Once per episode: the address's further attempts are refused unchecked.
-                log.warning(
-                    "%s: %d tokens refused within %g s; refusing its IDENTIFYs unchecked "
-                    "for %g s (gatewayd_broker_identify_refused counts them)",
-                    locked.address,
-                    locked.refusals,
-                    self.config.limits.guess_window_s,
-                    locked.lock_s,
-                )
-            else:
+            if not self._guessed(session.host, now):
                 log.debug(
                     "client %s: %s token refused",
                     session.peer,
@@ -482,6 +471,37 @@ class LocalBroker:
             session.peer,
             grant.label,
         )
+
+    def _guessed(self, host: str, now: float) -> bool:
+        """A wrong credential from `host` (IDENTIFY, /auth or /api); True if that locked it."""
+        locked = self.brake.refused(host, now)
+        if locked is None:
+            return False
+        # Once per episode: the address's further attempts are refused unchecked.
+        log.warning(
+            "%s: %d credentials refused within %g s; refusing its IDENTIFYs, /auth and /api "
+            "requests unchecked for %g s (gatewayd_broker_identify_refused and "
+            "gatewayd_broker_http_refused count them)",
+            locked.address,
+            locked.refusals,
+            self.config.limits.guess_window_s,
+            locked.lock_s,
+        )
+        return True
+
+    def _may_send_body(self, authorization: str, host: str) -> bool:
+        """The admin API's body gate: an admin token, from an address that is not locked."""
+        assert self.admin is not None
+        now = self.mono()
+        if self.brake.locked(host, now):
+            self.metrics.http_refused.labels("locked").inc()
+            return False
+        if self.admin.authorized(authorization):
+            return True
+        if bearer(authorization):
+            self.metrics.http_refused.labels("credentials").inc()
+            self._guessed(host, now)
+        return False
 
     def _submitter_uid(self, session: _Session, uid: str | None) -> str:
         grant = session.grant
@@ -750,6 +770,21 @@ class LocalBroker:
             return _response(connection, 200, body, "application/json")
         if path == "/metrics":
             return _response(connection, 200, self.metrics.render().decode("utf-8"), CONTENT_TYPE)
+        host = _peer(connection).rpartition(":")[0]
+        now = self.mono()
+        guarded = path in AUTH_PATHS or (self.admin is not None and path.startswith("/api/"))
+        if guarded and self.brake.locked(host, now):
+            # Refused unchecked, like a locked address's IDENTIFY; 429 tells staff to wait.
+            self.metrics.http_refused.labels("locked").inc()
+            wait = math.ceil(self.brake.retry_after(host, now))
+            response = _response(
+                connection,
+                429,
+                '{"error": "too many refused credentials from this address: try again later"}',
+                "application/json",
+            )
+            response.headers["Retry-After"] = str(wait)
+            return response
         page = self.auth.respond(request.method, request.path, request.headers)
         if page is None and self.board is not None:
             page = self.board(request.path)
@@ -762,6 +797,9 @@ class LocalBroker:
                     getattr(connection, "request_body", b""),
                 )
             )
+        if page is not None and page.refused:
+            self.metrics.http_refused.labels("credentials").inc()
+            self._guessed(host, now)
         if page is not None:
             response = _response(connection, page.status, page.text, page.content_type)
             for name, value in page.headers:

@@ -8,8 +8,8 @@ untouched, and once the head is through, the connection's data_received is webso
 a WebSocket session (the broker's hot path) never runs this code after its first packet.
 
 What a client can make the hub hold before authenticating is bounded: a body is read only when
-`may_send_body` accepts the Authorization header (a wrong token gets 401 before any body byte is
-kept), and never more than MAX_BODY bytes (larger: 413).
+`may_send_body` accepts the Authorization header from the peer's address (a wrong token gets 401
+before any body byte is kept), and never more than MAX_BODY bytes (larger: 413).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _header(lines: list[bytes], name: bytes) -> list[bytes]:
 class BodyConnection(ServerConnection):
     """A ServerConnection that takes a bounded body off `/api/` requests (see the module)."""
 
-    may_send_body: Callable[[str], bool] = staticmethod(lambda authorization: False)
+    may_send_body: Callable[[str, str], bool] = staticmethod(lambda authorization, host: False)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,7 +66,9 @@ class BodyConnection(ServerConnection):
             self._refuse(400, "bad Content-Length\n")
             return
         authorization = b"".join(_header(lines[1:], b"authorization")).decode("latin-1")
-        if not type(self).may_send_body(authorization):
+        peer = self.transport.get_extra_info("peername")
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if not type(self).may_send_body(authorization, host):
             self._refuse(401, '{"error": "missing or wrong admin token"}\n')
             return
         length = int(lengths[0])
@@ -115,8 +117,8 @@ class BodyConnection(ServerConnection):
         self.transport.close()
 
 
-def body_connection(may_send_body: Callable[[str], bool]) -> type[BodyConnection]:
-    """A BodyConnection class whose body gate is `may_send_body(Authorization header)`."""
+def body_connection(may_send_body: Callable[[str, str], bool]) -> type[BodyConnection]:
+    """A BodyConnection class whose body gate is `may_send_body(Authorization header, host)`."""
     return type(
         "GatedBodyConnection", (BodyConnection,), {"may_send_body": staticmethod(may_send_body)}
     )

@@ -54,6 +54,8 @@ class Page:
     content_type: str
     text: str
     headers: tuple[tuple[str, str], ...] = field(default=_SECURITY_HEADERS)
+    # A credential was presented and did not match: the broker's guessing brake counts it.
+    refused: bool = False
 
 
 def new_token() -> str:

@@ -13,6 +13,7 @@ method, path, Authorization header and body, and sends back the Page it returns.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -82,6 +83,11 @@ def _error(status: int, message: str, field: str | None = None) -> Page:
     return _json(status, error)
 
 
+def _refused(message: str, authorization: str) -> Page:
+    """401; a token that was sent and is wrong is a guess (the broker's brake counts it)."""
+    return dataclasses.replace(_error(401, message), refused=bool(bearer(authorization)))
+
+
 def bearer(authorization: str) -> str:
     scheme, _, token = authorization.strip().partition(" ")
     return token.strip() if scheme.lower() == "bearer" else ""
@@ -119,7 +125,10 @@ class Admin:
         if path == "/api/claim":
             return self._claim(request)
         if not self.authorized(request.authorization):
-            return _error(401, "missing or wrong admin token (Authorization: Bearer <token>)")
+            return _refused(
+                "missing or wrong admin token (Authorization: Bearer <token>)",
+                request.authorization,
+            )
         try:
             return self._api(request)
         except FieldError as exc:
@@ -173,7 +182,9 @@ class Admin:
         token = bearer(request.authorization)
         # check() marks the single-use setup token used: a second claim with it fails.
         if not token or self.tokens.check(token, SETUP_ROLE) is None:
-            return _error(401, "this setup link was used already or is not valid")
+            return _refused(
+                "this setup link was used already or is not valid", request.authorization
+            )
         log.info("admin: the setup link was used; an admin token was issued")
         return _json(200, {"token": self.tokens.create(ADMIN_ROLE)})
 

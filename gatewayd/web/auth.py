@@ -102,7 +102,7 @@ class TokenEndpoints:
         known = self.developers.get(dev_id)
         matches = hmac.compare_digest(_digest(api_key), known or self._decoy)
         if known is None or not matches:
-            return _page(403, _error("invalid developer credentials"))
+            return Page(403, _JSON, _error("invalid developer credentials"), _HEADERS, True)
         if path == DEVELOPER_PATH:
             return _page(200, json.dumps({"token": self.mint("consumer", None)}))
         user = _query_id(query)

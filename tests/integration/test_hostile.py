@@ -208,7 +208,7 @@ async def test_token_guessing_is_braked_per_address_and_logged_once(tmp_path: Pa
     assert checked == 10
     assert unchecked == 191
     new_lines = daemon.lines[lines_before:]
-    assert sum("refusing its IDENTIFYs unchecked" in line for line in new_lines) == 1
+    assert sum("refusing its IDENTIFYs, /auth and /api" in line for line in new_lines) == 1
     assert sum("127.0.0.1" in line for line in new_lines) == 1, "".join(new_lines)
     assert "guess-" not in daemon.log  # a token never reaches a log
 
@@ -537,3 +537,88 @@ async def test_a_consumer_that_stops_reading_costs_a_bounded_queue_then_1013(
     seconds = [int(parse_ts(s + ".000Z")) for s in bystander.seconds()]
     assert seconds == list(range(seconds[0], seconds[0] + len(seconds))), "a second went missing"
     assert tracebacks(daemon) == 0
+
+
+async def http(
+    port: int,
+    method: str,
+    target: str,
+    headers: dict[str, str] | None = None,
+    body: bytes = b"",
+    source: str = "127.0.0.1",
+) -> tuple[int, dict[str, str], str]:
+    """One HTTP/1.1 request from `source`; (status, headers in lower case, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+    head = f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    if body:
+        head += f"Content-Length: {len(body)}\r\n"
+    writer.write(head.encode() + b"\r\n" + body)
+    raw = (await asyncio.wait_for(reader.read(), WAIT)).decode()
+    writer.close()
+    top, _, text = raw.partition("\r\n\r\n")
+    lines = top.split("\r\n")
+    fields = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split(" ", 2)[1]), fields, text
+
+
+async def test_wrong_credentials_on_auth_and_api_feed_the_identify_brake(tmp_path: Path) -> None:
+    key = "hostile-api-key-0123456789"
+    config = CONFIG + f'    developers: [{{dev_id: gym, api_key: "{key}"}}]\n'
+    async with daemon_process(tmp_path, config) as daemon:
+        setup = (await daemon.wait_for_log(r"/admin#setup=([\w-]+)")).group(1)
+        port = daemon.broker_port or 0
+        lines = len(daemon.lines)
+        # Missing credentials are no guess: a signed-out tablet asking is not counted ...
+        for _ in range(20):
+            assert (await http(port, "GET", "/api/devices"))[0] == 401
+        # ... but ten wrong ones from one address, of every kind HTTP takes, are.
+        answers = [
+            await http(port, "POST", "/auth/developer", {"dev-id": "gym", "x-api-key": f"k{i}"})
+            for i in range(4)
+        ]
+        answers.append(
+            await http(port, "POST", "/auth/user?id=alice", {"dev-id": "x", "x-api-key": key})
+        )
+        answers += [
+            await http(port, "GET", "/api/devices", {"Authorization": f"Bearer guess-{i}"})
+            for i in range(3)
+        ]
+        # the body gate of the admin API refuses before reading the body, and counts too
+        answers.append(
+            await http(
+                port,
+                "PUT",
+                "/api/athletes/x",
+                {"Authorization": "Bearer guess-body", "Content-Type": "application/json"},
+                b'{"name": "x"}',
+            )
+        )
+        answers.append(await http(port, "POST", "/api/claim", {"Authorization": "Bearer guess"}))
+        assert [a[0] for a in answers] == [403] * 5 + [401] * 5
+        # Now the right key, from this address, is refused unchecked: 429, and IDENTIFY 4001.
+        good = {"dev-id": "gym", "x-api-key": key}
+        status, fields, _ = await http(port, "POST", "/auth/developer", good)
+        assert status == 429 and 0 < int(fields["retry-after"]) <= 60
+        assert await identify_code(daemon.broker_url, CONSUMER) == 4001
+        # From another address the right credentials work as usual.
+        other = "127.0.0.2"
+        status, _, text = await http(port, "POST", "/auth/developer", good, source=other)
+        assert status == 200
+        minted = json.loads(text)["token"]
+        code = await identify_code(daemon.broker_url, minted, local_addr=(other, 0))
+        assert code == 0
+        setup_auth = {"Authorization": f"Bearer {setup}"}
+        status, _, text = await http(port, "POST", "/api/claim", setup_auth, source=other)
+        assert status == 200
+        admin = {"Authorization": f"Bearer {json.loads(text)['token']}"}
+        assert (await http(port, "GET", "/api/devices", admin, source=other))[0] == 200
+        text = await scrape(daemon)
+    assert metric(text, 'gatewayd_broker_http_refused_total{reason="credentials"}') == 10
+    assert metric(text, 'gatewayd_broker_http_refused_total{reason="locked"}') == 1
+    assert metric(text, 'gatewayd_broker_identify_refused_total{reason="locked"}') == 1
+    new_lines = daemon.lines[lines:]
+    assert sum("credentials refused within" in line for line in new_lines) == 1
+    for secret in (key, "guess-", minted):
+        assert secret not in daemon.log
+    assert daemon.log.count(setup) == 1  # the one-time link at start, never again

@@ -90,3 +90,13 @@ def test_never_more_than_attempts_checked_per_window_while_locked(
             assert checked_since_lock[address] >= 3
             assert 5.0 <= locked.lock_s <= 40.0
             checked_since_lock[address] = 0
+
+
+def test_retry_after_is_what_is_left_of_the_lock() -> None:
+    brake = GuessBrake(attempts=2, lock_s=60.0)
+    assert brake.retry_after(A, 0.0) == 0.0
+    refuse(brake, A, 2, 0.0, step=1.0)  # locked at 1.0 until 61.0
+    assert brake.retry_after(A, 1.0) == 60.0
+    assert brake.retry_after(A, 31.0) == 30.0
+    assert brake.retry_after(A, 61.0) == 0.0
+    assert brake.retry_after(B, 31.0) == 0.0

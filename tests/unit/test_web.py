@@ -160,3 +160,23 @@ def test_the_admin_page_uses_no_outside_resources() -> None:
         assert page.status == 200, path
         assert "http://" not in page.text and "https://" not in page.text, path
         assert "frame-ancestors 'none'" in dict(page.headers)["Content-Security-Policy"]
+
+
+def test_a_wrong_admin_token_is_a_guess_a_missing_one_is_not() -> None:
+    from gatewayd.web.admin import ADMIN_ROLE, SETUP_ROLE, Admin, Request
+
+    class Tokens:
+        def check(self, token: str, role: str) -> object:
+            return {ADMIN_ROLE: "admin-ok", SETUP_ROLE: "setup-ok"}[role] == token or None
+
+        def create(self, role: str) -> str:
+            return "minted"
+
+    admin = Admin(tokens=Tokens(), roster=None, devices=list)  # type: ignore[arg-type]
+    for path, method in (("/api/devices", "GET"), ("/api/claim", "POST")):
+        wrong = admin.respond(Request(method, path, "Bearer guess", b""))
+        assert wrong.status == 401 and wrong.refused, path  # the broker's brake counts it
+        missing = admin.respond(Request(method, path, "", b""))
+        assert missing.status == 401 and not missing.refused, path  # a signed-out tablet
+    right = admin.respond(Request("GET", "/api/devices", "Bearer admin-ok", b""))
+    assert right.status == 200 and not right.refused

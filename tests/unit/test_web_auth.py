@@ -40,7 +40,7 @@ def test_developer_token_with_headers_or_basic() -> None:
     auth, minted = endpoints()
     for headers in (GOOD, {"authorization": basic("gym", KEY)}):
         page = auth.respond("POST", "/auth/developer", headers)
-        assert page is not None and page.status == 200
+        assert page is not None and page.status == 200 and not page.refused
         assert page.content_type == "application/json"
         body = json.loads(page.text)
         assert spec.token_answer_errors(body) == []  # 200: {"token": string}
@@ -72,6 +72,7 @@ def test_missing_or_malformed_credentials_are_400(headers: dict[str, str]) -> No
     auth, minted = endpoints()
     page = auth.respond("POST", "/auth/developer", headers)
     assert page is not None and page.status == 400
+    assert not page.refused  # no credential to guess with: not counted as a guess
     assert minted == []
 
 
@@ -89,6 +90,7 @@ def test_wrong_credentials_are_403(headers: dict[str, str]) -> None:
         page = auth.respond("POST", target, headers)
         assert page is not None and page.status == 403
         assert KEY not in page.text
+        assert page.refused  # a guess: the broker's brake counts it
     assert minted == []
 
 

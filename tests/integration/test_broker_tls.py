@@ -128,3 +128,60 @@ def test_a_missing_certificate_or_key_refuses_to_start_naming_the_key(
         assert done.returncode == 78, (command, done.stderr)
         assert f"outputs.local_broker.tls.{which}" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync"]
+LIVE_TILES = """n => {
+  const tiles = [...document.querySelectorAll('.tile[data-state=live]')];
+  return tiles.length === n && tiles.every(t => /^\\d+$/.test(t.querySelector('.hr').textContent));
+}"""
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (scripts/setup --dev)")
+async def test_the_board_runs_in_a_browser_over_https_and_wss(tmp_path: Path) -> None:
+    """Debian's chromium (never `playwright install`) opens the keyed board link over https://
+    with the self-signed certificate accepted, and its tiles fill from wss:// on the same port."""
+    playwright = pytest.importorskip("playwright.async_api")
+    cert, key = self_signed(tmp_path)
+    async with (
+        daemon_process(tmp_path, config(cert, key)) as daemon,
+        playwright.async_playwright() as pw,
+    ):
+        link = (await daemon.wait_for_log(r"board: (https://\S+)")).group(1)
+        browser = await pw.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            context = await browser.new_context(ignore_https_errors=True)
+            page = await context.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+            sockets: list[str] = []
+            dispatches: list[int] = []
+
+            def watch(ws: object) -> None:
+                sockets.append(ws.url)  # type: ignore[attr-defined]
+                ws.on(  # type: ignore[attr-defined]
+                    "framereceived",
+                    lambda payload: dispatches.append(1) if '"op":5' in payload else None,
+                )
+
+            page.on("websocket", watch)
+            await page.goto(link)
+            assert page.url.startswith("https://")
+            await page.wait_for_function(LIVE_TILES, arg=2, timeout=20_000)
+            first = await page.locator(".tile .hr").all_inner_texts()
+            # Live data keeps arriving: the heart rates move.
+            await page.wait_for_function(
+                """before => [...document.querySelectorAll('.tile .hr')]
+                     .some((el, i) => el.textContent !== before[i])""",
+                arg=first,
+                timeout=30_000,
+            )
+        finally:
+            await browser.close()
+    assert sockets and all(url == daemon.broker_url for url in sockets), sockets
+    assert daemon.broker_url.startswith("wss://127.0.0.1:")
+    assert len(dispatches) > 4
+    assert not problems, problems

@@ -145,9 +145,11 @@ async def start_daemon(
         stderr=asyncio.subprocess.PIPE,
         env=daemon_env(
             tmp_path,
-            GATEWAYD_HUB__STATE_DIR=str(tmp_path / "state"),
-            GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT="0",
-            **(env or {}),
+            **{
+                "GATEWAYD_HUB__STATE_DIR": str(tmp_path / "state"),
+                "GATEWAYD_OUTPUTS__LOCAL_BROKER__PORT": "0",
+                **(env or {}),
+            },
         ),
     )
     daemon = Daemon(process, path)

@@ -489,19 +489,20 @@ class LocalBroker:
         )
         return True
 
-    def _may_send_body(self, authorization: str, host: str) -> bool:
-        """The admin API's body gate: an admin token, from an address that is not locked."""
+    def _may_send_body(self, authorization: str, host: str) -> int:
+        """The admin API's body gate: 0 for an admin token from an address that is not locked,
+        else the status to refuse with (429 keeps a locked-out tablet from signing itself out)."""
         assert self.admin is not None
         now = self.mono()
         if self.brake.locked(host, now):
             self.metrics.http_refused.labels("locked").inc()
-            return False
+            return 429
         if self.admin.authorized(authorization):
-            return True
+            return 0
         if bearer(authorization):
             self.metrics.http_refused.labels("credentials").inc()
             self._guessed(host, now)
-        return False
+        return 401
 
     def _submitter_uid(self, session: _Session, uid: str | None) -> str:
         grant = session.grant

@@ -8,8 +8,9 @@ untouched, and once the head is through, the connection's data_received is webso
 a WebSocket session (the broker's hot path) never runs this code after its first packet.
 
 What a client can make the hub hold before authenticating is bounded: a body is read only when
-`may_send_body` accepts the Authorization header from the peer's address (a wrong token gets 401
-before any body byte is kept), and never more than MAX_BODY bytes (larger: 413).
+`may_send_body` accepts the Authorization header from the peer's address (a wrong token gets 401,
+an address locked for guessing 429, before any body byte is kept), and never more than MAX_BODY
+bytes (larger: 413).
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ MAX_BODY = 64 * 1024
 MAX_HEAD = 16 * 1024  # websockets' own limits refuse longer heads anyway
 API_PREFIX = b"/api/"
 
-_REASONS = {400: "Bad Request", 401: "Unauthorized", 413: "Content Too Large"}
+_REASONS = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    413: "Content Too Large",
+    429: "Too Many Requests",
+}
+_GATE_ANSWERS = {
+    401: '{"error": "missing or wrong admin token"}\n',
+    429: '{"error": "too many refused credentials from this address: try again later"}\n',
+}
+# may_send_body(Authorization header, peer host) -> 0 to read the body, else 401 or 429
+Gate = Callable[[str, str], int]
 
 
 def _header(lines: list[bytes], name: bytes) -> list[bytes]:
@@ -34,7 +46,7 @@ def _header(lines: list[bytes], name: bytes) -> list[bytes]:
 class BodyConnection(ServerConnection):
     """A ServerConnection that takes a bounded body off `/api/` requests (see the module)."""
 
-    may_send_body: Callable[[str, str], bool] = staticmethod(lambda authorization, host: False)
+    may_send_body: Gate = staticmethod(lambda authorization, host: 401)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -68,8 +80,9 @@ class BodyConnection(ServerConnection):
         authorization = b"".join(_header(lines[1:], b"authorization")).decode("latin-1")
         peer = self.transport.get_extra_info("peername")
         host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        if not type(self).may_send_body(authorization, host):
-            self._refuse(401, '{"error": "missing or wrong admin token"}\n')
+        refusal = type(self).may_send_body(authorization, host)
+        if refusal:
+            self._refuse(refusal, _GATE_ANSWERS[refusal])
             return
         length = int(lengths[0])
         if length > MAX_BODY:
@@ -117,7 +130,7 @@ class BodyConnection(ServerConnection):
         self.transport.close()
 
 
-def body_connection(may_send_body: Callable[[str, str], bool]) -> type[BodyConnection]:
+def body_connection(may_send_body: Gate) -> type[BodyConnection]:
     """A BodyConnection class whose body gate is `may_send_body(Authorization header, host)`."""
     return type(
         "GatedBodyConnection", (BodyConnection,), {"may_send_body": staticmethod(may_send_body)}

@@ -601,6 +601,9 @@ async def test_wrong_credentials_on_auth_and_api_feed_the_identify_brake(tmp_pat
         status, fields, _ = await http(port, "POST", "/auth/developer", good)
         assert status == 429 and 0 < int(fields["retry-after"]) <= 60
         assert await identify_code(daemon.broker_url, CONSUMER) == 4001
+        # A locked tablet saving an athlete is told to wait (401 would sign it out).
+        put = await http(port, "PUT", "/api/athletes/x", {"Authorization": "Bearer t"}, b"{}")
+        assert put[0] == 429
         # From another address the right credentials work as usual.
         other = "127.0.0.2"
         status, _, text = await http(port, "POST", "/auth/developer", good, source=other)
@@ -615,7 +618,7 @@ async def test_wrong_credentials_on_auth_and_api_feed_the_identify_brake(tmp_pat
         assert (await http(port, "GET", "/api/devices", admin, source=other))[0] == 200
         text = await scrape(daemon)
     assert metric(text, 'gatewayd_broker_http_refused_total{reason="credentials"}') == 10
-    assert metric(text, 'gatewayd_broker_http_refused_total{reason="locked"}') == 1
+    assert metric(text, 'gatewayd_broker_http_refused_total{reason="locked"}') == 2
     assert metric(text, 'gatewayd_broker_identify_refused_total{reason="locked"}') == 1
     new_lines = daemon.lines[lines:]
     assert sum("credentials refused within" in line for line in new_lines) == 1

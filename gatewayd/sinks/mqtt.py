@@ -63,6 +63,7 @@ CLOSE_BUDGET_S = 2.0  # of the app's shutdown budget: finish sending, then say "
 ONLINE = b"online"
 OFFLINE = b"offline"
 
+_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
 _AUTH_CODES = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4, 5 map here)
 _CLIENT_ID_CODE = 133  # Client Identifier not valid
 
@@ -211,7 +212,7 @@ def discovery_payload(
     return json.dumps(config, separators=(",", ":")).encode()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, once per message
 class Outgoing:
     topic: str
     payload: bytes
@@ -309,6 +310,7 @@ class MqttSink:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             credentials=self._credentials,
             attempt_failed=self._attempt_failed,
+            written=self._on_written,
         )
         # paho rescans every message it holds on each ack while it holds more than its in-flight
         # limit; WINDOW already bounds what it holds, so no limit of its own.
@@ -422,6 +424,13 @@ class MqttSink:
     ) -> None:
         # Acks come by the thousand: queue them and wake the loop once per burst.
         self._acks.append((mid, reason.is_failure))
+        if not self._acks_scheduled:
+            self._acks_scheduled = True
+            self._to_loop(self._take_acks)
+
+    def _on_written(self, mids: list[int]) -> None:
+        """QoS 0 messages paho has written, one call per write turn (mqtt_client.Client)."""
+        self._acks.extend((mid, False) for mid in mids)
         if not self._acks_scheduled:
             self._acks_scheduled = True
             self._to_loop(self._take_acks)
@@ -544,14 +553,8 @@ class MqttSink:
         self._pump_scheduled = False
         if not self._connected:
             return
-        wake = self._client.quiet_wake()
-        if wake is not None:
-            wake.hold()
-        try:
+        with self._client.handing_over():
             budget = self._hand_over()
-        finally:
-            if wake is not None:
-                wake.release()
         if not budget and (self._queue or self._retained):
             self._pump_scheduled = True
             asyncio.get_running_loop().call_soon(self._pump)
@@ -571,6 +574,10 @@ class MqttSink:
                 break
             info = publish(message.topic, message.payload, message.qos, message.retain)
             rc = info.rc
+            if rc == _SUCCESS:
+                pending[info.mid] = message.qos
+                budget -= 1
+                continue
             # NO_CONN: the link broke before we heard. paho keeps a QoS 1/2 message for the
             # next connection but drops a QoS 0 one, which then waits here again.
             if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE or (

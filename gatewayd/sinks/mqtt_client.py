@@ -20,6 +20,11 @@ paho's per-message path that a profile of the daemon showed as the largest:
   is the same class with one Condition shared by all messages; setting a message published
   wakes every waiter, and each rechecks its own flag, so wait_for_publish() still works.
   paho's module builds infos by name, so `install_lean_info()` puts LeanInfo in its place.
+- QoS 0 messages written. For each one paho builds a ReasonCode and a Properties object to call
+  on_publish, in the middle of its write loop. With `written` given, the client hides
+  on_publish from that loop (paho then only marks the message's info published) and collects
+  the written messages' ids through their LeanInfo instead, handing them to `written` in one
+  call per turn. Acknowledgements of QoS 1/2 are read, not written, and still reach on_publish.
 
 Both rely on paho internals, which tests/unit/test_mqtt_client.py pins: the test fails, rather
 than the daemon misbehaving quietly, if a paho release changes them.
@@ -27,8 +32,9 @@ than the daemon misbehaving quietly, if a paho release changes them.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -46,6 +52,7 @@ ACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 _SHARED = threading.Condition()
 _ORIGINAL_INFO = paho.MQTTMessageInfo
+_WRITING = threading.local()  # .mids: ids of the messages paho's write loop marks published
 
 
 class LeanInfo(paho.MQTTMessageInfo):
@@ -61,6 +68,9 @@ class LeanInfo(paho.MQTTMessageInfo):
         self._iterpos = 0
 
     def _set_as_published(self) -> None:
+        mids = getattr(_WRITING, "mids", None)
+        if mids is not None:
+            mids.append(self.mid)
         with _SHARED:
             self._published = True
             if _SHARED._waiters:  # type: ignore[attr-defined]
@@ -94,12 +104,16 @@ class Client(paho.Client):
         *args: Any,
         credentials: Callable[[], tuple[str | None, str | None]],
         attempt_failed: Callable[[OSError], None],
+        written: Callable[[list[int]], None] | None = None,
         **kwargs: Any,
     ) -> None:
-        install_lean_info()
+        lean = install_lean_info()
+        self._gw_writing = False  # paho's thread is in loop_write (read by on_publish)
         super().__init__(*args, **kwargs)
         self._gw_credentials = credentials
         self._gw_attempt_failed = attempt_failed
+        # Without LeanInfo the written messages cannot be collected: paho's on_publish it is.
+        self._gw_written = written if lean else None
         self.fast_acks = 0  # PUBACKs taken by the fast path (tests check that it is used)
 
     def _create_socket(self) -> Any:
@@ -109,8 +123,30 @@ class Client(paho.Client):
         sock = self._sock
         return super().want_write() or (isinstance(sock, BatchedSocket) and sock.has_output())
 
+    @property
+    def on_publish(self) -> Any:
+        # Inside loop_write paho asks only to report a QoS 0 message written: see `written`.
+        return None if self._gw_writing else self._on_publish
+
+    @on_publish.setter
+    def on_publish(self, func: Any) -> None:
+        paho.Client.on_publish.fset(self, func)  # type: ignore[attr-defined]
+
     def loop_write(self) -> MQTTErrorCode:
-        rc = super().loop_write()
+        written = self._gw_written
+        if written is None:
+            rc = super().loop_write()
+        else:
+            mids: list[int] = []
+            _WRITING.mids = mids
+            self._gw_writing = True
+            try:
+                rc = super().loop_write()
+            finally:
+                self._gw_writing = False
+                _WRITING.mids = None
+            if mids:
+                written(mids)
         sock = self._sock
         if isinstance(sock, BatchedSocket):
             sock.flush()  # one send() for everything paho wrote in this turn
@@ -137,6 +173,18 @@ class Client(paho.Client):
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()  # paho's keepalive clock
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    @contextlib.contextmanager
+    def handing_over(self) -> Iterator[None]:
+        """Around a batch of publish() calls: paho's thread is woken once, at the end."""
+        wake = self.quiet_wake()
+        if wake is not None:
+            wake.hold()
+        try:
+            yield
+        finally:
+            if wake is not None:
+                wake.release()
 
     def quiet_wake(self) -> QuietWake | None:
         """paho's wake-up socket, wrapped so that a batch of publishes wakes its thread once."""

@@ -79,6 +79,7 @@ class Mosquitto:
         *,
         tls: bool = False,
         acl: str | None = None,
+        log_types: str = "all",
     ) -> None:
         self.directory = directory
         self.port = free_port()
@@ -88,6 +89,9 @@ class Mosquitto:
         self.host = "127.0.0.1"
         self.passwords = passwords
         self.acl = acl  # mosquitto acl_file text: what clients may read and write
+        # "all" logs every packet, which tests read; benchmarks take less, as its reader
+        # thread runs in their process.
+        self.log_types = log_types.split()
         self.log: list[str] = []
         self._process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
@@ -102,7 +106,7 @@ class Mosquitto:
             "persistence true",
             f"persistence_location {self.directory / 'data'}/",
             "log_dest stderr",  # unbuffered, unlike stdout into a pipe
-            "log_type all",
+            *(f"log_type {kind}" for kind in self.log_types),
             # As root mosquitto would switch to its own user, which cannot write tmp_path.
             f"user {getpass.getuser()}",
         ]

@@ -315,6 +315,25 @@ async def test_acks_in_bulk_count_every_message_and_refusals_apart(
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_qos0_samples_are_counted_when_written(mosquitto: Mosquitto, protocol: str) -> None:
+    """QoS 0 messages reach the sink's counters through the client's bulk `written` report
+    (gatewayd/sinks/mqtt_client.py), not one on_publish each."""
+    topic = f"gatewayd/{HUB}/athletes/anna/HEART_RATE"
+    watcher = await Watcher(mosquitto, [topic]).start()
+    async with running(config(mosquitto, protocol=protocol, qos=0)) as gw:
+        await asyncio.wait_for(gw.sink.wait_idle(), WAIT_S)
+        before = gw.sink.published
+        for second in range(300):
+            gw.hub.publish(hr("anna", second, second))
+        await asyncio.wait_for(gw.sink.wait_idle(), WAIT_S)
+        assert gw.sink.published - before == 300
+        assert gw.sink.stats()["in_flight"] == 0
+        await watcher.wait_for(lambda _: len(watcher.on(topic)) == 300)
+    watcher.stop()
+    assert [json.loads(p)["val"] for p in watcher.on(topic)] == [float(s) for s in range(300)]
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_wrong_credentials_log_once_and_recover_when_fixed(
     mosquitto_auth: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture, protocol: str
 ) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -106,12 +107,15 @@ def read_all(client: paho.Client) -> None:
     raise AssertionError("the reader never ran dry")
 
 
-def ours(protocol: MQTTProtocolVersion) -> Client:
+def ours(
+    protocol: MQTTProtocolVersion, written: Callable[[list[int]], None] | None = None
+) -> Client:
     return Client(
         CallbackAPIVersion.VERSION2,
         protocol=protocol,
         credentials=lambda: (None, None),
         attempt_failed=lambda exc: None,
+        written=written,
     )
 
 
@@ -228,3 +232,53 @@ def test_an_unknown_message_info_class_is_left_alone(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(paho, "MQTTMessageInfo", Changed)
     assert install_lean_info() is False
     assert paho.MQTTMessageInfo is Changed
+
+
+# -- QoS 0 messages written, reported in bulk ------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", [V5, V311])
+def test_qos0_writes_reach_written_and_the_rest_still_reaches_on_publish(
+    pair: tuple[socket.socket, socket.socket], protocol: MQTTProtocolVersion
+) -> None:
+    a, b = pair
+    results = []
+    written: list[list[int]] = []
+    # both alive to the end: a paho client closes its socket when collected
+    clients = (
+        paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol),
+        ours(protocol, written.append),
+    )
+    for client in clients:
+        calls = attached(client, BatchedSocket(a) if isinstance(client, Client) else a)
+        infos = [client.publish(f"t/{i}", b"x", qos=0) for i in range(3)]
+        infos.append(client.publish("t/q1", b"y", qos=1))
+        client.loop_write()
+        wire = b.recv(1 << 16)
+        b.sendall(puback(4))
+        read_all(client)
+        done = sorted([c[0] for c in calls] + [mid for batch in written for mid in batch])
+        results.append((wire, done, [info.is_published() for info in infos]))
+        if isinstance(client, Client):
+            assert [c[0] for c in calls] == [4]  # on_publish only for the QoS 1 ack
+            assert sorted(mid for batch in written for mid in batch) == [1, 2, 3]
+    reference, bulk = results
+    assert bulk == reference
+    assert reference[1] == [1, 2, 3, 4] and reference[2] == [True] * 4
+
+
+def test_without_lean_infos_qos0_writes_go_to_on_publish(
+    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Changed(paho.MQTTMessageInfo.__mro__[-2]):  # type: ignore[misc,name-defined]
+        __slots__ = ()
+
+    monkeypatch.setattr(paho, "MQTTMessageInfo", Changed)
+    a, _ = pair
+    written: list[list[int]] = []
+    client = ours(V5, written.append)
+    calls = attached(client, BatchedSocket(a))
+    client.publish("t/0", b"x", qos=0)
+    client.loop_write()
+    assert written == []
+    assert [c[0] for c in calls] == [1]

@@ -365,7 +365,7 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
             mqtt0 = await asyncio.to_thread(counter[1].recv)
         rss_start = rss_kib(pid)["VmRSS"]
         spy = None
-        if args.profile and mqtt:
+        if args.profile and (mqtt or args.no_mqtt):  # the run the figures are of
             spy = subprocess.Popen(  # noqa: ASYNC220 (started once, waited on in a thread)
                 [
                     *(str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)),

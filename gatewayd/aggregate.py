@@ -31,6 +31,7 @@ _FALLS_TO_ZERO = frozenset(
     {DataType.POWER, DataType.BIKE_CADENCE, DataType.SPEED, DataType.STEPS_CADENCE}
 )
 _ONLY_WHEN_REPORTED = frozenset({DataType.RR_INTERVAL, DataType.BATTERY})
+_BATTERY = DataType.BATTERY
 
 # A wall-clock jump bigger than this (NTP at boot, a manual date change) restarts the timeline
 # instead of emitting (or waiting for) every second in between.
@@ -60,12 +61,17 @@ class _Device:
     live: bool = True
     battery: float | None = None
     rssi: int | None = None
+    # The streams this device owns, by type: the per-value path skips the ownership rules while
+    # it holds. Every stream removal (loss, reassignment, another device taking it) clears this.
+    own: dict[DataType, _Stream] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class _Stream:
     owner: str  # device key
     t: DataType
+    device_id: str  # the owner's, for its samples
+    source: str
     last_val: float = 0.0
     last_event_mono: float = 0.0
     first_second: int | None = None
@@ -140,11 +146,48 @@ class Aggregator:
     ) -> DeviceStatus | None:
         """Add the values derived from one reading of device `key`, heard at (mono, wall).
 
-        One call per reading rather than per value: this is the pipeline's innermost loop.
         Returns a status when the battery changes."""
-        device = self._devices[key]
-        uid = device.uid
-        streams = self._streams
+        return self._add(self._devices[key], key, derived, mono, wall)
+
+    def add_frame(
+        self,
+        key: str,
+        uid: str,
+        source: str,
+        device_id: str,
+        mono: float,
+        wall: float,
+        rssi: int | None,
+        derived: Iterable[tuple[DataType, float | None, tuple[float, ...] | None, bool]],
+    ) -> list[DeviceStatus] | None:
+        """frame() and values() in one call, the pipeline's path for each frame: the statuses
+        they return (None, nearly always)."""
+        device = self._devices.get(key)
+        statuses = None
+        if device is not None and device.live:
+            device.last_mono = mono
+            device.last_wall = wall
+            if rssi is not None:
+                device.rssi = rssi
+        else:
+            status = self.frame(key, uid, source, device_id, mono, wall, rssi)
+            statuses = [] if status is None else [status]
+            device = self._devices[key]
+        if derived:
+            status = self._add(device, key, derived, mono, wall)
+            if status is not None:
+                statuses = [*(statuses or ()), status]
+        return statuses
+
+    def _add(
+        self,
+        device: _Device,
+        key: str,
+        derived: Iterable[tuple[DataType, float | None, tuple[float, ...] | None, bool]],
+        mono: float,
+        wall: float,
+    ) -> DeviceStatus | None:
+        own = device.own
         second = int(wall)  # floor: wall clock seconds are positive
         next_second = self._next_second
         if next_second is not None and second < next_second:
@@ -154,12 +197,12 @@ class Aggregator:
             late = False
         status = None
         for t, val, d, event in derived:
-            stream = streams.get((uid, t))
-            if stream is None or (stream.owner != key and not self._owner_live(stream)):
-                stream = streams[(uid, t)] = _Stream(key, t)
-            elif stream.owner != key:
-                self.shadowed_values += 1
-                continue
+            stream = own.get(t)
+            if stream is None:
+                stream = self._claim(device, key, t)
+                if stream is None:
+                    self.shadowed_values += 1
+                    continue
             if late:
                 self.late_values += 1
             pending = stream.pending
@@ -177,10 +220,27 @@ class Aggregator:
                 stream.last_val = val
                 if event:
                     stream.last_event_mono = mono
-            if t is DataType.BATTERY and val is not None and val != device.battery:
+            if t is _BATTERY and val is not None and val != device.battery:
                 device.battery = val
                 status = self._status(device, DeviceState.CONNECTED, "battery", wall)
         return status
+
+    def _claim(self, device: _Device, key: str, t: DataType) -> _Stream | None:
+        """The stream of type `t` of the device's athlete, if this device may feed it: a new one,
+        one whose owner is no longer live, or its own. None: another live device owns it."""
+        streams = self._streams
+        stream = streams.get((device.uid, t))
+        if stream is not None and stream.owner != key:
+            owner = self._devices.get(stream.owner)
+            if owner is not None and owner.live:
+                return None
+            if owner is not None:
+                owner.own.pop(t, None)
+            stream = None
+        if stream is None:
+            stream = streams[(device.uid, t)] = _Stream(key, t, device.device_id, device.source)
+        device.own[t] = stream
+        return stream
 
     # -- output -------------------------------------------------------------------------------
 
@@ -259,6 +319,7 @@ class Aggregator:
             return []
         for stream_key in [k for k, s in self._streams.items() if s.owner == key]:
             del self._streams[stream_key]
+        device.own.clear()
         statuses: list[DeviceStatus] = []
         if device.live:
             statuses.append(self._status(device, DeviceState.LOST, f"given to {uid}", wall))
@@ -269,10 +330,6 @@ class Aggregator:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _owner_live(self, stream: _Stream) -> bool:
-        owner = self._devices.get(stream.owner)
-        return owner is not None and owner.live
-
     def _detect_lost(self, mono: float, wall: float) -> list[DeviceStatus]:
         statuses = []
         lost = set()
@@ -282,6 +339,7 @@ class Aggregator:
                 silent = mono - device.last_mono
                 reason = f"silent for {silent:.1f} s"
                 statuses.append(self._status(device, DeviceState.LOST, reason, wall))
+                device.own.clear()
                 lost.add(key)
         if lost:
             # One pass for all of them: a whole room going quiet at once (or a stalled host)
@@ -293,36 +351,28 @@ class Aggregator:
 
     def _emit_second(self, second: int, mono: float, out: list[Sample]) -> None:
         ts = float(second)
+        hold = self.hold
+        append = out.append
         for (uid, t), stream in self._streams.items():
-            if stream.first_second is None or second < stream.first_second:
+            first = stream.first_second
+            if first is None or second < first:
                 continue  # a stream starts with the second of its first value
             bucket = stream.pending.pop(second, None)
-            device = self._devices[stream.owner]
             if t in _PER_BEAT:
                 times = stream.beats.pop(second, [])
                 for interval, at in zip(bucket or (), times, strict=True):
-                    out.append(
-                        Sample(
-                            uid,
-                            t,
-                            at,
-                            val=interval,
-                            device_id=device.device_id,
-                            source=device.source,
-                        )
-                    )
+                    append(Sample(uid, t, at, interval, None, stream.device_id, stream.source))
                 continue
             if bucket:
                 val = sum(bucket) / len(bucket) if t in _MEAN else bucket[-1]
             elif t in _ONLY_WHEN_REPORTED:
                 continue
-            elif t in _FALLS_TO_ZERO and mono - stream.last_event_mono > self.hold:
+            elif t in _FALLS_TO_ZERO and mono - stream.last_event_mono > hold:
                 val = 0.0
             else:
                 val = stream.last_val
-            out.append(
-                Sample(uid, t, ts, val=val, device_id=device.device_id, source=device.source)
-            )
+            # Positional: this runs for every stream every second.
+            append(Sample(uid, t, ts, val, None, stream.device_id, stream.source))
 
     def _status(
         self, device: _Device, state: DeviceState, reason: str, wall: float

@@ -10,7 +10,7 @@ wrap period the modular delta is meaningless.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -104,21 +104,51 @@ class Deriver:
         self._hr_counter: int | None = None
 
     def derive(self, reading: Reading, mono: float) -> list[Derived]:
-        # One table lookup per reading: this runs several times per radio frame.
-        route = _ROUTES.get(reading.measure)
-        if route is None:
-            return []
-        if reading.paged and not self._pages_trusted:
-            return []
-        return route(self, reading, mono)
+        return self.derive_all((reading,), mono)
 
-    def _direct(self, reading: Reading, mono: float) -> list[Derived]:
-        t = _DIRECT[reading.measure]
-        if reading.count_mod:  # a frame counter says whether this value is new
-            fresh = reading.count != self._hr_counter
-            self._hr_counter = reading.count
-            return [Derived(t, val=reading.value, event=fresh)]
-        return [Derived(t, val=reading.value)]
+    def derive_all(self, readings: Iterable[Reading], mono: float) -> list[Derived]:
+        """The values of one frame's Readings, in order (a page toggle or a previous beat steers
+        the Readings after it). One call per frame: this is the pipeline's hot path, so the
+        common routes (counters, plain values) are taken here without a call of their own."""
+        out: list[Derived] = []
+        for reading in readings:
+            if reading.paged and not self._pages_trusted:
+                continue
+            measure = reading.measure
+            handler = _COUNTERS.get(measure)
+            if handler is not None:
+                key = (measure, reading.count_mod, reading.time_mod, reading.tick_hz)
+                stream = self._streams.get(key)
+                if stream is None or mono - stream.event_mono > self.max_gap:
+                    if stream is not None and _same_event(stream.reading, reading):
+                        continue  # still repeating an event too old to be a baseline
+                    self._streams[key] = _Stream(reading, mono)
+                    got = handler(self, None, reading)
+                elif (got := handler(self, stream.reading, reading)) is None:
+                    if not stream.zeroed and mono - stream.event_mono >= self.stop_after:
+                        stream.zeroed = True
+                        out += [Derived(t, 0.0) for t in _STOPPED.get(measure, ())]
+                    continue
+                else:
+                    stream.reading = reading
+                    stream.event_mono = mono
+                    stream.zeroed = False
+                if got:
+                    out += got
+                continue
+            t = _DIRECT.get(measure)
+            if t is not None:
+                if reading.count_mod:  # a frame counter says whether this value is new
+                    fresh = reading.count != self._hr_counter
+                    self._hr_counter = reading.count
+                    out.append(Derived(t, reading.value, None, fresh))
+                else:
+                    out.append(Derived(t, reading.value))
+                continue
+            route = _ROUTES.get(measure)
+            if route is not None:
+                out += route(self, reading, mono)
+        return out
 
     def _rr_intervals(self, reading: Reading, mono: float) -> list[Derived]:
         return [Derived(DataType.RR_INTERVAL, d=reading.values)] if reading.values else []
@@ -143,33 +173,14 @@ class Deriver:
         elif bit != self._toggle:
             self._pages_trusted = True
 
-    def _counter(self, handler: _Handler, reading: Reading, mono: float) -> list[Derived]:
-        key = (reading.measure, reading.count_mod, reading.time_mod, reading.tick_hz)
-        stream = self._streams.get(key)
-        if stream is None or mono - stream.event_mono > self.max_gap:
-            if stream is not None and _same_event(stream.reading, reading):
-                return []  # still repeating an event too old to be a baseline
-            self._streams[key] = _Stream(reading, mono)
-            return handler(self, None, reading) or []
-        result = handler(self, stream.reading, reading)
-        if result is None:
-            if not stream.zeroed and mono - stream.event_mono >= self.stop_after:
-                stream.zeroed = True
-                return [Derived(t, val=0.0) for t in _STOPPED.get(reading.measure, ())]
-            return []
-        stream.reading = reading
-        stream.event_mono = mono
-        stream.zeroed = False
-        return result
-
     def _revs(self, prev: Reading | None, cur: Reading) -> tuple[int, int] | None:
         """(revolutions, ticks) since the baseline; None if nothing turned; (0, 0) if unusable."""
         if prev is None:
             return 0, 0
-        revs = delta(cur.count, prev.count, cur.count_mod)
+        revs = (cur.count - prev.count) % cur.count_mod  # delta(), inlined: several per frame
         if revs == 0:
             return None
-        dt = delta(cur.time, prev.time, cur.time_mod)
+        dt = (cur.time - prev.time) % cur.time_mod
         # A wide counter jumping by more than half its range went backwards: a sensor reset.
         if dt == 0 or (cur.count_mod >= _U16 and revs > cur.count_mod // 2):
             return 0, 0
@@ -182,7 +193,7 @@ class Deriver:
         revs, dt = moved
         if dt == 0:
             return []
-        return [Derived(DataType.BIKE_CADENCE, val=60.0 * revs * cur.tick_hz / dt)]
+        return [Derived(DataType.BIKE_CADENCE, 60.0 * revs * cur.tick_hz / dt)]
 
     def _wheel(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
         moved = self._revs(prev, cur)
@@ -191,7 +202,7 @@ class Deriver:
         revs, dt = moved
         if dt == 0:
             return []
-        return [Derived(DataType.SPEED, val=self.circumference_m * revs * cur.tick_hz / dt)]
+        return [Derived(DataType.SPEED, self.circumference_m * revs * cur.tick_hz / dt)]
 
     def _beats(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
         # ANT+ repeats each beat ~4 times: exactly one RR per new beat count, preferring page 4's
@@ -214,12 +225,12 @@ class Deriver:
     def _power_events(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
         if prev is None:
             return []
-        events = delta(cur.count, prev.count, cur.count_mod)
+        events = (cur.count - prev.count) % cur.count_mod  # delta(), inlined
         if events == 0:
             return None
         # Skipped events (events > 1) still give the exact average over the events missed.
-        energy = delta(cur.accum, prev.accum, cur.accum_mod)
-        return [Derived(DataType.POWER, val=energy / events)]
+        energy = (cur.accum - prev.accum) % cur.accum_mod
+        return [Derived(DataType.POWER, energy / events)]
 
     def _torque(self, prev: Reading | None, cur: Reading) -> tuple[float, int, int] | None:
         """(power W, events, period ticks); None if no event; period 0 if unusable."""
@@ -307,20 +318,12 @@ _STOPPED: dict[Measure, tuple[DataType, ...]] = {
 }
 
 
-def _through_counter(handler: _Handler) -> _Route:
-    def route(deriver: Deriver, reading: Reading, mono: float) -> list[Derived]:
-        return deriver._counter(handler, reading, mono)
-
-    return route
-
-
 _Route = Callable[[Deriver, Reading, float], list[Derived]]
 
+# Measures that are neither a counter (_COUNTERS) nor a plain value (_DIRECT).
 _ROUTES: dict[Measure, _Route] = {
-    **{measure: Deriver._direct for measure in _DIRECT},
     Measure.RR_INTERVALS: Deriver._rr_intervals,
     Measure.STEPS_CADENCE: Deriver._steps_cadence,
     Measure.PAGE_TOGGLE: Deriver._page_toggle,
     Measure.PREVIOUS_BEAT: Deriver._remember_previous_beat,
-    **{measure: _through_counter(handler) for measure, handler in _COUNTERS.items()},
 }

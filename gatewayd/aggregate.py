@@ -32,6 +32,7 @@ _FALLS_TO_ZERO = frozenset(
 )
 _ONLY_WHEN_REPORTED = frozenset({DataType.RR_INTERVAL, DataType.BATTERY})
 _BATTERY = DataType.BATTERY
+_new = tuple.__new__
 
 # A wall-clock jump bigger than this (NTP at boot, a manual date change) restarts the timeline
 # instead of emitting (or waiting for) every second in between.
@@ -361,7 +362,9 @@ class Aggregator:
             if t in _PER_BEAT:
                 times = stream.beats.pop(second, [])
                 for interval, at in zip(bucket or (), times, strict=True):
-                    append(Sample(uid, t, at, interval, None, stream.device_id, stream.source))
+                    append(
+                        _new(Sample, (uid, t, at, interval, None, stream.device_id, stream.source))
+                    )
                 continue
             if bucket:
                 val = sum(bucket) / len(bucket) if t in _MEAN else bucket[-1]
@@ -371,8 +374,8 @@ class Aggregator:
                 val = 0.0
             else:
                 val = stream.last_val
-            # Positional: this runs for every stream every second.
-            append(Sample(uid, t, ts, val, None, stream.device_id, stream.source))
+            # tuple.__new__ with every field: this runs for every stream every second.
+            append(_new(Sample, (uid, t, ts, val, None, stream.device_id, stream.source)))
 
     def _status(
         self, device: _Device, state: DeviceState, reason: str, wall: float

@@ -48,6 +48,13 @@ _DIRECT: dict[Measure, DataType] = {
 
 
 _U16 = 1 << 16
+# Derived values on the hot path are built with tuple.__new__ and all four fields: NamedTuple's
+# own __new__ is a Python call per value.
+_new = tuple.__new__
+_BIKE_CADENCE = DataType.BIKE_CADENCE
+_SPEED = DataType.SPEED
+_POWER = DataType.POWER
+_CRANK_REVS = Measure.CRANK_REVS
 
 
 @dataclass(slots=True)
@@ -141,9 +148,9 @@ class Deriver:
                 if reading.count_mod:  # a frame counter says whether this value is new
                     fresh = reading.count != self._hr_counter
                     self._hr_counter = reading.count
-                    out.append(Derived(t, reading.value, None, fresh))
+                    out.append(_new(Derived, (t, reading.value, None, fresh)))
                 else:
-                    out.append(Derived(t, reading.value))
+                    out.append(_new(Derived, (t, reading.value, None, True)))
                 continue
             route = _ROUTES.get(measure)
             if route is not None:
@@ -173,36 +180,22 @@ class Deriver:
         elif bit != self._toggle:
             self._pages_trusted = True
 
-    def _revs(self, prev: Reading | None, cur: Reading) -> tuple[int, int] | None:
-        """(revolutions, ticks) since the baseline; None if nothing turned; (0, 0) if unusable."""
+    def _rotations(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+        """Crank revolutions -> BIKE_CADENCE (rpm), wheel revolutions -> SPEED (m/s); None if
+        nothing turned, [] without a baseline or when the delta is unusable."""
         if prev is None:
-            return 0, 0
+            return []
         revs = (cur.count - prev.count) % cur.count_mod  # delta(), inlined: several per frame
         if revs == 0:
             return None
         dt = (cur.time - prev.time) % cur.time_mod
         # A wide counter jumping by more than half its range went backwards: a sensor reset.
         if dt == 0 or (cur.count_mod >= _U16 and revs > cur.count_mod // 2):
-            return 0, 0
-        return revs, dt
-
-    def _crank(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
-        moved = self._revs(prev, cur)
-        if moved is None:
-            return None
-        revs, dt = moved
-        if dt == 0:
             return []
-        return [Derived(DataType.BIKE_CADENCE, 60.0 * revs * cur.tick_hz / dt)]
-
-    def _wheel(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
-        moved = self._revs(prev, cur)
-        if moved is None:
-            return None
-        revs, dt = moved
-        if dt == 0:
-            return []
-        return [Derived(DataType.SPEED, self.circumference_m * revs * cur.tick_hz / dt)]
+        if cur.measure is _CRANK_REVS:
+            return [_new(Derived, (_BIKE_CADENCE, 60.0 * revs * cur.tick_hz / dt, None, True))]
+        speed = self.circumference_m * revs * cur.tick_hz / dt
+        return [_new(Derived, (_SPEED, speed, None, True))]
 
     def _beats(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
         # ANT+ repeats each beat ~4 times: exactly one RR per new beat count, preferring page 4's
@@ -230,7 +223,7 @@ class Deriver:
             return None
         # Skipped events (events > 1) still give the exact average over the events missed.
         energy = (cur.accum - prev.accum) % cur.accum_mod
-        return [Derived(DataType.POWER, energy / events)]
+        return [_new(Derived, (_POWER, energy / events, None, True))]
 
     def _torque(self, prev: Reading | None, cur: Reading) -> tuple[float, int, int] | None:
         """(power W, events, period ticks); None if no event; period 0 if unusable."""
@@ -297,8 +290,8 @@ def _same_event(a: Reading, b: Reading) -> bool:
 
 
 _COUNTERS: dict[Measure, _Handler] = {
-    Measure.CRANK_REVS: Deriver._crank,
-    Measure.WHEEL_REVS: Deriver._wheel,
+    Measure.CRANK_REVS: Deriver._rotations,
+    Measure.WHEEL_REVS: Deriver._rotations,
     Measure.HEART_BEATS: Deriver._beats,
     Measure.POWER_EVENTS: Deriver._power_events,
     Measure.TORQUE_EVENTS: Deriver._crank_torque,

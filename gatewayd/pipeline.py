@@ -74,6 +74,20 @@ class FrameQueue:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
 
+    def put_many(self, frames: list[Frame]) -> None:
+        """put() for each frame, in order, with one wake-up: a source that hears several at once."""
+        items = self._items
+        self.received += len(frames)
+        items.extend(frames)
+        excess = len(items) - self.maxsize
+        if excess > 0:
+            self.dropped += excess
+            for _ in range(excess):
+                items.popleft()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def put_threadsafe(self, frame: Frame) -> None:
         loop = self._loop
         if loop is None:

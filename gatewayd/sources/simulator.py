@@ -12,8 +12,8 @@ import heapq
 import logging
 import math
 import random
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass
 
 from gatewayd.clock import Clock
 from gatewayd.config import SimulatorConfig
@@ -22,12 +22,14 @@ from gatewayd.pipeline import FrameQueue
 from gatewayd.roster import DEFAULT_CIRCUMFERENCE_M, AthleteInfo
 
 log = logging.getLogger(__name__)
+_new = tuple.__new__
 
 ANT_HR_PERIOD = 8070 / 32768
 ANT_POWER_PERIOD = 8182 / 32768
 ANT_SC_PERIOD = 8086 / 32768
 BLE_HR_PERIOD = 1.0
 STEP_S = 0.25
+_TRIANGLE_SCALE = math.sqrt(6.0)  # the sum of two U(0, 1) has a standard deviation of 1/sqrt(6)
 WAKE_S = 0.01  # the simulator's shortest sleep: frames due meanwhile go out together
 
 _NAMES = (
@@ -38,7 +40,24 @@ _NAMES = (
 
 
 class AthleteModel:
-    """Effort follows a seeded interval plan; HR follows effort with a lag of about 30 s."""
+    """Effort follows a seeded interval plan; HR follows effort with a lag of about 30 s.
+
+    The model moves in steps of STEP_S; each step also sets what the athlete's bike sensors
+    report until the next one (power and cadence with a little noise, speed), so a frame only
+    reads them."""
+
+    __slots__ = (
+        "_plan_phase",
+        "ftp",
+        "hr",
+        "rest_hr",
+        "rng",
+        "rpm",
+        "speed_ms",
+        "t",
+        "threshold_hr",
+        "watts",
+    )
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
@@ -48,6 +67,7 @@ class AthleteModel:
         self.hr = self.rest_hr + rng.uniform(10, 40)
         self.t = 0.0
         self._plan_phase = rng.uniform(0, 600)
+        self._pedal(self.effort(0.0))
 
     def effort(self, t: float) -> float:
         # 4 min work / 2 min easy, with a slow warm-up swell, never quite flat.
@@ -56,113 +76,177 @@ class AthleteModel:
         return min(1.0, base + 0.08 * math.sin(t / 23.0))
 
     def advance_to(self, t: float) -> None:
+        effort = None
         while self.t + STEP_S <= t:
             self.t += STEP_S
-            target = self.rest_hr + (self.threshold_hr - self.rest_hr) * self.effort(self.t)
-            self.hr += (target - self.hr) * STEP_S / 30.0 + self.rng.gauss(0, 0.15)
+            effort = self.effort(self.t)
+            target = self.rest_hr + (self.threshold_hr - self.rest_hr) * effort
+            self.hr += (target - self.hr) * STEP_S / 30.0 + self.noise(0.15)
+        if effort is not None:
+            self._pedal(effort)
 
-    def power(self) -> float:
-        return max(0.0, self.ftp * (0.35 + 0.75 * self.effort(self.t)) + self.rng.gauss(0, 8))
+    def _pedal(self, effort: float) -> None:
+        self.watts = max(0.0, self.ftp * (0.35 + 0.75 * effort) + self.noise(8.0))
+        self.rpm = 72 + 20 * effort + self.noise(1.5)
+        self.speed_ms = 4.0 + 7.0 * effort
 
-    def cadence(self) -> float:
-        return 72 + 20 * self.effort(self.t) + self.rng.gauss(0, 1.5)
+    def noise(self, sd: float) -> float:
+        """Zero-mean noise with standard deviation `sd`: the sum of two uniform draws (a
+        triangular distribution), as random.gauss is Python code and cost more than a frame."""
+        random = self.rng.random
+        return (random() + random() - 1.0) * _TRIANGLE_SCALE * sd
 
-    def speed(self) -> float:  # m/s
-        return 4.0 + 7.0 * self.effort(self.t)
 
-
-@dataclass
 class SimDevice:
-    """One simulated sensor: `emit(t)` returns the next payload and the delay to the next one."""
+    """One simulated sensor. `payload(t)` advances its state to simulation time t and returns
+    the bytes it sends then. Each kind keeps its counters in attributes and packs its page with
+    a precompiled Struct: the daemon decodes a frame in a few µs, and making one must not cost
+    more."""
 
-    athlete: AthleteModel
-    source: str
-    device_id: str
-    kind: str
-    period: float
-    encode: Callable[[SimDevice, float], bytes]
-    state: dict[str, float] = field(default_factory=dict)
-    messages: int = 0
+    __slots__ = ("athlete", "device_id", "messages")
+    source = ""
+    kind = ""
+    period = 1.0
 
+    def __init__(self, athlete: AthleteModel, device_id: str) -> None:
+        self.athlete = athlete
+        self.device_id = device_id
+        self.messages = 0
 
-def _u16(value: float) -> tuple[int, int]:
-    number = int(value) & 0xFFFF
-    return number & 0xFF, number >> 8
-
-
-def _advance_beats(device: SimDevice, t: float) -> list[float]:
-    """Beats that happened up to t; returns their intervals in seconds."""
-    state = device.state
-    intervals = []
-    next_beat = state.setdefault("next_beat", t)
-    while next_beat <= t:
-        interval = 60.0 / max(30.0, device.athlete.hr)
-        state["last_beat"] = next_beat
-        state["prev_beat"] = next_beat - interval
-        state["beats"] = (state.get("beats", 0) + 1) % 256
-        intervals.append(interval)
-        next_beat += interval
-    state["next_beat"] = next_beat
-    return intervals
+    def payload(self, t: float) -> bytes:
+        raise NotImplementedError
 
 
-def encode_ant_hr(device: SimDevice, t: float) -> bytes:
-    _advance_beats(device, t)
-    state = device.state
-    n = device.messages
-    toggle = 0x80 if (n // 4) % 2 else 0x00
-    beat_ticks = state.get("last_beat", 0.0) * 1024
-    prev_ticks = state.get("prev_beat", 0.0) * 1024
-    if n % 68 >= 64:  # a background page (battery) four times after every 64 main pages
-        b1, b2, b3 = 87, 0x80, 0x33
-        page = 7
-    else:
-        page = 4
-        b1 = 0xFF
-        b2, b3 = _u16(prev_ticks)
-    lo, hi = _u16(beat_ticks)
-    return bytes(
-        [page | toggle, b1, b2, b3, lo, hi, int(state.get("beats", 0)), round(device.athlete.hr)]
-    )
+class _Heart(SimDevice):
+    """A strap: beats at the athlete's current heart rate, counted and timed as straps do."""
+
+    __slots__ = ("beats", "last_beat", "next_beat", "prev_beat")
+
+    def __init__(self, athlete: AthleteModel, device_id: str) -> None:
+        super().__init__(athlete, device_id)
+        self.next_beat: float | None = None
+        self.last_beat = 0.0
+        self.prev_beat = 0.0
+        self.beats = 0
+
+    def _advance(self, t: float) -> list[float]:
+        """Beats that happened up to t; returns their intervals in seconds."""
+        next_beat = t if self.next_beat is None else self.next_beat
+        intervals = []
+        while next_beat <= t:
+            interval = 60.0 / max(30.0, self.athlete.hr)
+            self.last_beat = next_beat
+            self.prev_beat = next_beat - interval
+            self.beats = (self.beats + 1) % 256
+            intervals.append(interval)
+            next_beat += interval
+        self.next_beat = next_beat
+        return intervals
 
 
-def encode_ble_hr(device: SimDevice, t: float) -> bytes:
-    intervals = _advance_beats(device, t)
-    rr = b"".join(bytes(_u16(round(i * 1024))) for i in intervals[-4:])
-    flags = 0x06 | (0x10 if rr else 0)  # sensor contact detected, RR when a beat ended
-    return bytes([flags, round(device.athlete.hr)]) + rr
+_HR_PAGE = struct.Struct("<BBHHBB")  # page | toggle, byte 1, bytes 2-3, beat time, count, HR
+_POWER_PAGE = struct.Struct("<BBBBHH")  # 0x10, events, balance, cadence, accumulated, power
+_SC_PAGE = struct.Struct("<HHHH")  # crank time, crank revs, wheel time, wheel revs
 
 
-def encode_ant_power(device: SimDevice, t: float) -> bytes:
-    state = device.state
-    power = device.athlete.power()
-    events = (int(state.get("events", 0)) + 1) % 256
-    accumulated = (state.get("accumulated", 0.0) + power) % 65536
-    state["events"], state["accumulated"] = events, accumulated
-    cadence = round(device.athlete.cadence())
-    acc_lo, acc_hi = _u16(accumulated)
-    p_lo, p_hi = _u16(round(power))
-    return bytes([0x10, events, 0xFF, cadence, acc_lo, acc_hi, p_lo, p_hi])
+class AntHeartRate(_Heart):
+    """ANT+ type 120: page 4 (with the previous beat's time), a battery page 7 four times
+    after every 64 main pages, and the toggle bit flipping every four messages."""
+
+    __slots__ = ()
+    source = "ant"
+    kind = "ant:120"
+    period = ANT_HR_PERIOD
+
+    def payload(self, t: float) -> bytes:
+        self._advance(t)
+        n = self.messages
+        toggle = 0x80 if (n // 4) % 2 else 0x00
+        beat_ticks = int(self.last_beat * 1024) & 0xFFFF
+        hr = round(self.athlete.hr)
+        if n % 68 >= 64:  # battery page: 87 %, then the operating time bytes
+            return _HR_PAGE.pack(7 | toggle, 87, 0x3380, beat_ticks, self.beats, hr)
+        previous = int(self.prev_beat * 1024) & 0xFFFF
+        return _HR_PAGE.pack(4 | toggle, 0xFF, previous, beat_ticks, self.beats, hr)
 
 
-def encode_ant_sc(device: SimDevice, t: float) -> bytes:
-    state = device.state
-    athlete = device.athlete
-    for name, rate_hz in (
-        ("crank", athlete.cadence() / 60.0),
-        ("wheel", athlete.speed() / DEFAULT_CIRCUMFERENCE_M),
-    ):
-        next_event = state.setdefault(f"{name}_next", t)
+class BleHeartRate(_Heart):
+    """0x2A37 once a second: sensor contact detected, u8 HR, the RR intervals of the beats."""
+
+    __slots__ = ()
+    source = "ble"
+    kind = "2a37"
+    period = BLE_HR_PERIOD
+
+    def payload(self, t: float) -> bytes:
+        intervals = self._advance(t)[-4:]
+        hr = round(self.athlete.hr)
+        if not intervals:
+            return bytes((0x06, hr))
+        rr = [round(interval * 1024) & 0xFFFF for interval in intervals]
+        return struct.pack(f"<BB{len(rr)}H", 0x16, hr, *rr)  # flag 0x10: RR present
+
+
+class AntPower(SimDevice):
+    """ANT+ type 11 page 0x10: event count, cadence, accumulated and instantaneous power."""
+
+    __slots__ = ("accumulated", "events")
+    source = "ant"
+    kind = "ant:11"
+    period = ANT_POWER_PERIOD
+
+    def __init__(self, athlete: AthleteModel, device_id: str) -> None:
+        super().__init__(athlete, device_id)
+        self.events = 0
+        self.accumulated = 0.0
+
+    def payload(self, t: float) -> bytes:
+        athlete = self.athlete
+        power = athlete.watts
+        self.events = events = (self.events + 1) % 256
+        self.accumulated = accumulated = (self.accumulated + power) % 65536
+        return _POWER_PAGE.pack(
+            0x10, events, 0xFF, round(athlete.rpm), int(accumulated) & 0xFFFF, round(power) & 0xFFFF
+        )
+
+
+class AntSpeedCadence(SimDevice):
+    """ANT+ type 121: crank and wheel event times (1/1024 s) and revolution counts."""
+
+    __slots__ = ("crank_next", "crank_revs", "crank_time", "wheel_next", "wheel_revs", "wheel_time")
+    source = "ant"
+    kind = "ant:121"
+    period = ANT_SC_PERIOD
+
+    def __init__(self, athlete: AthleteModel, device_id: str) -> None:
+        super().__init__(athlete, device_id)
+        self.crank_next: float | None = None
+        self.wheel_next: float | None = None
+        self.crank_time = self.wheel_time = 0.0
+        self.crank_revs = self.wheel_revs = 0
+
+    def payload(self, t: float) -> bytes:
+        athlete = self.athlete
+        crank_step = 60.0 / athlete.rpm
+        wheel_step = DEFAULT_CIRCUMFERENCE_M / athlete.speed_ms
+        next_event = t if self.crank_next is None else self.crank_next
         while next_event <= t:
-            state[f"{name}_time"] = next_event
-            state[f"{name}_revs"] = (state.get(f"{name}_revs", 0) + 1) % 65536
-            next_event += 1.0 / rate_hz
-        state[f"{name}_next"] = next_event
-    crank_time = _u16(state.get("crank_time", 0.0) * 1024)
-    crank_revs = _u16(state.get("crank_revs", 0))
-    wheel_time = _u16(state.get("wheel_time", 0.0) * 1024)
-    wheel_revs = _u16(state.get("wheel_revs", 0))
-    return bytes([*crank_time, *crank_revs, *wheel_time, *wheel_revs])
+            self.crank_time = next_event
+            self.crank_revs = (self.crank_revs + 1) % 65536
+            next_event += crank_step
+        self.crank_next = next_event
+        next_event = t if self.wheel_next is None else self.wheel_next
+        while next_event <= t:
+            self.wheel_time = next_event
+            self.wheel_revs = (self.wheel_revs + 1) % 65536
+            next_event += wheel_step
+        self.wheel_next = next_event
+        return _SC_PAGE.pack(
+            int(self.crank_time * 1024) & 0xFFFF,
+            self.crank_revs,
+            int(self.wheel_time * 1024) & 0xFFFF,
+            self.wheel_revs,
+        )
 
 
 @dataclass
@@ -191,30 +275,23 @@ def build_room(config: SimulatorConfig) -> list[SimAthlete]:
             sex=("female", "male")[index % 2],
         )
         use_ble = config.hr_straps == "ble" or (config.hr_straps == "mixed" and index % 2 == 0)
-        devices = []
+        devices: list[SimDevice] = []
         if use_ble:
             address = (
                 f"F0:5E:ED:{index >> 16 & 0xFF:02X}:{index >> 8 & 0xFF:02X}:{index & 0xFF:02X}"
             )
-            devices.append(SimDevice(model, "ble", address, "2a37", BLE_HR_PERIOD, encode_ble_hr))
+            devices.append(BleHeartRate(model, address))
         else:
-            devices.append(_ant(model, rng, 120, ANT_HR_PERIOD, encode_ant_hr))
+            devices.append(AntHeartRate(model, _ant_id(rng, 120)))
         if index < round(config.athletes * config.bike_fraction):
-            devices.append(_ant(model, rng, 11, ANT_POWER_PERIOD, encode_ant_power))
-            devices.append(_ant(model, rng, 121, ANT_SC_PERIOD, encode_ant_sc))
+            devices.append(AntPower(model, _ant_id(rng, 11)))
+            devices.append(AntSpeedCadence(model, _ant_id(rng, 121)))
         room.append(SimAthlete(info, devices, config.drop_after_s.get(uid)))
     return room
 
 
-def _ant(
-    model: AthleteModel,
-    rng: random.Random,
-    device_type: int,
-    period: float,
-    encode: Callable[[SimDevice, float], bytes],
-) -> SimDevice:
-    number = rng.randrange(1, 1 << 20)
-    return SimDevice(model, "ant", f"{device_type}:{number}", f"ant:{device_type}", period, encode)
+def _ant_id(rng: random.Random, device_type: int) -> str:
+    return f"{device_type}:{rng.randrange(1, 1 << 20)}"
 
 
 class SimulatorSource:
@@ -252,12 +329,28 @@ class SimulatorSource:
         queue = self._queue
         # Frames emitted together are received together: one reading of the clock for all.
         mono, wall = self.clock.mono(), self.clock.wall()
+        batch: list[Frame] = []
         while queue and queue[0][0] <= elapsed:
-            due, order, device, drop_after = heapq.heappop(queue)
+            due, order, device, drop_after = queue[0]
             if drop_after is not None and due >= drop_after:
-                continue  # this athlete's devices went silent
-            self._emit(device, due, frames, mono, wall)
-            heapq.heappush(queue, (due + device.period, order, device, drop_after))
+                heapq.heappop(queue)  # this athlete's devices went silent
+                continue
+            athlete = device.athlete
+            if athlete.t + STEP_S <= due:
+                athlete.advance_to(due)
+            payload = device.payload(due)
+            device.messages += 1
+            # tuple.__new__ with every field: NamedTuple's __new__ is a Python call per frame.
+            batch.append(
+                _new(
+                    Frame,
+                    (device.source, "sim", device.device_id, device.kind, payload, mono, wall, -60),
+                )
+            )
+            heapq.heapreplace(queue, (due + device.period, order, device, drop_after))
+        if batch:
+            self.frames_sent += len(batch)
+            frames.put_many(batch)
         return queue[0][0] if queue else None
 
     async def run(self, frames: FrameQueue) -> None:
@@ -275,14 +368,3 @@ class SimulatorSource:
             # Radios deliver in bursts too (BLE connection events, USB transfers): waking every
             # few ms instead of for each of thousands of frames a second costs a fraction.
             await asyncio.sleep(max(WAKE_S, next_due - (self.clock.mono() - start)))
-
-    def _emit(
-        self, device: SimDevice, t: float, frames: FrameQueue, mono: float, wall: float
-    ) -> None:
-        device.athlete.advance_to(t)
-        payload = device.encode(device, t)
-        device.messages += 1
-        self.frames_sent += 1
-        frames.put(
-            Frame(device.source, "sim", device.device_id, device.kind, payload, mono, wall, -60)
-        )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import NamedTuple
@@ -121,6 +123,15 @@ class Sample(NamedTuple):
             return {"ts": self.ts_text(), "d": list(self.d)}
         return {"ts": self.ts_text(), "val": self.val}
 
+    def payload_json(self) -> str:
+        """payload() as compact JSON, exactly what json.dumps writes, built without it: every
+        sample is written this way for each consumer-facing output."""
+        if self.d is not None:
+            value = '"d":' + json.dumps(list(self.d), separators=(",", ":"))
+        else:
+            value = '"val":' + json_number(self.val)
+        return '{"ts":"' + format_ts(self.ts) + '",' + value + "}"
+
 
 class DeviceState(enum.StrEnum):
     CONNECTED = "connected"
@@ -140,6 +151,21 @@ class DeviceStatus:
     battery: float | None = None
     rssi: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+
+def json_number(value: float | None) -> str:
+    """A number as json.dumps writes it (repr for finite floats and ints; NaN, null ...)."""
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):  # type: ignore[arg-type]
+        return repr(value)
+    return json.dumps(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def json_string(text: str) -> str:
+    """A string as compact JSON with non-ASCII kept (the protocol's frames are UTF-8); cached, as
+    the same few uids and type names are written for every sample."""
+    return json.dumps(text, ensure_ascii=False)
 
 
 @functools.lru_cache(maxsize=1024)

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from gatewayd.errors import GatewayError
-from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, format_ts, parse_ts
+from gatewayd.model import (
+    DataType,
+    DeviceState,
+    DeviceStatus,
+    Sample,
+    format_ts,
+    json_string,
+    parse_ts,
+)
 
 HEARTBEAT_INTERVAL_MS = 40_000
 IDENTIFY_TIMEOUT_S = 15.0
@@ -253,8 +261,18 @@ def identify(token: str, role: Role, filter_: Filter | None = None) -> str:
 
 
 def dispatch(seq: int, sample: Sample) -> str:
-    return _dumps(
-        {"op": Op.DISPATCH, "d": sample.payload(), "uid": sample.uid, "seq": seq, "t": sample.t}
+    """`{"op":5,"d":..,"uid":..,"seq":..,"t":..}`: what _dumps would write, built by hand, as it
+    runs for every sample and consumer."""
+    return (
+        '{"op":5,"d":'
+        + sample.payload_json()
+        + ',"uid":'
+        + json_string(sample.uid)
+        + ',"seq":'
+        + str(seq)
+        + ',"t":'
+        + json_string(sample.t)
+        + "}"
     )
 
 
@@ -302,10 +320,11 @@ def status_payload(status: DeviceStatus) -> dict[str, object]:
 
 
 def submit(sample: Sample, *, with_uid: bool = False) -> str:
-    frame: dict[str, object] = {"op": Op.SUBMIT, "d": sample.payload(), "t": sample.t}
+    """`{"op":6,"d":..,"t":..[,"uid":..]}`, built by hand like dispatch()."""
+    text = '{"op":6,"d":' + sample.payload_json() + ',"t":' + json_string(sample.t)
     if with_uid:
-        frame["uid"] = sample.uid
-    return _dumps(frame)
+        return text + ',"uid":' + json_string(sample.uid) + "}"
+    return text + "}"
 
 
 def status(event: DeviceStatus, *, with_uid: bool = False) -> str:
@@ -804,6 +823,14 @@ class ClientConnection:
         if marker is not None:
             self.last_marker = marker
         return submit(sample, with_uid=with_uid)
+
+    def submit_many(
+        self, rows: Sequence[tuple[int, Sample]], *, with_uid: bool = False
+    ) -> list[str]:
+        """submit() for each (marker, sample) row, in order."""
+        if rows:
+            self.last_marker = rows[-1][0]
+        return [submit(sample, with_uid=with_uid) for _, sample in rows]
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> Close:
         return self._close(code, reason)

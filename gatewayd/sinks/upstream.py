@@ -48,6 +48,7 @@ from gatewayd.config import UpstreamConfig
 from gatewayd.errors import ConfigError, SinkBroken, SpoolError
 from gatewayd.hub import Subscription
 from gatewayd.model import DataType, DeviceStatus, Sample
+from gatewayd.sinks.ws_frames import masked_text_frames
 from gatewayd.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -346,11 +347,12 @@ class Lane:
                 if protocol.state is not State.OPEN:
                     return False
                 # The frames of a batch go out in one write: a send() per frame costs several
-                # times the CPU. submit() marks each seq, and nothing can slip in between
-                # marking and writing, so a later HEARTBEAT's ACK vouches exactly for them.
-                for seq, sample in rows[start : start + SEND_BATCH]:
-                    protocol.send_text(conn.submit(sample, marker=seq, with_uid=with_uid).encode())
-                ws.transport.write(b"".join(protocol.data_to_send()))
+                # times the CPU. submit_many() marks the last seq, and nothing can slip in
+                # between marking and writing, so a later HEARTBEAT's ACK vouches exactly for
+                # them. Anything websockets has queued goes first, to keep the order.
+                texts = conn.submit_many(rows[start : start + SEND_BATCH], with_uid=with_uid)
+                frames = masked_text_frames([text.encode() for text in texts])
+                ws.transport.write(b"".join([*protocol.data_to_send(), frames]))
                 await ws.drain()  # the socket's flow control paces a backlog
             self.submitted += len(rows)
         except (ConnectionClosed, ConnectionError):

@@ -48,6 +48,39 @@ def test_dispatch_has_terra_shape() -> None:
     assert json.loads(p.dispatch(1, rr))["d"] == {"ts": "2026-11-24T14:30:05.420Z", "val": 812.0}
 
 
+_NUMBERS = st.one_of(
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+)
+
+
+@given(
+    uid=st.text(max_size=12),
+    t=st.sampled_from(list(DataType)),
+    ts=st.floats(min_value=0, max_value=4e9),
+    val=_NUMBERS,
+    d=st.one_of(st.none(), st.lists(st.floats(allow_nan=False), max_size=4).map(tuple)),
+    seq=st.integers(min_value=0, max_value=2**62),
+)
+def test_dispatch_and_submit_are_what_json_dumps_writes(uid, t, ts, val, d, seq) -> None:
+    # The frames are built by hand for speed; the standard library's encoder is the reference,
+    # down to the byte (key order, separators, non-ASCII kept, float repr, NaN).
+    sample = Sample(uid, t, ts, val=val, d=d)
+    payload = sample.payload()
+
+    def dumps(obj: dict[str, object]) -> str:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+    assert p.dispatch(seq, sample) == dumps(
+        {"op": 5, "d": payload, "uid": uid, "seq": seq, "t": str(t)}
+    )
+    assert p.submit(sample) == dumps({"op": 6, "d": payload, "t": str(t)})
+    assert p.submit(sample, with_uid=True) == dumps(
+        {"op": 6, "d": payload, "t": str(t), "uid": uid}
+    )
+
+
 def test_rr_arrays_group_beats_per_athlete_and_second_at_the_last_beat() -> None:
     t0 = parse_ts(TS)
     rows = [

@@ -127,10 +127,13 @@ class Sample(NamedTuple):
         """payload() as compact JSON, exactly what json.dumps writes, built without it: every
         sample is written this way for each consumer-facing output."""
         if self.d is not None:
-            value = '"d":' + json.dumps(list(self.d), separators=(",", ":"))
-        else:
-            value = '"val":' + json_number(self.val)
-        return '{"ts":"' + format_ts(self.ts) + '",' + value + "}"
+            values = json.dumps(list(self.d), separators=(",", ":"))
+            return f'{{"ts":"{format_ts(self.ts)}","d":{values}}}'
+        val = self.val
+        kind = type(val)
+        if kind is int or (kind is float and math.isfinite(val)):  # type: ignore[arg-type]
+            return f'{{"ts":"{format_ts(self.ts)}","val":{val!r}}}'
+        return f'{{"ts":"{format_ts(self.ts)}","val":{json.dumps(val)}}}'
 
 
 class DeviceState(enum.StrEnum):
@@ -153,19 +156,19 @@ class DeviceStatus:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def json_number(value: float | None) -> str:
-    """A number as json.dumps writes it (repr for finite floats and ints; NaN, null ...)."""
-    kind = type(value)
-    if kind is int or (kind is float and math.isfinite(value)):  # type: ignore[arg-type]
-        return repr(value)
-    return json.dumps(value)
-
-
-@functools.lru_cache(maxsize=4096)
 def json_string(text: str) -> str:
     """A string as compact JSON with non-ASCII kept (the protocol's frames are UTF-8); cached, as
     the same few uids and type names are written for every sample."""
+    return _TYPE_NAMES.get(text) or _json_string(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _json_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+# The data types' own, looked up without lru_cache's slower path for str subclasses.
+_TYPE_NAMES: dict[str, str] = {t: json.dumps(t.value) for t in DataType}
 
 
 @functools.lru_cache(maxsize=1024)

@@ -8,11 +8,11 @@ and everything is seeded: the same seed and the same clock give the same bytes.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import math
 import random
 import struct
+from collections import deque
 from dataclasses import dataclass
 
 from gatewayd.clock import Clock
@@ -103,7 +103,7 @@ class SimDevice:
     a precompiled Struct: the daemon decodes a frame in a few µs, and making one must not cost
     more."""
 
-    __slots__ = ("athlete", "device_id", "messages")
+    __slots__ = ("athlete", "device_id", "due", "messages", "silent_from")
     source = ""
     kind = ""
     period = 1.0
@@ -112,6 +112,8 @@ class SimDevice:
         self.athlete = athlete
         self.device_id = device_id
         self.messages = 0
+        self.due = 0.0  # simulation time of the next message
+        self.silent_from: float | None = None  # drop_after_s: no messages from then on
 
     def payload(self, t: float) -> bytes:
         raise NotImplementedError
@@ -302,7 +304,7 @@ class SimulatorSource:
         self.clock = clock
         self.room = build_room(config)
         self.frames_sent = 0
-        self._queue = self._schedule()
+        self._lanes = self._schedule()
 
     def roster_entries(self) -> list[tuple[AthleteInfo, list[tuple[str, str]]]]:
         return [
@@ -313,52 +315,64 @@ class SimulatorSource:
     def device_count(self) -> int:
         return sum(len(athlete.devices) for athlete in self.room)
 
-    def _schedule(self) -> list[tuple[float, int, SimDevice, float | None]]:
-        # Devices start spread over their first period, as real ones do.
+    def _schedule(self) -> list[deque[SimDevice]]:
+        """Devices by period, each lane in the order they are due. Devices start spread over
+        their first period, as real ones do, so a lane's dues all lie within one period: the
+        device that just sent is due last, and goes to the end (no heap, no sorting)."""
         spread = random.Random(self.config.seed + 1)
-        queue: list[tuple[float, int, SimDevice, float | None]] = []
+        lanes: dict[float, list[SimDevice]] = {}
         for athlete in self.room:
             for device in athlete.devices:
-                first = spread.uniform(0, device.period)
-                queue.append((first, len(queue), device, athlete.drop_after_s))
-        heapq.heapify(queue)
-        return queue
+                device.due = spread.uniform(0, device.period)
+                device.silent_from = athlete.drop_after_s
+                lanes.setdefault(device.period, []).append(device)
+        return [deque(sorted(lane, key=lambda d: d.due)) for lane in lanes.values()]
 
     def emit_due(self, elapsed: float, frames: FrameQueue) -> float | None:
         """Emit every frame due by `elapsed` seconds of simulation; returns the next due time."""
-        queue = self._queue
         # Frames emitted together are received together: one reading of the clock for all.
         mono, wall = self.clock.mono(), self.clock.wall()
         batch: list[Frame] = []
-        while queue and queue[0][0] <= elapsed:
-            due, order, device, drop_after = queue[0]
-            if drop_after is not None and due >= drop_after:
-                heapq.heappop(queue)  # this athlete's devices went silent
-                continue
-            athlete = device.athlete
-            if athlete.t + STEP_S <= due:
-                athlete.advance_to(due)
-            payload = device.payload(due)
-            device.messages += 1
-            # tuple.__new__ with every field: NamedTuple's __new__ is a Python call per frame.
-            batch.append(
-                _new(
-                    Frame,
-                    (device.source, "sim", device.device_id, device.kind, payload, mono, wall, -60),
+        for lane in self._lanes:
+            while lane and lane[0].due <= elapsed:
+                device = lane.popleft()
+                due = device.due
+                if device.silent_from is not None and due >= device.silent_from:
+                    continue  # this athlete's devices went silent
+                athlete = device.athlete
+                if athlete.t + STEP_S <= due:
+                    athlete.advance_to(due)
+                payload = device.payload(due)
+                device.messages += 1
+                # tuple.__new__ with every field: NamedTuple's __new__ is a Python call.
+                batch.append(
+                    _new(
+                        Frame,
+                        (
+                            device.source,
+                            "sim",
+                            device.device_id,
+                            device.kind,
+                            payload,
+                            mono,
+                            wall,
+                            -60,
+                        ),
+                    )
                 )
-            )
-            heapq.heapreplace(queue, (due + device.period, order, device, drop_after))
+                device.due = due + device.period
+                lane.append(device)
         if batch:
             self.frames_sent += len(batch)
             frames.put_many(batch)
-        return queue[0][0] if queue else None
+        return min((lane[0].due for lane in self._lanes if lane), default=None)
 
     async def run(self, frames: FrameQueue) -> None:
         start = self.clock.mono()
         log.info(
             "simulator: %d athletes, %d devices (seed %d)",
             len(self.room),
-            len(self._queue),
+            self.device_count(),
             self.config.seed,
         )
         while True:

@@ -37,6 +37,7 @@ from gatewayd.roster import AthleteInfo
 KJ_PER_KCAL = 4.184
 J_PER_KCAL = 4184.0
 DEFAULT_GROSS_EFFICIENCY = 0.22
+_new = tuple.__new__
 
 # Keytel et al. 2005, without VO2max: (intercept, HR, weight kg, age years) -> kJ/min.
 KEYTEL = {
@@ -101,16 +102,20 @@ class EnergyMeter:
         """The CALORIES samples for a batch of closed seconds (to publish after the batch)."""
         seconds: dict[tuple[str, float], list[float | None]] = {}
         native: set[str] = set()
-        for sample in samples:
+        heart_rate, power, calories = DataType.HEART_RATE, DataType.POWER, DataType.CALORIES
+        for sample in samples:  # every sample of the room's second: keep this loop lean
             t = sample.t
-            if t is DataType.HEART_RATE or t is DataType.POWER:
-                slot = seconds.setdefault((sample.uid, sample.ts), [None, None])
-                slot[0 if t is DataType.HEART_RATE else 1] = sample.val
-            elif t is DataType.CALORIES:
+            if t is heart_rate or t is power:
+                key = (sample.uid, sample.ts)
+                slot = seconds.get(key)
+                if slot is None:
+                    slot = seconds[key] = [None, None]
+                slot[0 if t is heart_rate else 1] = sample.val
+            elif t is calories:
                 native.add(sample.uid)
                 seconds.setdefault((sample.uid, sample.ts), [None, None])
         out: list[Sample] = []
-        for (uid, ts), (hr, power) in seconds.items():
+        for (uid, ts), (hr, watts) in seconds.items():
             self._newest = max(self._newest, ts)
             workout = self._workout(uid, ts)
             if uid in native:
@@ -120,13 +125,14 @@ class EnergyMeter:
                 workout.zone_s += 1
             if workout.native:
                 continue
-            kcal = self._kcal(hr, power, info)
+            kcal = self._kcal(hr, watts, info)
             if kcal is None:
                 continue
             workout.kcal += kcal
             workout.computed = True
+            # tuple.__new__ with every field: one per athlete and second
             out.append(
-                Sample(uid, DataType.CALORIES, ts, val=round(workout.kcal, 3), source="energy")
+                _new(Sample, (uid, calories, ts, round(workout.kcal, 3), None, "", "energy"))
             )
         return out
 

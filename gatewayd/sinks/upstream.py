@@ -24,6 +24,7 @@ off, this sink appends them itself (`append=True`): exactly one component writes
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import json
 import logging
@@ -617,6 +618,10 @@ class Lane:
         return out
 
 
+def _seq(row: tuple[int, Sample]) -> int:
+    return row[0]
+
+
 def forget_cursors(spool: Spool, name: str) -> None:
     """The upstream is off: its cursors must not hold spool retention back any longer."""
     for cursor in spool.cursors():
@@ -820,9 +825,8 @@ class UpstreamSink:
         )
 
     def _route(self, sample: Sample, fresh: bool) -> Lane | None:
-        """The lane for a row; `fresh` when the reader sees it for the first time (not a rewind)."""
-        if not self.terra:
-            return self.lanes[ALL]
+        """Terra mode: the lane for a row; `fresh` when the reader sees it for the first time (not
+        a rewind)."""
         if sample.t in TERRA_SKIPPED:
             self.skipped_types += fresh
             return None
@@ -844,6 +848,28 @@ class UpstreamSink:
         """Hand rows (in seq order, after `pos`) to their lanes: what each active lane must send
         now; a lane that is down remembers the first row it missed."""
         batches: dict[str, list[tuple[int, Sample]]] = {}
+        if not rows:
+            return batches
+        if self.terra:
+            self._deal_by_athlete(rows, batches)
+        else:
+            # One lane takes every row, so what it has not sent yet is a tail of `rows`: dealt
+            # in one step rather than row by row.
+            lane = self.lanes[ALL]
+            start = bisect.bisect_right(rows, lane.sent, key=_seq)
+            if start < len(rows):
+                if lane.active:
+                    lane.sent = rows[-1][0]
+                    batches[ALL] = rows[start:]
+                else:
+                    lane.skip(rows[start][0])
+        self.pos = rows[-1][0]
+        self._read_high = max(self._read_high, self.pos)
+        return batches
+
+    def _deal_by_athlete(
+        self, rows: list[tuple[int, Sample]], batches: dict[str, list[tuple[int, Sample]]]
+    ) -> None:
         high = self._read_high
         for seq, sample in rows:
             lane = self._route(sample, seq > high)
@@ -854,10 +880,6 @@ class UpstreamSink:
                 batches.setdefault(lane.key, []).append((seq, sample))
             else:
                 lane.skip(seq)
-        if rows:
-            self.pos = rows[-1][0]
-            self._read_high = max(high, self.pos)
-        return batches
 
     def rewind(self) -> None:
         """Take READY connections into use and move `pos` back to what they must resend."""

@@ -146,6 +146,9 @@ class AntConfig(Section):
     retry_initial_s: float = Field(1.0, gt=0.0)  # first reopen delay after a failure
     retry_max_s: float = Field(30.0, gt=0.0)  # the reopen delay doubles up to this
     health_check_s: float = Field(10.0, gt=0.0)  # a stick that ignores a request this long is reset
+    # A stick with event buffering (ANTUSB-m) holds broadcasts back this long and sends them in one
+    # USB transfer: fewer wake-ups, frames stamped up to this much late. 0 turns it off.
+    event_buffer_s: float = Field(0.02, ge=0.0, le=0.1)
 
 
 class SourcesConfig(Section):

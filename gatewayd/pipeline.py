@@ -41,6 +41,7 @@ class FrameQueue:
         self._items: deque[Frame] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.gathered = False  # every frame queued came in a source's batch: no need to wait
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -51,6 +52,7 @@ class FrameQueue:
             self._items.popleft()
             self.dropped += 1
         self._items.append(frame)
+        self.gathered = False
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -79,6 +81,7 @@ class FrameQueue:
         items = self._items
         self.received += len(frames)
         items.extend(frames)
+        self.gathered = False
         excess = len(items) - self.maxsize
         if excess > 0:
             self.dropped += excess
@@ -87,6 +90,15 @@ class FrameQueue:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def put_batch(self, frames: list[Frame]) -> None:
+        """put_many() for frames a source gathered itself (e.g. a radio's USB transfer): the
+        pipeline takes them at once rather than waiting GATHER_S for more."""
+        if not frames:
+            return
+        gathered = self.gathered or not self._items
+        self.put_many(frames)
+        self.gathered = gathered
 
     def put_threadsafe(self, frame: Frame) -> None:
         loop = self._loop
@@ -100,6 +112,7 @@ class FrameQueue:
     def take_all(self) -> list[Frame]:
         items = list(self._items)
         self._items.clear()
+        self.gathered = False
         return items
 
     async def wait(self, timeout: float) -> bool:
@@ -276,7 +289,7 @@ class Pipeline:
         frames = self.frames
         while True:
             woken = await frames.wait(self._until_next_tick())
-            if woken and 0 < len(frames) < GATHER_FRAMES:
+            if woken and 0 < len(frames) < GATHER_FRAMES and not frames.gathered:
                 # A frame woke us: let its neighbours arrive and take them in one turn. Radios
                 # deliver one frame per callback, and a wake-up per frame cost more than the
                 # frame itself; a few ms are nothing against the grace of a second's close.

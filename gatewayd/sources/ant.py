@@ -8,10 +8,14 @@ one wildcard channel per ANT+ profile, which hears one device of each type.
 
 Threads: openant runs two of its own per stick (USB reader, response dispatcher) and one of ours
 runs its data loop (`node.start()` blocks). Data messages skip both of openant's queues: they
-become Frames in the USB reader thread itself, and cross to the event loop in batches, one
-call_soon_threadsafe per HANDOFF_S (25 ms) at most: each thread hop and each loop wake-up costs
-as much CPU as everything else a frame needs. Responses and channel events keep openant's path.
-Supervision (find sticks, reopen after loss, back off) is asyncio.
+become Frames in the USB reader thread itself, and cross to the event loop in batches. Each
+thread wake-up costs more CPU than everything else a frame needs, so there are few of them: a
+stick that can (ANTUSB-m) holds broadcasts back and sends `event_buffer_s` worth in one USB
+transfer (Configure Event Buffer, 0x74), and the reader thread hands the loop one batch per
+transfer; a stick that cannot (ANTUSB2) sends a transfer per broadcast, and the reader thread
+keeps the frames of HANDOFF_S (25 ms) together, waiting for the next transfer no longer than
+the batch may wait. Responses and channel events keep openant's path. Supervision (find
+sticks, reopen after loss, back off) is asyncio.
 
 Hardware trouble never raises out of run(): no stick is a warning and a background retry; an
 unplugged stick is logged once and reopened when it is back; a stick without permission or held
@@ -26,9 +30,9 @@ import contextlib
 import errno
 import functools
 import logging
+import math
 import operator
 import threading
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -63,11 +67,19 @@ FALLBACK_PROFILES: dict[int, tuple[str, int]] = {
     124: ("stride (SDM)", 8134),
 }
 
-# Frames wait this long in the reader thread's hand-off before the event loop takes them all: at
-# 400 frames/s one wake-up carries ~10 frames, at 4,000 ~100. Each loop wake-up costs more than
-# the frames it carries (bench/ant.py: 10 ms ~165 us/frame, 25 ms ~120, 50 ms ~85 under load);
-# 25 ms stays well inside the aggregator's grace (<= 100 ms), so no frame comes late for it.
+# Frames of a stick without event buffering wait this long in the reader thread before the event
+# loop takes them all: at 400 frames/s one wake-up carries ~10 frames, at 4,000 ~100. Each loop
+# wake-up costs more than the frames it carries; 25 ms stays well inside the aggregator's grace
+# (<= 100 ms), so no frame comes late for it.
 HANDOFF_S = 0.025
+# Configure Event Buffer (ANT message 0x74): [0, config, size u16, time u16 in 10 ms units].
+_EVENT_BUFFER = 0x74
+_BUFFER_ALL_EVENTS = 0x01  # data messages too, not only low-priority events
+_EVENT_BUFFERING = 0x02  # capabilities byte 6 (advanced options 3): the stick can buffer
+# The stick flushes past this many bytes even before the time is up: ~12 broadcasts with their
+# channel id and RSSI, four full-speed USB packets, well inside any stick's queue.
+_BUFFER_BYTES = 256
+_KNOWN_SENDERS = 4096  # (device, RSSI) combinations remembered before starting over
 _SYNC = 0xA4
 _SEARCH_FOREVER = 0xFF
 # Short enough that stopping a stick (openant polls its reader) is quick, long enough not to spin.
@@ -156,13 +168,13 @@ class _UsbLink:
         if self._in is None or self._out is None:
             raise SourceUnavailable(f"{self._where} has no bulk IN/OUT endpoints")
 
-    def read(self) -> array.array[int]:
+    def read(self, timeout_ms: int = _READ_TIMEOUT_MS) -> array.array[int]:
         if self._lost.is_set() or self._closed.is_set():
             # openant's reader calls read() in a loop until it is stopped; do not spin.
             self._closed.wait(0.05)
             return array.array("B")
         try:
-            data: array.array[int] = self._in.read(4096, timeout=_READ_TIMEOUT_MS)
+            data: array.array[int] = self._in.read(4096, timeout=timeout_ms)
         except usb.core.USBTimeoutError:
             raise  # openant expects it on an idle stick
         except usb.core.USBError as exc:
@@ -257,6 +269,7 @@ class _Node(Node):  # type: ignore[misc]
     def __init__(self, on_event: Callable[[int, int], None], on_status: Callable[[], None]) -> None:
         self._on_event = on_event
         self._on_status = on_status
+        self.capabilities = b""  # the raw answer: openant reads advanced options 3 from byte 4
         super().__init__()
 
     def _worker_event(self, channel: int, event: int, data: Any) -> None:
@@ -269,8 +282,10 @@ class _Node(Node):  # type: ignore[misc]
         # Answers to our health checks; nobody waits for them, so they must not be queued.
         if event == Message.ID.RESPONSE_CHANNEL_STATUS:
             self._on_status()
-        else:
-            super()._worker_response(channel, event, data)
+            return
+        if event == Message.ID.RESPONSE_CAPABILITIES:
+            self.capabilities = bytes(data)
+        super()._worker_response(channel, event, data)
 
 
 class _Stick:
@@ -297,6 +312,7 @@ class _Stick:
         self.unidentified = 0
         self.rx_failures = 0
         self.answers = 0  # health checks answered
+        self.event_buffer_s = 0.0  # how long the stick holds broadcasts back; 0: it does not
         self.lost_reason: str | None = None
         self.lost = asyncio.Event()
         self._device = device
@@ -309,14 +325,21 @@ class _Stick:
         self._thread: threading.Thread | None = None
         self._lost_lock = threading.Lock()
         self._handoff_s = handoff_s
-        self._handoff: deque[Frame] = deque()  # appended by the reader thread, emptied by the loop
-        self._armed = False  # a take is scheduled on the loop
+        self._link: _UsbLink | None = None
+        # Reader thread only: the frames not yet handed to the loop, and when they must be.
+        self._batch: list[Frame] = []
+        self._batch_due = 0.0
+        self._gap = 0.0  # the usual time between USB transfers (a moving average)
+        self._last_transfer = 0.0
+        self._mono = self._wall = 0.0  # when the last USB transfer arrived
+        # device id, kind and RSSI by the bytes they come from (a data message's extended tail)
+        self._senders: dict[bytes, tuple[str, str, int | None]] = {}
         self.bad_bytes = 0  # bytes skipped to find the next message (noise, a torn transfer)
 
     # -- setup (runs in a worker thread; blocking) ---------------------------------------------
 
     def open(self) -> None:
-        link = _UsbLink(self._device, self.where, self._lose)
+        link = self._link = _UsbLink(self._device, self.where, self._lose)
         with _pinned(link):
             self._node = _Node(self._channel_event, self._status_answered)
         # Instance attributes win over openant's methods: its reader thread calls these for
@@ -337,6 +360,7 @@ class _Stick:
         self.version = (node.ant_version or "").rstrip("\x00")
         self.adapter = self._name_for(self.serial, self.location)
         node.set_network_key(0, list(bytes.fromhex(self._config.network_key)))
+        self._buffer_events(node)
         can_scan = openant_driver.AdvancedOptionsTwo.ScanModeEnabled in node.advanced_options_two
         if self._config.scan_mode and can_scan and self._open_scan(node):
             self.mode = "continuous scan"
@@ -390,6 +414,24 @@ class _Stick:
                 self._enable_extended(node, channel)  # a stick-wide setting: once is enough
             channel.open()
         self.mode = f"{len(usable)} wildcard channels"
+
+    def _buffer_events(self, node: Any) -> None:
+        """Let the stick send broadcasts in batches, one USB transfer per `event_buffer_s`."""
+        wanted = self._config.event_buffer_s
+        capabilities = node.capabilities
+        if wanted <= 0 or len(capabilities) < 7 or not capabilities[6] & _EVENT_BUFFERING:
+            return
+        ticks = max(1, round(wanted * 100))
+        content = [0, _BUFFER_ALL_EVENTS, *_BUFFER_BYTES.to_bytes(2, "little")]
+        try:
+            node.ant.write_message(Message(_EVENT_BUFFER, [*content, *ticks.to_bytes(2, "little")]))
+            node.wait_for_response(_EVENT_BUFFER)
+        except Exception as exc:  # openant raises a bare Exception for an error response
+            log.info(
+                "%s: event buffering refused (%s); a USB transfer per broadcast", self.adapter, exc
+            )
+            return
+        self.event_buffer_s = ticks / 100
 
     def _enable_extended(self, node: Any, channel: Any) -> None:
         """Ask for channel id and RSSI on every message; without LibConfig, the id alone."""
@@ -445,24 +487,70 @@ class _Stick:
                 self.bad_bytes += 1
                 del buffer[:1]
                 continue
-            buffer.extend(ant._driver.read())
+            self._receive(buffer)
         return None
+
+    def _receive(self, buffer: array.array[int]) -> None:
+        """Wait for the stick's next USB transfer (reader thread), every message before it parsed.
+
+        The frames waiting for the loop go now if the next transfer, at the usual pace, would
+        come after they are due; otherwise the wait ends when they are, so a stick that falls
+        quiet never holds a batch back (and a busy one seldom makes a read time out).
+        """
+        loop_time = self._loop.time  # a wake-up's time, not a stamp
+        timeout_ms = _READ_TIMEOUT_MS
+        if self._batch:
+            left = self._batch_due - loop_time()
+            if left <= self._gap:
+                self._hand_off()
+            else:
+                timeout_ms = math.ceil(left * 1000)
+        assert self._link is not None
+        try:
+            data = self._link.read(timeout_ms)
+        except usb.core.USBTimeoutError:
+            return  # nothing sent: hand over what is due, then wait again
+        if data:
+            # Every message in a transfer reached the host now (a buffering stick's waited in it
+            # up to event_buffer_s).
+            self._mono = self._clock.mono()
+            self._wall = self._clock.wall()
+            now = loop_time()
+            self._gap += (min(now - self._last_transfer, self._handoff_s) - self._gap) / 8
+            self._last_transfer = now
+            buffer.extend(data)
 
     def _on_message(self, message: Message) -> None:
         """A broadcast or acknowledged data message (openant's reader thread)."""
-        self._on_content(bytes(message._data))
+        content = bytes(message._data)
+        sender = self._senders.get(content[9:])
+        if sender is None:
+            sender = self._identify(content)
+            if sender is None:
+                return
+        device_id, kind, rssi = sender
+        batch = self._batch
+        if not batch:
+            self._batch_due = self._loop.time() + self._handoff_s
+        batch.append(
+            Frame("ant", self.adapter, device_id, kind, content[1:9], self._mono, self._wall, rssi)
+        )
+        self.frames_out += 1
 
-    def _on_content(self, content: bytes) -> None:
-        mono = self._clock.mono()
-        wall = self._clock.wall()
+    def _identify(self, content: bytes) -> tuple[str, str, int | None] | None:
+        """Who sent a data message, from its extended tail; None drops the message.
+
+        The answer depends on the tail's bytes alone, so it is kept by them: the next message
+        of the same device at the same RSSI skips parsing.
+        """
         try:
             message = antplus.parse_content(antplus.MSG_BROADCAST, content)
         except DecodeError as exc:
             self.malformed += 1
             log.debug("%s: malformed data message dropped: %s", self.adapter, exc)
-            return
-        device_id, kind, page = message.device_id, message.kind, message.page
-        if device_id is None or kind is None or page is None:
+            return None
+        device_id, kind = message.device_id, message.kind
+        if device_id is None or kind is None:
             self.unidentified += 1
             if self.unidentified == 1:
                 log.warning(
@@ -470,36 +558,20 @@ class _Stick:
                     "such data is dropped",
                     self.adapter,
                 )
-            return
-        frame = Frame(
-            source="ant",
-            adapter=self.adapter,
-            device_id=device_id,
-            kind=kind,
-            payload=page,
-            mono=mono,
-            wall=wall,
-            rssi=message.rssi,
-        )
-        self._handoff.append(frame)
-        self.frames_out += 1
-        if not self._armed:
-            self._armed = True
-            with contextlib.suppress(RuntimeError):  # the event loop is closing: shutdown
-                self._loop.call_soon_threadsafe(self._arm)
+            return None
+        if len(self._senders) >= _KNOWN_SENDERS:
+            self._senders.clear()
+        sender = self._senders[content[9:]] = (device_id, kind, message.rssi)
+        return sender
 
-    def _arm(self) -> None:
-        if self._handoff_s > 0:
-            self._loop.call_later(self._handoff_s, self._take)
-        else:
-            self._take()
+    def _hand_off(self) -> None:
+        batch, self._batch = self._batch, []
+        with contextlib.suppress(RuntimeError):  # the event loop is closing: shutdown
+            self._loop.call_soon_threadsafe(self._take, batch)
 
-    def _take(self) -> None:
-        """Move the reader thread's frames into the FrameQueue (event loop)."""
-        self._armed = False  # first: a frame appended from now on arms a new take
-        handoff, put = self._handoff, self._frames.put
-        while handoff:
-            put(handoff.popleft())
+    def _take(self, batch: list[Frame]) -> None:
+        """Put a batch of the reader thread's frames into the FrameQueue (event loop)."""
+        self._frames.put_batch(batch)
 
     def _on_burst(self, content: Any) -> None:
         # ANT+ sensors do not burst their data pages; a burst is ANT-FS or a control reply.
@@ -649,12 +721,15 @@ class AntSource:
         self._failures.pop(stick.location, None)
         self._last_problem.pop(stick.location, None)
         log.info(
-            "%s: ANT stick serial %s (%s, firmware %s) listening in %s mode",
+            "%s: ANT stick serial %s (%s, firmware %s) listening in %s mode%s",
             stick.adapter,
             stick.serial,
             stick.where,
             stick.version or "?",
             stick.mode,
+            f", broadcasts batched every {stick.event_buffer_s * 1000:g} ms by the stick"
+            if stick.event_buffer_s
+            else "",
         )
         stick.start()
         self.sticks[stick.adapter] = stick

@@ -6,7 +6,14 @@
   answers reset, capability/serial/version requests and every configuration command, and
   delivers broadcasts in continuous scan mode or on wildcard channels, with the extended tail
   (channel id, RSSI) the host asked for. It can be unplugged and replugged, lack scan mode, deny
-  access or be held by another process.
+  access or be held by another process. With `event_buffering=True` (an ANTUSB-m's capability)
+  it honours Configure Event Buffer (0x74): data messages wait in the stick and reach the host
+  together, in one USB transfer, when the buffer passes its size or its time threshold.
+- What the stick sends the host goes through an OS pipe, the fake's IN endpoint: a host read is
+  poll() + read() in the kernel with the GIL released, as libusb's is, so the fake's own CPU per
+  USB transfer is about what libusb's would be. A bench can hand the pipe's write end to another
+  process that plays the radio (`radio_state()`, `FakeAntStick.on_wire()`), keeping the radio's
+  CPU out of the process it measures.
 - Room holds simulated ANT+ devices that encode real data pages at their real periods. Time is
   virtual: Player steps it message by message and waits until gatewayd has taken each message
   (an event, not a sleep), so a test of minutes of broadcasts runs in about a second.
@@ -16,11 +23,16 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import errno
 import heapq
 import itertools
 import math
+import os
+import select
 import threading
+import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,12 +71,17 @@ CAPABILITIES = 0x54
 SERIAL = 0x61
 VERSION = 0x3E
 CHANNEL_STATUS = 0x52
+EVENT_BUFFER = 0x74  # Configure Event Buffer: [0, config, size u16, time u16 in 10 ms]
 # response codes
 OK = 0x00
 CHANNEL_CLOSED_EVENT = 0x07
 CHANNEL_IN_WRONG_STATE = 0x15
 CLOSE_ALL_CHANNELS = 0x19
 INVALID_MESSAGE = 0x28
+# Configure Event Buffer's config byte: buffer only low-priority events, or every event.
+BUFFER_LOW_PRIORITY = 0x00
+BUFFER_ALL = 0x01
+EVENT_BUFFERING = 0x02  # advanced options 3 (capabilities byte 6)
 
 _LIBUSB_TIMEOUT = -7
 _LIBUSB_NO_DEVICE = -4
@@ -395,11 +412,17 @@ class FakeAntStick:
         lib_config: bool = True,
         max_channels: int = 8,
         port: int = 1,
+        event_buffering: bool = False,
+        event_queue_bytes: int = 1024,
     ) -> None:
         self.serial = serial
         self.product = product
         self.scan_capable = scan_mode
         self.lib_config_capable = lib_config
+        self.event_buffering_capable = event_buffering
+        # The real stick's event queue size is not published; the host's size threshold is
+        # capped to it, as the firmware does.
+        self.event_queue_bytes = event_queue_bytes
         self.max_channels = max_channels
         self.port = port
         self.deny_access = False  # open fails as without the udev rule
@@ -410,10 +433,21 @@ class FakeAntStick:
         self.configured = threading.Event()  # set when scanning or a channel opened
         self.resets = 0
         self._lock = threading.Condition()
-        self._out = bytearray()
         self._in = bytearray()
         self._last_content: bytes = b""
         self.surfaced = 0  # data messages openant will pass on (it drops exact repeats)
+        self.transfers = 0  # USB reads that returned data (one per wake-up of the host)
+        # The IN endpoint: bytes for the host wait in the kernel, as in a USB controller's queue.
+        self._wire_r, self._wire_w = os.pipe()
+        self._bell_r, self._bell_w = os.pipe()  # wakes a host read when the stick goes away
+        for fd in (self._wire_r, self._bell_r, self._bell_w):
+            os.set_blocking(fd, False)
+        self._fds = [self._wire_r, self._wire_w, self._bell_r, self._bell_w]
+        weakref.finalize(self, _close_all, self._fds)
+        self._buffered = bytearray()  # events held back by event buffering
+        self._last_flush = time.monotonic()
+        self._timer: threading.Thread | None = None
+        self._closed = False
         self._reset_state()
 
     # state
@@ -423,6 +457,10 @@ class FakeAntStick:
         self.network_key: bytes | None = None
         self.scanning = False
         self.ext_flags = 0
+        self.buffer_config = BUFFER_LOW_PRIORITY
+        self.buffer_size = 0  # bytes; 0: every event goes out at once
+        self.buffer_time_s = 0.0  # 0: no time threshold
+        self._buffered.clear()
         self.configured.clear()
 
     @property
@@ -447,15 +485,32 @@ class FakeAntStick:
             self._lock.notify_all()
 
     def host_read(self, size: int, timeout_s: float, is_attached: Callable[[], bool]) -> bytes:
-        with self._lock:
-            self._lock.wait_for(lambda: self._out or not is_attached(), timeout_s)
+        """One bulk IN transfer: what the stick has queued (up to `size`), waiting for it if none.
+
+        Like libusb's, the wait is a poll() in the kernel with the GIL released; no Python runs
+        until bytes arrive, so the fake costs the host about what a USB transfer would.
+        """
+        poller = select.poll()
+        poller.register(self._wire_r, select.POLLIN)
+        poller.register(self._bell_r, select.POLLIN)
+        deadline = time.monotonic() + timeout_s
+        while True:
             if not is_attached():
                 raise usb.core.USBError("No such device", _LIBUSB_NO_DEVICE, errno.ENODEV)
-            if not self._out:
+            remaining = deadline - time.monotonic()
+            ready = poller.poll(max(0.0, remaining) * 1000)
+            for fd, _ in ready:
+                if fd == self._bell_r:
+                    _drain(fd)
+                    continue
+                try:
+                    chunk = os.read(fd, size)
+                except BlockingIOError:  # a reset took the bytes between poll and read
+                    continue
+                self.transfers += 1
+                return chunk
+            if not ready and remaining <= 0:
                 raise usb.core.USBTimeoutError("Timed out", _LIBUSB_TIMEOUT, errno.ETIMEDOUT)
-            chunk = bytes(self._out[:size])
-            del self._out[:size]
-            return chunk
 
     def wait_until(self, condition: Callable[[], bool], timeout: float = 20.0) -> bool:
         """Wait (from any thread) until `condition` holds; it is checked after every host write."""
@@ -473,11 +528,55 @@ class FakeAntStick:
     def power_cycle(self) -> None:
         """Unplugging loses everything: pending bytes and the ANT configuration."""
         with self._lock:
-            self._out.clear()
+            _drain(self._wire_r)
             self._in.clear()
             self._last_content = b""
             self._reset_state()
             self._lock.notify_all()
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._bell_w, b"!")
+
+    def close(self) -> None:
+        """Send what event buffering holds, stop the firmware's timer and close the pipes."""
+        with self._lock:
+            self._flush()
+            self._closed = True
+            self._lock.notify_all()
+        if self._timer is not None:
+            self._timer.join()
+        _close_all(self._fds)
+
+    # another process playing the radio (bench/ant.py)
+
+    def radio_state(self) -> dict[str, Any]:
+        """What a radio in another process needs to send broadcasts as this stick would."""
+        with self._lock:
+            return {
+                "scanning": self.scanning,
+                "ext_flags": self.ext_flags,
+                "network_key": (self.network_key or b"").hex(),
+                "buffer": [self.buffer_config, self.buffer_size, self.buffer_time_s],
+            }
+
+    def wire(self) -> int:
+        """The write end of the IN endpoint, for another process to send the host bytes."""
+        return self._wire_w
+
+    @classmethod
+    def on_wire(cls, fd: int, state: dict[str, Any]) -> FakeAntStick:
+        """The radio side of a stick whose host is in another process, set up as `state`."""
+        stick = cls(event_buffering=True)
+        os.close(stick._wire_w)
+        stick._fds.remove(stick._wire_w)
+        stick._wire_w = fd
+        stick._fds.append(fd)
+        with stick._lock:
+            stick.scanning = state["scanning"]
+            stick.ext_flags = state["ext_flags"]
+            stick.network_key = bytes.fromhex(state["network_key"])
+            config, size, time_s = state["buffer"]
+            stick._configure_buffer(config, size, time_s)
+        return stick
 
     # radio side
 
@@ -490,7 +589,7 @@ class FakeAntStick:
             if channel is None:
                 return
             content = bytes([channel, *page]) + self._tail(device)
-            self._emit(BROADCAST, content)
+            self._emit(BROADCAST, content, event=True)
             self._lock.notify_all()
 
     def inject(self, msg_id: int, content: bytes) -> None:
@@ -502,7 +601,7 @@ class FakeAntStick:
     def inject_bytes(self, data: bytes) -> None:
         """Send the host raw bytes: line noise, or a message torn or damaged on the way."""
         with self._lock:
-            self._out.extend(data)
+            self._send(data)
             self._lock.notify_all()
 
     def _channel_for(self, device: SimDevice) -> int | None:
@@ -536,12 +635,64 @@ class FakeAntStick:
             tail += bytes([0x20, device.rssi & 0xFF, (-96) & 0xFF])
         return bytes(tail)
 
-    def _emit(self, msg_id: int, content: bytes, *, counted: bool = True) -> None:
+    def _emit(
+        self, msg_id: int, content: bytes, *, counted: bool = True, event: bool = False
+    ) -> None:
+        """Send a message; an event (data, channel event) may wait in the event buffer."""
         # openant passes on a data message unless its content equals the previous message's.
         if counted and msg_id in (BROADCAST, ACKNOWLEDGED) and content != self._last_content:
             self.surfaced += 1
         self._last_content = content
-        self._out.extend(ant_message(msg_id, content))
+        message = ant_message(msg_id, content)
+        if event and self.buffer_config == BUFFER_ALL and self.buffer_size:
+            # As the firmware does: queue it, then flush past the size or time threshold.
+            self._buffered += message
+            if len(self._buffered) > self.buffer_size or self._flush_due():
+                self._flush()
+            return
+        if self._buffered:
+            self._flush()  # whatever is not buffered goes out after what is, never before
+        self._send(message)
+
+    def _flush_due(self) -> bool:
+        return bool(self.buffer_time_s) and (
+            time.monotonic() - self._last_flush >= self.buffer_time_s
+        )
+
+    def _flush(self) -> None:
+        if self._buffered:
+            self._send(bytes(self._buffered))  # one write: the host gets it in one transfer
+            self._buffered.clear()
+        self._last_flush = time.monotonic()
+
+    def _send(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._wire_w, view) :]
+
+    def _configure_buffer(self, config: int, size: int, time_s: float) -> None:
+        self.buffer_config = config
+        self.buffer_size = min(size, self.event_queue_bytes)
+        self.buffer_time_s = time_s
+        self._flush()
+        if time_s and self._timer is None:
+            self._timer = threading.Thread(
+                target=self._run_timer, name="fake-ant-firmware", daemon=True
+            )
+            self._timer.start()
+
+    def _run_timer(self) -> None:
+        """The firmware's timer: flush what waited for the time threshold, traffic or not."""
+        with self._lock:
+            while not self._closed:
+                if not (self._buffered and self.buffer_time_s):
+                    self._lock.wait()
+                    continue
+                wait = self._last_flush + self.buffer_time_s - time.monotonic()
+                if wait > 0:
+                    self._lock.wait(wait)
+                else:
+                    self._flush()
 
     def _respond(self, channel: int, msg_id: int, code: int = OK) -> None:
         self._emit(RESPONSE, bytes([channel, msg_id, code]))
@@ -550,14 +701,15 @@ class FakeAntStick:
         ch = content[0] if content else 0
         if msg_id == RESET:
             self.resets += 1
-            self._out.clear()
+            _drain(self._wire_r)
             self._reset_state()
             self._emit(STARTUP, bytes([0x20]))  # reset by command
         elif msg_id == REQUEST:
             wanted = content[1]
             if wanted == CAPABILITIES:
-                options = [self.max_channels, 8, 0x00, 0x12, self.advanced_options_two, 0, 0, 0]
-                self._emit(CAPABILITIES, bytes(options))
+                options_three = EVENT_BUFFERING if self.event_buffering_capable else 0
+                options = [self.max_channels, 8, 0x00, 0x12, self.advanced_options_two, 0]
+                self._emit(CAPABILITIES, bytes([*options, options_three, 0]))
             elif wanted == SERIAL:
                 self._emit(SERIAL, self.serial.to_bytes(4, "little"))
             elif wanted == VERSION:
@@ -597,6 +749,14 @@ class FakeAntStick:
         elif msg_id == EXT_MESSAGES:
             self.ext_flags = 0x80 if content[1] else 0
             self._respond(ch, msg_id)
+        elif msg_id == EVENT_BUFFER:
+            if not self.event_buffering_capable or len(content) != 6:
+                self._respond(ch, msg_id, INVALID_MESSAGE)
+                return
+            size = content[2] | content[3] << 8
+            time_s = (content[4] | content[5] << 8) / 100
+            self._configure_buffer(content[1], size, time_s)
+            self._respond(ch, msg_id)
         elif msg_id == LIB_CONFIG:
             if not self.lib_config_capable:
                 self._respond(ch, msg_id, INVALID_MESSAGE)
@@ -632,7 +792,7 @@ class FakeAntStick:
             if channel is not None and (channel.is_open or self.scanning):
                 channel.is_open = False
                 self.scanning = False
-                self._emit(RESPONSE, bytes([ch, 0x01, CHANNEL_CLOSED_EVENT]))
+                self._emit(RESPONSE, bytes([ch, 0x01, CHANNEL_CLOSED_EVENT]), event=True)
         else:
             self._respond(ch, msg_id, INVALID_MESSAGE)
 
@@ -643,8 +803,22 @@ class FakeAntStick:
             self.configured.clear()
             if channel in self.channels:
                 self.channels[channel].is_open = False
-            self._emit(RESPONSE, bytes([channel, 0x01, CHANNEL_CLOSED_EVENT]))
+            self._emit(RESPONSE, bytes([channel, 0x01, CHANNEL_CLOSED_EVENT]), event=True)
             self._lock.notify_all()
+
+
+def _drain(fd: int) -> None:
+    """Read a non-blocking fd until it is empty."""
+    with contextlib.suppress(BlockingIOError):
+        while os.read(fd, 65536):
+            pass
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 # -- pyusb backend ----------------------------------------------------------------------------
@@ -665,6 +839,9 @@ class _Attachment:
     attached: bool = True
     claimed_by: object | None = None
 
+    def is_attached(self) -> bool:
+        return self.attached
+
 
 @dataclass(eq=False)
 class _Handle:
@@ -682,6 +859,16 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
         self._pull_on: dict[int, int] = {}
         self.calls: dict[str, int] = {}  # IBackend method -> times called
         self._called = threading.Condition()
+        self._accounting = False
+        self._read_cpu = 0.0
+
+    def account_reads(self, on: bool) -> float:
+        """Measure (on) or stop measuring (off) the CPU bulk_read spends in the fake itself:
+        the poll() and read() that stand in for libusb's. Returns the seconds so far."""
+        self._accounting = on
+        if on:
+            self._read_cpu = 0.0
+        return self._read_cpu
 
     def _count(self, name: str) -> None:
         with self._called:
@@ -847,9 +1034,19 @@ class FakeUsbBackend(usb.backend.IBackend):  # type: ignore[misc]
     ) -> int:
         attachment = dev_handle.attachment
         self._check(attachment)
-        chunk = attachment.stick.host_read(len(buff), timeout / 1000, lambda: attachment.attached)
-        buff[: len(chunk)] = array.array("B", chunk)
-        return len(chunk)
+        if not self._accounting:
+            chunk = attachment.stick.host_read(len(buff), timeout / 1000, attachment.is_attached)
+        else:
+            started = time.thread_time()
+            try:
+                chunk = attachment.stick.host_read(
+                    len(buff), timeout / 1000, attachment.is_attached
+                )
+            finally:
+                self._read_cpu += time.thread_time() - started
+        size = len(chunk)
+        memoryview(buff)[:size] = chunk
+        return size
 
     def clear_halt(self, dev_handle: _Handle, ep: int) -> None:
         pass
@@ -887,9 +1084,16 @@ class CountingFrameQueue(FrameQueue):
 
     def put(self, frame: Frame) -> None:
         super().put(frame)
+        self._handed_in([frame])
+
+    def put_many(self, frames: list[Frame]) -> None:
+        super().put_many(frames)
+        self._handed_in(frames)
+
+    def _handed_in(self, frames: list[Frame]) -> None:
         with self._handed:
-            self.log.append(frame)
-            self.handed_in += 1
+            self.log.extend(frames)
+            self.handed_in += len(frames)
             self._handed.notify_all()
 
     def wait_handed_in(self, count: int, timeout: float) -> bool:

@@ -18,6 +18,7 @@ import sys
 import threading
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import usb.backend.libusb1
@@ -38,6 +39,7 @@ from tests.daemon import daemon_env
 from tests.fakes.fake_ant_stick import (
     BROADCAST,
     CHANNEL_STATUS,
+    EVENT_BUFFER,
     EXT_MESSAGES,
     REQUEST,
     RESET,
@@ -109,6 +111,7 @@ class Rig:
         sticks: list[FakeAntStick] | None = None,
         *,
         plugged: bool = True,
+        handoff_s: float = 0.0,
         **ant: object,
     ) -> None:
         self.clock = ManualClock(wall=START_WALL)
@@ -130,7 +133,14 @@ class Rig:
             "retry_max_s": 0.1,
         }
         settings.update(ant)
-        self.source = AntSource(AntConfig(**settings), self.clock, backend=self.backend)  # type: ignore[arg-type]
+        # The Player waits for each broadcast to be taken: frames go to the loop at once, unless
+        # a test is about how they are batched.
+        self.source = AntSource(
+            AntConfig(**settings),
+            self.clock,
+            backend=self.backend,
+            handoff_s=handoff_s,
+        )
         self.room = Room(devices)
         self.player = Player(
             self.room, self.sticks, self.clock, self.frames, self.pipeline.run_once
@@ -411,6 +421,118 @@ async def test_a_legacy_hr_strap_that_never_toggles() -> None:
         assert_rr(rig, strap, range(1, 9))
 
 
+class LoopWakeups:
+    """Counts the reader threads' hand-offs: each wakes the event loop from another thread."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._loop = asyncio.get_running_loop()
+
+    def __enter__(self) -> LoopWakeups:
+        original = self._loop.call_soon_threadsafe
+
+        def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
+            if getattr(callback, "__name__", "") == "_take":
+                self.count += 1
+            return original(callback, *args, **kwargs)
+
+        self._loop.call_soon_threadsafe = counting  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self._loop.call_soon_threadsafe
+
+
+async def test_frames_reach_the_loop_in_batches() -> None:
+    """A stick without event buffering sends a USB transfer per broadcast; the reader thread
+    keeps their frames together for up to 25 ms and hands the loop one batch."""
+    devices: list[SimDevice] = [HeartRateStrap(100 + i, phase=0.0) for i in range(20)]
+    async with Rig(devices, handoff_s=0.025) as rig:
+        await rig.configured()
+        stick = rig.sticks[0]
+        target = rig.frames.handed_in + len(devices)
+        loop = asyncio.get_running_loop()
+        with LoopWakeups() as wakeups:
+            started = loop.time()
+            for device in devices:  # one broadcast every ~2 ms, 40 ms in all (more if slow)
+                stick.hear(device, device.next_page(0.0))
+                await asyncio.sleep(0.002)
+            elapsed = loop.time() - started
+            assert await asyncio.to_thread(rig.frames.wait_handed_in, target, WAIT)
+        assert [f.device_id for f in rig.frames.log[-len(devices) :]] == [
+            d.device_id for d in devices
+        ]
+        windows = math.ceil(elapsed / 0.025) + 1
+        assert wakeups.count <= min(windows, len(devices) // 2), (
+            f"{wakeups.count} hand-offs for {len(devices)} frames in {elapsed * 1000:.0f} ms"
+        )
+
+
+async def test_a_stick_with_event_buffering_sends_broadcasts_in_batches() -> None:
+    """An ANTUSB-m can hold broadcasts back and send them in one USB transfer (0x74): one
+    wake-up of the reader thread, and one of the event loop, for many broadcasts."""
+    straps = [HeartRateStrap(100 + i, phase=0.01 * i, bpm=60 + 6 * i) for i in range(3)]
+    meters: list[SimDevice] = [PowerMeter(200 + i, phase=0.05 + 0.01 * i) for i in range(3)]
+    stick = FakeAntStick(product=0x1009, event_buffering=True)
+    async with Rig([*straps, *meters], [stick]) as rig:
+        await rig.configured()
+        # every event, 256 bytes or 20 ms (2 x 10 ms), whichever comes first
+        assert (EVENT_BUFFER, bytes([0, 1, 0x00, 0x01, 2, 0])) in stick.commands
+        assert await rig.log.wait_for("broadcasts batched every 20 ms by the stick")
+        assert stick.buffer_size == 256 and stick.buffer_time_s == 0.02
+
+        with LoopWakeups() as wakeups:
+            # a burst: four pages of each device within a millisecond (24 broadcasts)
+            transfers = stick.transfers
+            burst = [(d, d.next_page(0.0)) for _ in range(4) for d in [*straps, *meters]]
+            target = rig.frames.handed_in + len(burst)
+            for device, page in burst:
+                stick.hear(device, page)
+            assert await asyncio.to_thread(rig.frames.wait_handed_in, target, WAIT)
+        got = rig.frames.log[-len(burst) :]
+        assert [(f.device_id, f.payload) for f in got] == [(d.device_id, page) for d, page in burst]
+        # 504 bytes: past 256 once, then the rest at 20 ms (and the first may have gone alone)
+        assert stick.transfers - transfers <= 3
+        assert wakeups.count <= 3, "the reader thread hands the loop a batch, not each frame"
+
+        rig.player.sync()
+        await rig.player.play(5.0)
+        for strap in straps:
+            assert_every_second(rig, DataType.HEART_RATE, strap, range(1, 4), strap.bpm)
+        assert_profiles(rig, meters, range(1, 4))
+    stick.close()
+
+
+async def test_no_event_buffering_without_the_capability_or_when_turned_off() -> None:
+    strap = HeartRateStrap(3, phase=0.01, bpm=64)
+    plain = FakeAntStick(serial=111, port=1)  # an ANTUSB2: no advanced options 3
+    capable = FakeAntStick(serial=222, port=2, product=0x1009, event_buffering=True)
+    async with Rig([strap], [plain]) as rig:
+        await rig.configured()
+        await rig.player.play(2.0)
+        assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 1), 64)
+    async with Rig([strap], [capable], event_buffer_s=0.0) as rig:
+        await rig.configured()
+    for stick in (plain, capable):
+        assert stick.sent(EVENT_BUFFER) == 0
+        assert stick.buffer_size == 0
+    capable.close()
+
+
+async def test_each_frame_carries_the_rssi_it_was_heard_at() -> None:
+    # gatewayd remembers who sent a message by its extended tail, RSSI included
+    strap = HeartRateStrap(3, phase=0.01, bpm=64)
+    async with Rig([strap]) as rig:
+        await rig.configured()
+        segments = []
+        for rssi in (-50, -71, -50, -38):
+            strap.rssi = rssi
+            start = len(rig.frames.log)
+            await rig.player.play(2.0)
+            segments.append({f.rssi for f in rig.frames.log[start:]})
+        assert segments == [{-50}, {-71}, {-50}, {-38}]
+
+
 # -- failures ---------------------------------------------------------------------------------
 
 
@@ -516,7 +638,7 @@ async def test_two_sticks_are_both_used() -> None:
         await rig.configured(near)
         await rig.configured(far)
         await rig.player.play(4.0)
-        adapters = defaultdict(int)
+        adapters: defaultdict[str, int] = defaultdict(int)
         for frame in rig.frames.log:
             adapters[frame.adapter] += 1
         assert sorted(adapters) == ["ant0", "ant1"]

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Frame
+from gatewayd.pipeline import GATHER_S
 from tests.helpers import START_WALL, SimulatedRoom
 
 
@@ -66,3 +68,36 @@ def test_unknown_devices_are_ignored_when_the_roster_says_so():
     )
     room.run_for(1)
     assert room.pipeline.ignored_frames == 1
+
+
+async def test_a_sources_batch_is_taken_at_once_and_a_lone_frame_waits_for_company():
+    # A lone frame makes the pipeline wait GATHER_S for its neighbours; a batch a source gathered
+    # itself (ANT+: a USB transfer's worth) is taken on the next turn of the loop.
+    room = SimulatedRoom(athletes=1)
+    task = asyncio.create_task(room.pipeline.run())
+
+    def frame(n: int) -> Frame:
+        page = bytes([4, 0, 0, 0, 0, 0, n, 60])
+        return Frame("ant", "ant0", "120:7", "ant:120", page, room.clock.mono(), room.clock.wall())
+
+    async def turns(n: int) -> None:
+        for _ in range(n):
+            await asyncio.sleep(0)
+
+    try:
+        await turns(5)
+        room.frames.put_batch([frame(1), frame(2)])
+        assert room.frames.gathered
+        await turns(5)
+        assert len(room.frames) == 0 and room.pipeline.ignored_frames + room.pipeline.processed == 2
+        room.frames.put(frame(3))
+        assert not room.frames.gathered
+        await turns(5)  # far less than GATHER_S: the frame is still waiting
+        assert len(room.frames) == 1
+        room.frames.put_batch([frame(4)])  # joins a frame that waits: still waits
+        assert not room.frames.gathered
+        await asyncio.sleep(GATHER_S * 3)
+        assert len(room.frames) == 0
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

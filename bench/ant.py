@@ -13,7 +13,8 @@ backend's poll() and read(), which stand in for libusb's.
 It prints the gateway process's CPU (every thread, kernel time included) per frame, split into
 the fixed cost per second (measured first, with the stick configured and silent: timers, the
 pipeline's loss checks, openant's polling) and the marginal cost per frame; CPU per thread; the
-fake backend's own share; the latency from a broadcast leaving the radio to the pipeline taking
+pipeline's own share (run_once: decode, aggregate, publish); the fake backend's own share; the
+latency from a broadcast leaving the radio to the pipeline taking
 its Frame; and frames dropped. `--stick antusb-m` (default) is a stick with event buffering
 (ANT message 0x74), which gatewayd turns on; `--stick antusb2` has none, so every broadcast is a
 USB transfer of its own. With --flood, all the broadcasts of --seconds are sent at once, to find
@@ -182,6 +183,12 @@ class TimedPipeline(Pipeline):
         self.taken = 0
         self.target = 10**12
         self.done = asyncio.Event()
+        self.work_cpu = 0.0  # CPU in run_once: decode, derive, aggregate, publish, tick
+
+    def run_once(self) -> None:
+        started = time.thread_time()
+        super().run_once()
+        self.work_cpu += time.thread_time() - started
 
     def took(self, frame: Frame) -> None:
         self.taken_at[frame.device_id].append(time.monotonic())
@@ -268,6 +275,7 @@ async def bench(args: argparse.Namespace) -> None:
     started_wall = time.monotonic()
     started_cpu = time.process_time()
     base = pipeline.taken
+    work_before = pipeline.work_cpu
     child.stdin.write("go\n")
     child.stdin.flush()
     report = json.loads(await asyncio.to_thread(child.stdout.readline))
@@ -317,6 +325,12 @@ async def bench(args: argparse.Namespace) -> None:
         f"  fake USB backend   {fake_cpu * per:.1f} us/frame inside bulk_read (poll + read "
         "standing in for libusb; included above)"
     )
+    if args.pipeline:
+        work = (pipeline.work_cpu - work_before) * per
+        print(
+            f"  pipeline's own     {work:.1f} us/frame in run_once (decode, aggregate, publish: "
+            f"not the source's); the rest: {cpu * per - work:.1f} us/frame"
+        )
     print(f"radio process        {report['cpu']:.2f} s CPU (not counted)")
     print(f"machine reference    {ref:.1f} us (timeit -p sum(range(1000)); quiet: 7.8)")
     print(f"CPU/frame / ref      {cpu * per / ref:.2f}x (goal 40 us on a quiet machine = 5.1x)")

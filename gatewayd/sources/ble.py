@@ -47,6 +47,7 @@ from gatewayd.decode import DECODERS
 from gatewayd.errors import DecodeError, SourceUnavailable
 from gatewayd.model import Frame, Measure
 from gatewayd.pipeline import FrameQueue
+from gatewayd.sources.ble_batch import NotifyBatcher
 from gatewayd.sources.bluez import AdapterInfo, BluezAdapters
 
 log = logging.getLogger(__name__)
@@ -250,6 +251,9 @@ class BleSource:
         self._bluez: BluezAdapters | None = None
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.batcher = NotifyBatcher(
+            config.notify_window_s, self._wall, lambda: self.stats.notifications
+        )
         self.unavailable: str | None = None  # why BLE cannot run right now, for status output
         self.changed = asyncio.Event()  # set on every connect, drop and recovery; tests wait on it
         self.watched = asyncio.Event()  # set after every watchdog pass
@@ -352,6 +356,7 @@ class BleSource:
             await self._shutdown()
 
     async def _shutdown(self) -> None:
+        self.batcher.close()
         links = [d.link for d in self._devices.values() if d.link is not None]
         for task in links:
             task.cancel()
@@ -723,6 +728,7 @@ class BleSource:
         callback: Callable[[BleakGATTCharacteristic, bytearray], None],
     ) -> None:
         if self.config.acquire_notify and not dev.start_notify_only:
+            readers = self.batcher.readers()
             try:
                 # bleak asks AcquireNotify where BlueZ lists NotifyAcquired, else StartNotify
                 await client.start_notify(char, callback, bluez={"use_start_notify": False})
@@ -733,6 +739,13 @@ class BleSource:
             else:
                 self.stats.acquired += 1
                 dev.acquired = True
+                # the socket bleak now reads is a new reader on the loop; others may have
+                # started meanwhile, so where bleak's backend lists its sockets, only those
+                new = self.batcher.readers() - readers
+                owned = getattr(getattr(client, "_backend", None), "_notification_fds", None)
+                if isinstance(owned, dict):
+                    new &= set(owned.values())
+                self.batcher.adopt(new)
                 return
         await client.start_notify(char, callback)
 

@@ -704,3 +704,43 @@ async def test_scan_hears_ble_and_ant_together(
         ("ble", addr(1)),
         ("ant", "120:77"),
     ]
+
+
+async def test_busy_sockets_are_read_in_windows_and_nothing_is_lost(fake: FakeBlueZ) -> None:
+    """Above ~15 notifications/s the acquired sockets leave the event loop and are read once per
+    window (bleak's reader still reads them); quiet again, they go back; a link that drops while
+    batched leaves no stale socket behind; every notification the fake sent is heard."""
+    fake.add_adapter("hci0", limit=10)
+    for i in range(1, 7):
+        fake.add_strap(addr(i), {"hci0": -50 - i}, hz=8.0)  # 48 notifications/s in all
+    source = source_for(slots_per_adapter=6)
+    batcher = source.batcher
+    async with running(source) as out:
+        await until(lambda: len(source.connected()) == 6, source.changed)
+        await until(lambda: batcher.batching, batcher.switched)
+        assert batcher.sockets == 6, "one HR socket per strap"
+        windows = batcher.windows
+        await until(lambda: batcher.windows >= windows + 10, out.event)
+
+        fake.drop(addr(1))  # its socket ends while it is read in windows
+        await until(lambda: addr(1) not in source.connected(), source.changed)
+        await until(lambda: addr(1) in source.connected(), source.changed)
+        await until(lambda: batcher.sockets == 6, out.event)
+
+        fake.paused = True
+        await until(lambda: not batcher.batching, batcher.switched)
+        await until(
+            lambda: source.stats.notifications == fake.stats.notifications,
+            out.event,
+            batcher.switched,
+        )
+        # quiet, a notification is read as it arrives (bleak's reader back on the loop)
+        value = bytes.fromhex("004d")
+        fake.paused = False
+        fake.notify(addr(2), "2a37", value)
+        fake.paused = True
+        await until(lambda: any(f.payload == value for f in out.frames), out.event)
+    assert source.stats.notifications == fake.stats.notifications
+    assert fake.stats.fd_notifications == fake.stats.notifications
+    heard = {f.device_id for f in out.frames if f.kind == "2a37"}
+    assert heard == {addr(i) for i in range(1, 7)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -21,7 +22,7 @@ def test_a_window_ends_just_before_every_second(period: float) -> None:
     for second in (T - 2, T - 1, T, T + 1):
         before = [e for e in ends if e < second]
         assert second - max(before) == pytest.approx(MARGIN_S, abs=1e-6)
-    gaps = [b - a for a, b in zip(ends, ends[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(ends)]
     assert all(g == pytest.approx(period, abs=1e-6) for g in gaps)
 
 
@@ -32,6 +33,7 @@ def test_the_delay_is_never_negative_nor_longer_than_a_period() -> None:
         assert 0.0 <= delay <= 0.1 + 1e-9
         # read in the second it arrived in, unless it arrived in the margin before the next
         assert math.floor(wall + delay) == math.floor(wall) or math.ceil(wall) - wall <= MARGIN_S
+
 
 def test_windows_pay_off_above_one_and_a_half_notifications_per_window() -> None:
     assert not windowed(10.0, 0.1, batching=False)

@@ -31,7 +31,6 @@ import errno
 import functools
 import logging
 import math
-import operator
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -468,7 +467,8 @@ class _Stick:
 
         openant's own formats every USB read as hex for a debug log, whether or not anything
         logs it; it also stops at the first byte out of place. This one skips to the next sync
-        byte and drops a message whose checksum is wrong.
+        byte and drops a message whose checksum is wrong, or that has no content (openant's
+        Message cannot hold one: it would end the reader thread).
         """
         while ant._running:
             buffer = ant._buffer
@@ -480,10 +480,13 @@ class _Stick:
                 continue
             if len(buffer) >= 4 and len(buffer) >= buffer[1] + 4:
                 end = buffer[1] + 4
-                packet = buffer[:end]
-                if functools.reduce(operator.xor, packet) == 0:
-                    del buffer[:end]
-                    return Message(packet[2], packet[3:-1])
+                if end > 4:
+                    packet = buffer[:end]
+                    # openant's Message works out the checksum anyway: compare, not recompute
+                    message = Message(packet[2], packet[3:-1])
+                    if message._checksum == packet[-1]:
+                        del buffer[:end]
+                        return message
                 self.bad_bytes += 1
                 del buffer[:1]
                 continue

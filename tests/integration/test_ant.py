@@ -669,10 +669,11 @@ async def test_noise_and_a_bad_checksum_are_skipped_and_the_stream_goes_on() -> 
         await rig.configured()
         head = bytes([0xA4, 1, 0x6F, 0x20])  # a startup message: sync, length, id, content
         damaged = head + bytes([0xA4 ^ 1 ^ 0x6F ^ 0x20 ^ 0xFF])  # its checksum, damaged
-        stick.inject_bytes(b"\x00\x13\x37" + damaged)
+        empty = bytes([0xA4, 0, 0x6F, 0xA4 ^ 0x6F])  # no content, checksum right
+        stick.inject_bytes(b"\x00\x13\x37" + damaged + empty)
         await rig.player.play(3.0)
         ant0 = rig.source.sticks["ant0"]
-        assert ant0.bad_bytes >= 3 + 1
+        assert ant0.bad_bytes >= 3 + 1 + 1
         assert_every_second(rig, DataType.HEART_RATE, strap, range(0, 2), 64)
 
 

@@ -89,7 +89,9 @@ async def test_staff_enrol_a_strap_and_the_board_shows_the_new_name(tmp_path: Pa
             await expect(tile.locator(".name")).to_have_text("Zoë Quinn", timeout=20_000)
             await expect(tile.locator(".hr")).to_have_text(re.compile(r"^\d+$"))
             # Her age, weight and sex give kcal from heart rate; zone minutes since she began.
-            await expect(tile.locator(".kcal")).to_have_text(re.compile(r"^\d+ kcal$"))
+            await expect(tile.locator(".kcal")).to_have_text(
+                re.compile(r"^\d+ kcal$"), timeout=15_000
+            )
             zone_minutes = re.compile(r"^\d+ min Z4\u20135$")  # fetched every 10 s
             await expect(tile.locator(".zmin")).to_have_text(zone_minutes, timeout=15_000)
 

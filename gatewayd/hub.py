@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from gatewayd.model import DeviceStatus, Sample
 
@@ -35,18 +35,34 @@ class Subscription:
         items = self._items
         if len(items) >= self.maxsize:
             items.popleft()
-            self.dropped += 1
-            if not self._dropping:
-                self._dropping = True
-                log.warning(
-                    "output %s is not keeping up: dropping its oldest items (queue of %d full)",
-                    self.name,
-                    self.maxsize,
-                )
+            self._dropped(1)
         items.append(event)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def push_many(self, events: Sequence[Event]) -> None:
+        """push() for each event, in order."""
+        items = self._items
+        items.extend(events)
+        overflow = len(items) - self.maxsize
+        if overflow > 0:
+            for _ in range(overflow):
+                items.popleft()
+            self._dropped(overflow)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _dropped(self, count: int) -> None:
+        self.dropped += count
+        if not self._dropping:
+            self._dropping = True
+            log.warning(
+                "output %s is not keeping up: dropping its oldest items (queue of %d full)",
+                self.name,
+                self.maxsize,
+            )
 
     def __len__(self) -> int:
         return len(self._items)
@@ -100,6 +116,15 @@ class Hub:
             subscription.push(event)
         for listener in self._listeners:
             listener(event)
+
+    def publish_many(self, events: Sequence[Event]) -> None:
+        """publish() for each event, in order, one queue at a time (a second's samples)."""
+        self.published += len(events)
+        for subscription in self._subscriptions:
+            subscription.push_many(events)
+        for listener in self._listeners:
+            for event in events:
+                listener(event)
 
     def subscriptions(self) -> list[Subscription]:
         return list(self._subscriptions)

@@ -276,8 +276,7 @@ class Pipeline:
             publish(status)
         if self.energy is not None and samples:
             samples = samples + self.energy.observe(samples, self.roster.athlete)
-        for sample in samples:
-            publish(sample)
+        self.hub.publish_many(samples)
         self.samples += len(samples)
 
     def run_once(self) -> None:

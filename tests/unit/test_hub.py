@@ -29,3 +29,29 @@ async def test_get_batch_wakes_on_publish():
     assert not waiter.done()
     hub.publish(sample(1))
     assert [e.ts for e in await asyncio.wait_for(waiter, 5)] == [1.0]
+
+
+def test_publish_many_is_publish_for_each_in_order_with_the_same_drops():
+    one, many = Hub(), Hub()
+    queues = [
+        (hub.subscribe("small", maxsize=10), hub.subscribe("big", 1000)) for hub in (one, many)
+    ]
+    events = [sample(i) for i in range(25)]
+    for event in events:
+        one.publish(event)
+    many.publish_many(events[:5])
+    many.publish_many(events[5:])
+    assert one.published == many.published == 25
+    for (small_one, big_one), (small_many, big_many) in [queues]:
+        assert small_one.dropped == small_many.dropped == 15
+        assert small_one.get_nowait() == small_many.get_nowait() == events[15:]
+        assert big_one.get_nowait() == big_many.get_nowait() == events
+
+
+async def test_publish_many_wakes_a_waiting_subscriber():
+    hub = Hub()
+    subscription = hub.subscribe("s")
+    waiter = asyncio.create_task(subscription.get_batch())
+    await asyncio.sleep(0)
+    hub.publish_many([sample(1), sample(2)])
+    assert [e.ts for e in await asyncio.wait_for(waiter, 5)] == [1.0, 2.0]

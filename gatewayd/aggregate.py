@@ -108,22 +108,8 @@ class Aggregator:
         rssi: int | None = None,
     ) -> DeviceStatus | None:
         """Note that a device was heard; returns a CONNECTED status when it (re)appears."""
-        device = self._devices.get(key)
-        if device is not None and device.live:
-            device.last_mono = mono
-            device.last_wall = wall
-            if rssi is not None:
-                device.rssi = rssi
-            return None
-        if device is None:
-            device = _Device(uid, source, device_id, mono, wall, rssi=rssi)
-            self._devices[key] = device
-            reason = "first heard"
-        else:
-            device.uid, device.last_mono, device.last_wall, device.live = uid, mono, wall, True
-            device.rssi = rssi if rssi is not None else device.rssi
-            reason = "heard again"
-        return self._status(device, DeviceState.CONNECTED, reason, wall)
+        statuses = self.add_frame(key, uid, source, device_id, mono, wall, rssi, ())
+        return statuses[0] if statuses else None
 
     def value(
         self,
@@ -171,9 +157,14 @@ class Aggregator:
             if rssi is not None:
                 device.rssi = rssi
         else:
-            status = self.frame(key, uid, source, device_id, mono, wall, rssi)
-            statuses = [] if status is None else [status]
-            device = self._devices[key]
+            reason = "heard again"
+            if device is None:
+                device = self._devices[key] = _Device(uid, source, device_id, mono, wall, rssi=rssi)
+                reason = "first heard"
+            else:
+                device.uid, device.last_mono, device.last_wall, device.live = uid, mono, wall, True
+                device.rssi = rssi if rssi is not None else device.rssi
+            statuses = [self._status(device, DeviceState.CONNECTED, reason, wall)]
         if derived:
             status = self._add(device, key, derived, mono, wall)
             if status is not None:

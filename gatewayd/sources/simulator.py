@@ -212,6 +212,19 @@ class AntPower(SimDevice):
         )
 
 
+def _turn(
+    t: float, step: float, due: float | None, last: float, revs: int
+) -> tuple[float, float, int]:
+    """Revolutions every `step` s up to t, the first at `due` (None: now): (the next one's time,
+    the last one's time, the u16 revolution count)."""
+    due = t if due is None else due
+    while due <= t:
+        last = due
+        revs = (revs + 1) % 65536
+        due += step
+    return due, last, revs
+
+
 class AntSpeedCadence(SimDevice):
     """ANT+ type 121: crank and wheel event times (1/1024 s) and revolution counts."""
 
@@ -231,18 +244,12 @@ class AntSpeedCadence(SimDevice):
         athlete = self.athlete
         crank_step = 60.0 / athlete.rpm
         wheel_step = DEFAULT_CIRCUMFERENCE_M / athlete.speed_ms
-        next_event = t if self.crank_next is None else self.crank_next
-        while next_event <= t:
-            self.crank_time = next_event
-            self.crank_revs = (self.crank_revs + 1) % 65536
-            next_event += crank_step
-        self.crank_next = next_event
-        next_event = t if self.wheel_next is None else self.wheel_next
-        while next_event <= t:
-            self.wheel_time = next_event
-            self.wheel_revs = (self.wheel_revs + 1) % 65536
-            next_event += wheel_step
-        self.wheel_next = next_event
+        self.crank_next, self.crank_time, self.crank_revs = _turn(
+            t, crank_step, self.crank_next, self.crank_time, self.crank_revs
+        )
+        self.wheel_next, self.wheel_time, self.wheel_revs = _turn(
+            t, wheel_step, self.wheel_next, self.wheel_time, self.wheel_revs
+        )
         return _SC_PAGE.pack(
             int(self.crank_time * 1024) & 0xFFFF,
             self.crank_revs,

@@ -336,10 +336,7 @@ class BleSource:
                     log.warning(
                         "BLE: BlueZ reports no Bluetooth adapter; waiting for one to be plugged in"
                     )
-                workers = [
-                    asyncio.create_task(self._schedule_forever(), name="ble-schedule"),
-                    asyncio.create_task(self._watch_forever(), name="ble-watchdog"),
-                ]
+                workers = [asyncio.create_task(self._housekeep_forever(), name="ble-housekeeping")]
                 try:
                     await bluez.wait_closed()
                     log.warning("BLE: lost the D-Bus connection to BlueZ; reconnecting")
@@ -555,11 +552,19 @@ class BleSource:
 
     # ------------------------------------------------------------------ scheduling
 
-    async def _schedule_forever(self) -> None:
+    async def _housekeep_forever(self) -> None:
+        """Scheduling and the watchdog on one timer: an idle gateway wakes once per tick."""
+        loop = asyncio.get_running_loop()
+        next_watch = loop.time() + self.timing.tick_s
         while True:
             self._wake.clear()
-            delay = self._schedule()
-            await _wait(self._wake, delay)
+            now = loop.time()
+            if now >= next_watch:
+                self._watch()
+                self.watched.set()
+                next_watch = now + self.timing.tick_s
+            delay = min(self._schedule(), next_watch - now)
+            await _wait(self._wake, max(delay, 0.01))
 
     def _schedule(self) -> float:
         """Start connections where slots allow; return how long until a backoff ends."""
@@ -814,12 +819,6 @@ class BleSource:
         return heard.rssi if heard is not None else None
 
     # ------------------------------------------------------------------ recovery
-
-    async def _watch_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.timing.tick_s)
-            self._watch()
-            self.watched.set()
 
     def _watch(self) -> None:
         now = self._clock()

@@ -172,50 +172,54 @@ async def bench(args: argparse.Namespace) -> None:
             stdout=asyncio.subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )
-        assert fake.stdout is not None
-        await asyncio.wait_for(fake.stdout.readline(), 30)  # "ready"
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            assert fake.stdout is not None
+            await asyncio.wait_for(fake.stdout.readline(), 30)  # "ready"
 
-        queue = FrameQueue(maxsize=100_000)
-        source = BleSource(
-            BleConfig(
-                enabled=True,
-                slots_per_adapter=10,
-                acquire_notify=not args.start_notify,
-                notify_window_s=args.notify_window,
-            ),
-            timing=BleTiming(settle_s=0.2, tick_s=1.0),
-        )
-        tasks = [asyncio.create_task(source.run(queue))]
-        if args.no_pipeline:
-            tasks.append(asyncio.create_task(drain(queue)))
-        else:
-            hub = Hub()
-            hub.subscribe("bench", 1_000_000)
-            pipeline = Pipeline(queue, hub, Roster([], {}), PipelineConfig(), SystemClock())
-            tasks.append(asyncio.create_task(pipeline.run()))
+            queue = FrameQueue(maxsize=100_000)
+            source = BleSource(
+                BleConfig(
+                    enabled=True,
+                    slots_per_adapter=10,
+                    acquire_notify=not args.start_notify,
+                    notify_window_s=args.notify_window,
+                ),
+                timing=BleTiming(settle_s=0.2, tick_s=1.0),
+            )
+            tasks.append(asyncio.create_task(source.run(queue)))
+            if args.no_pipeline:
+                tasks.append(asyncio.create_task(drain(queue)))
+            else:
+                hub = Hub()
+                hub.subscribe("bench", 1_000_000)
+                pipeline = Pipeline(queue, hub, Roster([], {}), PipelineConfig(), SystemClock())
+                tasks.append(asyncio.create_task(pipeline.run()))
 
-        async with asyncio.timeout(60):
-            while len(source.connected()) < args.devices:
-                source.changed.clear()
-                await source.changed.wait()
-        # one more second so every device has subscribed and is notifying
-        await asyncio.sleep(1.0)
+            async with asyncio.timeout(60):
+                while len(source.connected()) < args.devices:
+                    source.changed.clear()
+                    await source.changed.wait()
+            # one more second so every device has subscribed and is notifying
+            await asyncio.sleep(1.0)
 
-        busy = await measure(source, None if args.no_pipeline else pipeline, args.seconds)
-        # the same process with every device connected but silent: what it costs per second
-        # when nothing is heard (timers, housekeeping), which busy figures divide among frames
-        await pause(address, True)
-        await asyncio.sleep(PipelineConfig().lost_after_s + 1.0)  # past the "lost" statuses
-        idle = await measure(source, None, args.idle_seconds)
-        # paused, so nothing is in flight: everything the fake sent should have been heard
-        sent = await control(address, "Notifications")
-        heard = source.stats.notifications
-
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        fake.terminate()
-        await fake.wait()
+            busy = await measure(source, None if args.no_pipeline else pipeline, args.seconds)
+            # the same process with every device connected but silent: what it costs per second
+            # when nothing is heard (timers, housekeeping), which busy figures divide among frames
+            await pause(address, True)
+            await asyncio.sleep(PipelineConfig().lost_after_s + 1.0)  # past the "lost" statuses
+            idle = await measure(source, None, args.idle_seconds)
+            # paused, so nothing is in flight: everything the fake sent should have been heard
+            sent = await control(address, "Notifications")
+            heard = source.stats.notifications
+        finally:
+            # also when something above fails: the fake must not outlive the benchmark
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if fake.returncode is None:
+                fake.terminate()
+            await fake.wait()
 
     what = "BLE source only" if args.no_pipeline else "BLE source + pipeline"
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import multiprocessing as mp
@@ -36,13 +37,13 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from datetime import datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -53,22 +54,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fanout import (
     _masked,
     _mqtt_packets,
-    _ws_frames,
-    _ws_handshake,
     cpu_of,
     split,
     start_mosquitto,
 )
 from machine import reference_us
+from receipt import (
+    ANCILLARY,
+    SO_TIMESTAMPING,
+    TIMESTAMPING_FLAGS,
+    Receipts,
+    kernel_time,
+    percentile,
+)
 
 from gatewayd import protocol as p
 from tests.daemon import Daemon, start_daemon
 
 CONSUMER_TOKEN = "bench-consumer-" + secrets.token_hex(8)
 PRODUCER_TOKEN = "bench-producer-" + secrets.token_hex(8)
-MARK = b'{"op":5,'
-SEQ = b'"seq":'
-TS = b'"ts":"'
 
 
 # ---------------------------------------------------------------- helpers
@@ -100,114 +104,106 @@ def metric(port: int, name: str) -> float:
 # ---------------------------------------------------------------- consumers (other processes)
 
 
-class _Second:
-    """ts text -> the unix second it closes, cached: a second's samples share one ts."""
-
-    def __init__(self) -> None:
-        self.cache: dict[bytes, float] = {}
-
-    def close_of(self, ts: bytes) -> float:
-        close = self.cache.get(ts)
-        if close is None:
-            moment = datetime.fromisoformat(ts.decode().replace("Z", "+00:00"))
-            close = self.cache[ts] = moment.timestamp() + 1.0
-            if len(self.cache) > 10_000:
-                self.cache.clear()
-        return close
+def consumer_process(pipe: Connection, port: int, n: int) -> None:
+    asyncio.run(_consumers(pipe, port, n))
 
 
-def consumer_process(pipe: Connection, port: int, n: int, sampled_every: int) -> None:
-    asyncio.run(_consumers(pipe, port, n, sampled_every))
+def _connect(port: int) -> tuple[socket.socket, bytes]:
+    """A consumer's socket, upgraded and identified; the bytes that came after the upgrade."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /connect HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        assert chunk, "the daemon closed during the upgrade"
+        head += chunk
+    head, _, rest = head.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPING, TIMESTAMPING_FLAGS)
+    sock.sendall(_masked(p.identify(CONSUMER_TOKEN, p.Role.CONSUMER)))
+    sock.setblocking(False)
+    return sock, rest
 
 
-async def _consumers(pipe: Connection, port: int, n: int, sampled_every: int) -> None:
-    streams = []
-    for _ in range(n):
-        reader, writer = await _ws_handshake("127.0.0.1", port)
-        writer.write(_masked(p.identify(CONSUMER_TOKEN, p.Role.CONSUMER)))
-        streams.append((reader, writer))
-    counts = [0] * n
-    first = [0] * n
-    last = [0] * n
-    latencies: list[float] = []
+async def _consumers(pipe: Connection, port: int, n: int) -> None:
+    """n consumers on one event loop, each timing every read (see bench/receipt.py)."""
+    loop = asyncio.get_running_loop()
+    socks: list[socket.socket] = []
+    receipts = [Receipts() for _ in range(n)]
+    for receipt in receipts:
+        sock, rest = await asyncio.to_thread(_connect, port)
+        socks.append(sock)
+        receipt.feed(rest, 0.0, 0.0, False)
     measuring = [False]
-    seconds = _Second()
+    ended = [loop.create_future() for _ in range(n)]
+    no_kernel_time = [0]
 
-    async def read(i: int) -> None:
-        reader = streams[i][0]
-        if i % sampled_every == 0:
-            await read_timed(i, reader)
-        else:
-            await read_counted(i, reader)
+    def readable(i: int) -> None:
+        sock, receipt = socks[i], receipts[i]
+        while True:
+            try:
+                data, ancillary, _, _ = sock.recvmsg(1 << 18, ANCILLARY)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            read = time.time()
+            if not data:
+                loop.remove_reader(sock.fileno())
+                if not ended[i].done():
+                    ended[i].set_result(None)
+                return
+            kernel = kernel_time(ancillary)
+            if kernel is None:
+                no_kernel_time[0] += 1
+                kernel = read
+            receipt.feed(data, kernel, read, measuring[0])
 
-    def note_seq(i: int, data: bytes | bytearray) -> None:
-        """The first and the latest complete seq in data (gaps = last - first + 1 - count)."""
-        at = data.rfind(SEQ)
-        end = data.find(b",", at) if at >= 0 else -1
-        if end < 0:
-            return
-        last[i] = int(data[at + 6 : end])
-        if not first[i]:
-            at = data.find(SEQ)
-            first[i] = int(data[at + 6 : data.index(b",", at)])
-
-    async def read_counted(i: int, reader: asyncio.StreamReader) -> None:
-        # Every DISPATCH holds MARK once: count in C, so these consumers cost the host little.
-        keep = b""
-        while chunk := await reader.read(1 << 18):
-            data = keep + chunk
-            counts[i] += data.count(MARK)
-            note_seq(i, data)
-            keep = data[-64:]
-            # a MARK split over two reads is counted in the next one, never twice
-            cut = keep.rfind(MARK)
-            keep = keep[cut + 1 :] if cut >= 0 else keep
-
-    async def read_timed(i: int, reader: asyncio.StreamReader) -> None:
-        buf = bytearray()
-        while chunk := await reader.read(1 << 18):
-            now = time.time()
-            buf += chunk
-            frames, used = _ws_frames(buf)
-            del buf[:used]
-            for frame in frames:
-                if not frame.startswith(MARK):
-                    continue  # HELLO, READY, heartbeat ACKs
-                counts[i] += 1
-                note_seq(i, frame)
-                if measuring[0]:
-                    at = frame.index(TS) + 6
-                    latencies.append(now - seconds.close_of(frame[at : frame.index(b'"', at)]))
+    for i, sock in enumerate(socks):
+        loop.add_reader(sock.fileno(), readable, i)
 
     async def heartbeat() -> None:
         beat = _masked(p.heartbeat())
         while True:
             await asyncio.sleep(20)
-            for _, writer in streams:
-                writer.write(beat)
+            for sock in socks:
+                with contextlib.suppress(OSError):
+                    sock.send(beat)
 
-    tasks = [asyncio.create_task(read(i)) for i in range(n)]
-    tasks.append(asyncio.create_task(heartbeat()))
-    loop = asyncio.get_running_loop()
+    beating = asyncio.create_task(heartbeat())
     pipe.send("ready")
     while True:
         command = await loop.run_in_executor(None, pipe.recv)
         if command == "measure":
             measuring[0] = True
-            pipe.send(sum(counts))
+            pipe.send(sum(r.count for r in receipts))
         elif command == "snap":
             measuring[0] = False
-            pipe.send(sum(counts))
+            pipe.send(sum(r.count for r in receipts))
         else:  # "end": the daemon has stopped and closed every consumer
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*tasks[:-1]), 30)
-            gaps = sum(max(0, last[i] - first[i] + 1 - counts[i]) for i in range(n))
-            pipe.send({"counts": counts, "gaps": gaps, "latencies": latencies})
+                await asyncio.wait_for(asyncio.gather(*ended), 30)
+            pipe.send(
+                {
+                    "counts": [r.count for r in receipts],
+                    "gaps": sum(r.gaps for r in receipts),
+                    "unparsed": sum(r.unparsed for r in receipts),
+                    "no_kernel_time": no_kernel_time[0],
+                    "per_second": [row for r in receipts for row in r.per_second],
+                    "per_beat": [row for r in receipts for row in r.per_beat],
+                }
+            )
             break
-    for task in tasks:
-        task.cancel()
-    for _, writer in streams:
-        writer.close()
+    beating.cancel()
+    for sock in socks:
+        with contextlib.suppress(ValueError, OSError):
+            loop.remove_reader(sock.fileno())
+        sock.close()
 
 
 def mqtt_process(pipe: Connection, port: int, topic: str) -> None:
@@ -330,7 +326,7 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
         ctx = mp.get_context("fork")
         for n in split(args.consumers, args.consumer_procs):
             end, pipe = ctx.Pipe()
-            proc = ctx.Process(target=consumer_process, args=(end, port, n, args.sampled_every))
+            proc = ctx.Process(target=consumer_process, args=(end, port, n))
             proc.start()
             helpers.append((proc, pipe))
         counter = None
@@ -429,12 +425,11 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
     frames = h1["frames"] - h0["frames"]
     samples = h1["samples"] - h0["samples"]
     cpu = cpu1 - cpu0
-    latencies = sorted(lat for r in results for lat in r["latencies"])
+    per_second = [row for r in results for row in r["per_second"]]
+    per_beat = [row for r in results for row in r["per_beat"]]
 
-    def pct(q: float) -> float:
-        if not latencies:
-            return float("nan")
-        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000
+    def pct(rows: list[tuple[float, float, int]], q: float, kernel: bool = False) -> float:
+        return percentile([(row[0 if kernel else 1], row[2]) for row in rows], q) * 1000
 
     output_drops = {name: o["dropped"] for name, o in h1["outputs"].items()}
     return {
@@ -452,9 +447,18 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
         "rss_start_mib": rss_start / 1024,
         "rss_end_mib": memory["VmRSS"] / 1024,
         "peak_rss_mib": memory["VmHWM"] / 1024,
-        "latency_p50_ms": pct(0.50),
-        "latency_p99_ms": pct(0.99),
-        "latency_max_ms": pct(1.0),
+        "latency_p50_ms": pct(per_second, 0.50),
+        "latency_p99_ms": pct(per_second, 0.99),
+        "latency_max_ms": pct(per_second, 1.0),
+        "kernel_p50_ms": pct(per_second, 0.50, kernel=True),
+        "kernel_p99_ms": pct(per_second, 0.99, kernel=True),
+        "kernel_max_ms": pct(per_second, 1.0, kernel=True),
+        "beat_p50_ms": pct(per_beat, 0.50),
+        "beat_p99_ms": pct(per_beat, 0.99),
+        "latency_samples": sum(row[2] for row in per_second),
+        "beat_samples": sum(row[2] for row in per_beat),
+        "unparsed": sum(r["unparsed"] for r in results),
+        "no_kernel_time": sum(r["no_kernel_time"] for r in results),
         "frames_dropped": h1["frames_dropped"],
         "late_values": h1.get("late_values", 0),
         "decode_errors": h1["decode_errors"],
@@ -530,6 +534,14 @@ def report(
         "latency_p50_ms": median(full, "latency_p50_ms"),
         "latency_p99_ms": median(full, "latency_p99_ms"),
         "latency_max_ms": max(r["latency_max_ms"] for r in full),
+        "kernel_p50_ms": median(full, "kernel_p50_ms"),
+        "kernel_p99_ms": median(full, "kernel_p99_ms"),
+        "kernel_max_ms": max(r["kernel_max_ms"] for r in full),
+        "beat_p50_ms": median(full, "beat_p50_ms"),
+        "beat_p99_ms": median(full, "beat_p99_ms"),
+        "latency_samples": median(full, "latency_samples"),
+        "unparsed": sum(r["unparsed"] for r in full),
+        "no_kernel_time": sum(r["no_kernel_time"] for r in full),
         "drops": {
             "frames_dropped": sum(r["frames_dropped"] for r in full + base),
             "late_values": sum(r["late_values"] for r in full + base),
@@ -586,8 +598,23 @@ def show(args: argparse.Namespace, r: dict[str, Any]) -> None:
     )
     print(
         f"latency second close->consumer p50 {r['latency_p50_ms']:.0f} ms, "
-        f"p99 {r['latency_p99_ms']:.0f} ms, max {r['latency_max_ms']:.0f} ms"
+        f"p99 {r['latency_p99_ms']:.0f} ms, max {r['latency_max_ms']:.0f} ms "
+        f"(read by the consumer; {r['latency_samples']:,.0f} per-second samples)"
     )
+    print(
+        f"  on the consumer's socket     p50 {r['kernel_p50_ms']:.0f} ms, "
+        f"p99 {r['kernel_p99_ms']:.0f} ms, max {r['kernel_max_ms']:.0f} ms "
+        "(kernel receive time of the bytes)"
+    )
+    print(
+        f"  per-beat RR, beat->consumer  p50 {r['beat_p50_ms']:.0f} ms, "
+        f"p99 {r['beat_p99_ms']:.0f} ms (includes the strap reporting the beat)"
+    )
+    if r["unparsed"] or r["no_kernel_time"]:
+        print(
+            f"  WARNING: {r['unparsed']} DISPATCHes not parsed, "
+            f"{r['no_kernel_time']} reads without a kernel time"
+        )
     print(
         "drops                          " + ", ".join(f"{k} {v:g}" for k, v in r["drops"].items())
     )
@@ -609,7 +636,6 @@ def main() -> int:
     parser.add_argument("--no-mqtt", action="store_true", help="no MQTT at all")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without MQTT")
     parser.add_argument("--consumer-procs", type=int, default=2)
-    parser.add_argument("--sampled-every", type=int, default=5, help="consumers timing latency")
     parser.add_argument(
         "--profile", type=Path, default=None, help="py-spy the daemon in the window (raw stacks)"
     )

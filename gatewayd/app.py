@@ -143,6 +143,11 @@ class App:
     def _build_sinks(self) -> list[Sink]:
         sinks: list[Sink] = []
         outputs = self.config.outputs
+        # The local broker subscribes first: the hub wakes its outputs in subscription order,
+        # so at a second's close the consumers get their DISPATCHes before MQTT and the upstream
+        # (whose work is not waited for by anyone on this hub) take their turn on the loop.
+        if outputs.local_broker.enabled:
+            sinks.append(self._build_local_broker())
         if outputs.stdout.enabled:
             sinks.append(StdoutSink(self.hub.subscribe("stdout")))
         if outputs.mqtt.enabled:
@@ -154,8 +159,6 @@ class App:
                     roster=self.pipeline.roster,
                 )
             )
-        if outputs.local_broker.enabled:
-            sinks.append(self._build_local_broker())
         if outputs.upstream.enabled:
             # One spool for both: the broker appends (its seqs are the DISPATCH seqs) and the
             # upstream reads it by cursor; without a broker the upstream appends itself.

@@ -286,13 +286,19 @@ class Pipeline:
 
     async def run(self) -> None:
         frames = self.frames
+        loop = asyncio.get_running_loop()
         while True:
-            woken = await frames.wait(self._until_next_tick())
+            until_tick = self._until_next_tick()
+            tick_at = loop.time() + until_tick
+            woken = await frames.wait(until_tick)
             if woken and 0 < len(frames) < GATHER_FRAMES and not frames.gathered:
                 # A frame woke us: let its neighbours arrive and take them in one turn. Radios
                 # deliver one frame per callback, and a wake-up per frame cost more than the
-                # frame itself; a few ms are nothing against the grace of a second's close.
-                await asyncio.sleep(GATHER_S)
+                # frame itself. The wait stops at the second's close it was timed for, so the
+                # close (which every consumer waits for) is never put off by it.
+                gather = min(GATHER_S, tick_at - loop.time())
+                if gather > 0:
+                    await asyncio.sleep(gather)
             self.run_once()
 
     def _until_next_tick(self) -> float:

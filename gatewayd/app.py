@@ -144,8 +144,8 @@ class App:
         sinks: list[Sink] = []
         outputs = self.config.outputs
         # The local broker subscribes first: the hub wakes its outputs in subscription order,
-        # so at a second's close the consumers get their DISPATCHes before MQTT and the upstream
-        # (whose work is not waited for by anyone on this hub) take their turn on the loop.
+        # so at a second's close the consumers get their DISPATCHes before MQTT and the
+        # upstream, each tens of ms of work for a busy gym, take their turn on the loop.
         if outputs.local_broker.enabled:
             sinks.append(self._build_local_broker())
         if outputs.stdout.enabled:

@@ -143,26 +143,36 @@ async def _consumers(pipe: Connection, port: int, n: int) -> None:
     ended = [loop.create_future() for _ in range(n)]
     no_kernel_time = [0]
 
+    reads: list[tuple[int, bytes, float, float, bool]] = []
+
     def readable(i: int) -> None:
-        sock, receipt = socks[i], receipts[i]
+        # Only read and timestamp here; frames are parsed once every socket that was ready
+        # together has been read, so one consumer's parsing never delays another's timestamp.
+        sock = socks[i]
         while True:
             try:
                 data, ancillary, _, _ = sock.recvmsg(1 << 18, ANCILLARY)
             except BlockingIOError:
-                return
+                break
             except OSError:
                 data = b""
             read = time.time()
             if not data:
                 loop.remove_reader(sock.fileno())
-                if not ended[i].done():
-                    ended[i].set_result(None)
-                return
+                loop.call_soon(ended[i].set_result, None)  # after the parse scheduled below
+                break
             kernel = kernel_time(ancillary)
             if kernel is None:
                 no_kernel_time[0] += 1
                 kernel = read
-            receipt.feed(data, kernel, read, measuring[0])
+            if not reads:
+                loop.call_soon(parse)
+            reads.append((i, data, kernel, read, measuring[0]))
+
+    def parse() -> None:
+        for i, data, kernel, read, timing in reads:
+            receipts[i].feed(data, kernel, read, timing)
+        reads.clear()
 
     for i, sock in enumerate(socks):
         loop.add_reader(sock.fileno(), readable, i)

@@ -13,8 +13,11 @@ accounting (/proc/<pid>/stat, all threads) and prints:
 - frames/s and daemon CPU µs per frame;
 - CPU µs per MQTT message: the same run again without MQTT (`--no-baseline` skips it), the CPU
   difference divided by the messages a subscriber counted;
-- peak and current RSS; latency p50/p99 from the close of a second (ts + 1 s) to a consumer
-  receiving that second's sample;
+- peak and current RSS; latency p50/p99/max from the close of a second (ts + 1 s) to a
+  consumer receiving that second's samples, over every per-second sample every consumer got in
+  the window: as the kernel queued the bytes on the consumer's socket, and as the consumer's
+  recvmsg() returned them (bench/receipt.py says exactly what counts as received). Per-beat RR
+  samples carry the beat's time and leave when the hub heard the beat, so they are shown apart;
 - drop counters: frames dropped, late values (a frame that missed its second's grace), output
   queue drops, consumer sequence gaps, MQTT messages missing from the subscriber, samples the
   upstream receiver lacks at the end;

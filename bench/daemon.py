@@ -90,6 +90,12 @@ def rss_kib(pid: int) -> dict[str, int]:
     return out
 
 
+def loop_thread_cpu(pid: int) -> float:
+    """CPU seconds of the daemon's main thread (the event loop); the rest is paho's and others'."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def health(port: int) -> dict[str, Any]:
     # A generous timeout: on a loaded machine the daemon may take a while to answer.
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=60) as response:
@@ -364,6 +370,7 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
         await asyncio.sleep(args.warmup)  # bench: let every device be heard, caches fill
         h0 = health(port)
         cpu0 = cpu_of(pid)
+        loop_cpu0 = loop_thread_cpu(pid)
         t0 = time.monotonic()
         for _, pipe in helpers:
             pipe.send("measure")
@@ -388,6 +395,7 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
         if spy is not None:
             await asyncio.to_thread(spy.wait, 30)
         cpu1 = cpu_of(pid)
+        loop_cpu1 = loop_thread_cpu(pid)
         t1 = time.monotonic()
         mqtt1 = 0
         if counter:
@@ -454,6 +462,7 @@ async def run_once(args: argparse.Namespace, *, mqtt: bool) -> dict[str, Any]:
         "cpu_s": cpu,
         "cpu_pct": cpu / window * 100,
         "cpu_us_per_frame": cpu / frames * 1e6 if frames else float("nan"),
+        "loop_cpu_pct": (loop_cpu1 - loop_cpu0) / window * 100,
         "mqtt_msgs": mqtt1 - mqtt0,
         "mqtt_types": mqtt_result.get("types", []),
         "consumed_per_s": (consumed1 - consumed0) / window,
@@ -539,6 +548,7 @@ def report(
         "cpu_us_per_frame": per_frame,
         "cpu_per_frame_x_ref": per_frame / ref,
         "cpu_pct_of_core": median(full, "cpu_pct"),
+        "loop_cpu_pct_of_core": median(full, "loop_cpu_pct"),
         "samples_per_s": median(full, "samples_per_s"),
         "consumed_per_s": median(full, "consumed_per_s"),
         "peak_rss_mib": max(r["peak_rss_mib"] for r in full),
@@ -592,7 +602,8 @@ def show(args: argparse.Namespace, r: dict[str, Any]) -> None:
     print(f"DISPATCHes received/s          {r['consumed_per_s']:,.0f}")
     print(
         f"daemon CPU per frame           {r['cpu_us_per_frame']:.1f} us = "
-        f"{r['cpu_per_frame_x_ref']:.2f}x reference ({r['cpu_pct_of_core']:.1f} % of one core)"
+        f"{r['cpu_per_frame_x_ref']:.2f}x reference ({r['cpu_pct_of_core']:.1f} % of one core, "
+        f"{r['loop_cpu_pct_of_core']:.1f} % in the event loop's thread)"
     )
     if "cpu_us_per_frame_without_mqtt" in r:
         print(f"  without MQTT                 {r['cpu_us_per_frame_without_mqtt']:.1f} us")

@@ -33,7 +33,9 @@ from tests.daemon import ROOT, Daemon, daemon_process
 CONSUMER = "hostile-consumer-token"
 PRODUCER = "hostile-producer-token"
 WAIT = 30.0
-TS = "2026-11-24T14:30:05.000Z"
+# The daemon runs on the system clock, so the SUBMITs among the hostile frames are stamped with
+# this whole second of it (docs/design.md, "Time in tests"), never with a literal date.
+TS = format_ts(int(SystemClock().wall()))
 CONFIG = (
     "sources: {simulator: {enabled: true, athletes: 2}}\n"
     "outputs:\n"

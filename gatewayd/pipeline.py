@@ -47,15 +47,9 @@ class FrameQueue:
         self._loop = loop
 
     def put(self, frame: Frame) -> None:
-        self.received += 1
-        if len(self._items) >= self.maxsize:
-            self._items.popleft()
-            self.dropped += 1
-        self._items.append(frame)
+        self._append(frame)
         self.gathered = False
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def put_quiet(self, frame: Frame) -> None:
         """Queue a frame without waking the pipeline, unless GATHER_FRAMES are waiting.
@@ -65,16 +59,9 @@ class FrameQueue:
         emits a second's close, so no frame misses its second; a wake-up per frame would cost
         more than the frame.
         """
-        self.received += 1
-        items = self._items
-        if len(items) >= self.maxsize:
-            items.popleft()
-            self.dropped += 1
-        items.append(frame)
-        if len(items) >= GATHER_FRAMES:
-            waiter = self._waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+        self._append(frame)
+        if len(self._items) >= GATHER_FRAMES:
+            self._wake()
 
     def put_many(self, frames: list[Frame]) -> None:
         """put() for each frame, in order, with one wake-up: a source that hears several at once."""
@@ -87,9 +74,7 @@ class FrameQueue:
             self.dropped += excess
             for _ in range(excess):
                 items.popleft()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
 
     def put_batch(self, frames: list[Frame]) -> None:
         """put_many() for frames a source gathered itself (e.g. a radio's USB transfer): the
@@ -99,6 +84,19 @@ class FrameQueue:
         gathered = self.gathered or not self._items
         self.put_many(frames)
         self.gathered = gathered
+
+    def _append(self, frame: Frame) -> None:
+        """Queue one frame; at the bound the oldest goes first, counted."""
+        self.received += 1
+        if len(self._items) >= self.maxsize:
+            self._items.popleft()
+            self.dropped += 1
+        self._items.append(frame)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def put_threadsafe(self, frame: Frame) -> None:
         loop = self._loop

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import ssl
-import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,6 +45,7 @@ from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 from gatewayd.ratelimit import ReplayPacer, SubmitLimiter, Verdict, replay_admissible
 from gatewayd.sendqueue import SendQueue
 from gatewayd.sinks.request_body import body_connection
+from gatewayd.sinks.ws_frames import ws_text_frame
 from gatewayd.spool import Spool
 from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
 from gatewayd.web import Page, board_url
@@ -64,16 +64,6 @@ REPLAY_CHUNK = 500
 FLUSH_EVERY_S = 1.0
 BATCH_LIMIT = 5000
 CLOSE_BUDGET_S = 3.0  # the closing handshake, then the socket is cut (websockets' timeout is 2 s)
-
-
-def ws_text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented, uncompressed WebSocket text frame (RFC 6455, 5.2)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 1 << 16:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 class _Session:

@@ -1,4 +1,7 @@
-"""WebSocket text frames as a client writes them (RFC 6455, 5.2 and 5.3), many at a time.
+"""WebSocket text frames written straight to a transport (RFC 6455, 5.2 and 5.3).
+
+The broker writes each DISPATCH once, unmasked, to every consumer (ws_text_frame); the upstream
+writes its SUBMITs masked, as a client must, many at a time (masked_text_frames).
 
 The upstream SUBMITs one frame per sample. websockets' own path builds a Frame object, serializes
 it through a BytesIO and reads a fresh 4-byte key from the kernel for every frame; for thousands
@@ -21,18 +24,25 @@ _TEXT_FIN = 0x81  # FIN + opcode 1 (text)
 _MASKED = 0x80
 
 
+def _text_header(n: int, mask_bit: int) -> bytes:
+    """A final text frame's first bytes for an `n`-byte payload (5.2: 7, 16 or 64-bit length)."""
+    if n < 126:
+        return bytes((_TEXT_FIN, mask_bit | n))
+    if n < 1 << 16:
+        return struct.pack("!BBH", _TEXT_FIN, mask_bit | 126, n)
+    return struct.pack("!BBQ", _TEXT_FIN, mask_bit | 127, n)
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented, uncompressed text frame, as a server writes it."""
+    return _text_header(len(payload), 0) + payload
+
+
 def masked_text_frames(payloads: list[bytes]) -> bytes:
     """The frames of `payloads` (UTF-8 text, each one whole message), masked, back to back."""
     keys = os.urandom(4 * len(payloads))
     out = []
     for i, payload in enumerate(payloads):
         key = keys[4 * i : 4 * i + 4]
-        n = len(payload)
-        if n < 126:
-            head = bytes((_TEXT_FIN, _MASKED | n))
-        elif n < 1 << 16:
-            head = struct.pack("!BBH", _TEXT_FIN, _MASKED | 126, n)
-        else:
-            head = struct.pack("!BBQ", _TEXT_FIN, _MASKED | 127, n)
-        out.append(head + key + apply_mask(payload, key))
+        out.append(_text_header(len(payload), _MASKED) + key + apply_mask(payload, key))
     return b"".join(out)

@@ -14,7 +14,7 @@ from types import ModuleType
 
 from gatewayd import protocol as p
 from gatewayd.model import DataType, Sample
-from gatewayd.sinks.local_broker import ws_text_frame
+from gatewayd.sinks.ws_frames import ws_text_frame
 
 
 def _load() -> ModuleType:

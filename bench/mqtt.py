@@ -95,8 +95,7 @@ async def offline_bytes_per_message(count: int) -> float:
     gc.collect()
     tracemalloc.start()
     base, _ = tracemalloc.get_traced_memory()
-    for sample in batch:
-        sink._handle(sample)
+    sink._handle_batch(list(batch))
     used, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert sink.stats()["queued"] == count

@@ -5,9 +5,11 @@ Topic layout (docs/mqtt.md): `<prefix>/<hub>/athletes/<uid>/<data type>` per sam
 `<prefix>/<hub>/devices/<source>/<device id>` retained device state, and optionally Home
 Assistant discovery configs under `<discovery prefix>/sensor/gatewayd_<hub>/.../config`.
 
-Threads: paho's network loop runs in its own thread (loop_start). Every paho callback only hands
-its news to the event loop (call_soon_threadsafe); all of this sink's state lives on the loop.
-client.publish() is thread-safe in paho and is called from the loop.
+Threads: none of its own. paho runs on the event loop (gatewayd/sinks/mqtt_loop.py drives its
+socket, keepalive and reconnects; only the blocking connect, DNS to TLS handshake, runs in a
+worker thread). paho's callbacks hand their news to the sink with call_soon, so the sink never
+runs inside paho's packet handling; messages go to paho in bulk (Client.publish_many) and come
+back settled in bulk (Client.settled, read after every socket event).
 
 Memory stays bounded: at most WINDOW messages are inside paho (handed over but not yet written
 for QoS 0, not yet acknowledged for QoS 1/2; paho's own max_queued_messages is set to the same
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -47,6 +49,7 @@ from gatewayd.hub import Event, Subscription
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, format_ts
 from gatewayd.roster import Roster
 from gatewayd.sinks.mqtt_client import Client
+from gatewayd.sinks.mqtt_loop import LoopDriver
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ CLOSE_BUDGET_S = 2.0  # of the app's shutdown budget: finish sending, then say "
 ONLINE = b"online"
 OFFLINE = b"offline"
 
-_SUCCESS = MQTTErrorCode.MQTT_ERR_SUCCESS
+_BATTERY = DataType.BATTERY
 _AUTH_CODES = {134, 135}  # Bad user name or password, Not authorized (3.1.1 codes 4, 5 map here)
 _CLIENT_ID_CODE = 133  # Client Identifier not valid
 
@@ -139,14 +142,23 @@ class Topics:
 
 def sample_payload(sample: Sample, ts_text: str | None = None) -> bytes:
     """`{"ts":..,"val":..|"d":[..],"device":..,"source":..}`, byte for byte what json.dumps
-    gives, built without it: this runs for every published sample."""
+    gives, built without it. MqttSink._samples builds the same bytes from the same three
+    parts (`_ts_head`, `_value_text`, `_origin_tail`), caching the first and the last."""
     ts = ts_text if ts_text is not None else format_ts(sample.ts)
-    if sample.d is not None:
-        value = '"d":' + _json_list(sample.d)
-    else:
-        value = '"val":' + _json_number(sample.val)
-    device, source = _json_string(sample.device_id), _json_string(sample.source)
-    return f'{{"ts":"{ts}",{value},"device":{device},"source":{source}}}'.encode()
+    value = _value_text(sample.val, sample.d)
+    return (_ts_head(ts) + value + _origin_tail(sample.device_id, sample.source)).encode()
+
+
+def _ts_head(ts_text: str) -> str:
+    return f'{{"ts":"{ts_text}",'
+
+
+def _value_text(val: float | None, d: tuple[float, ...] | None) -> str:
+    return '"d":' + _json_list(d) if d is not None else '"val":' + _json_number(val)
+
+
+def _origin_tail(device_id: str, source: str) -> str:
+    return f',"device":{_json_string(device_id)},"source":{_json_string(source)}}}'
 
 
 def athlete_payload(samples: list[Sample], ts_text: str) -> bytes:
@@ -212,12 +224,24 @@ def discovery_payload(
     return json.dumps(config, separators=(",", ":")).encode()
 
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x, once per message
-class Outgoing:
-    topic: str
+@dataclass(frozen=True, slots=True)
+class Retained:
+    """The latest retained message of one topic (status, a device's state, a discovery config).
+    Samples wait as (topic, payload) pairs instead: there are thousands a second."""
+
     payload: bytes
     qos: int
-    retain: bool
+
+
+@dataclass(slots=True)
+class _SampleTopic:
+    """What the samples of one athlete and data type share: the topic, and the payload's tail
+    for the device and source they came from last."""
+
+    topic: str
+    device_id: str
+    source: str
+    tail: str
 
 
 class Link(enum.StrEnum):
@@ -255,14 +279,13 @@ class MqttSink:
         self.published = 0  # written (QoS 0) or acknowledged (QoS 1/2) by the broker
         self.dropped = 0  # oldest messages dropped from a full offline queue
         self.rejected = 0  # the broker refused a message (MQTT 5 reason code)
-        self.lost = 0  # QoS 0 messages that were on the wire when a connection broke
         self.link = Link.STARTING
         self.failed_attempts = 0  # refused or unreachable, since the start
         self._link_waiters: list[tuple[Callable[[MqttSink], bool], asyncio.Future[None]]] = []
         self._link_key: tuple[Link, str] = (Link.STARTING, "")
-        self._queue: deque[Outgoing] = deque()
-        self._retained: dict[str, Outgoing] = {}
-        self._pending: dict[int, int] = {}  # mid -> qos, inside paho
+        self._queue: deque[tuple[str, bytes]] = deque()  # samples: (topic, payload)
+        self._retained: dict[str, Retained] = {}
+        self._settled = 0  # the client's `settled` counter, as far as counted in `published`
         self._connected = False
         self._dropping = False
         self._closed = False
@@ -271,10 +294,8 @@ class MqttSink:
         self._idle = asyncio.Event()
         self._idle.set()
         self._pump_scheduled = False
-        self._acks: deque[tuple[int, bool]] = deque()
-        self._acks_scheduled = False
         self._devices: dict[str, dict[str, Any]] = {}
-        self._sample_topics: dict[tuple[str, DataType], str] = {}
+        self._sample_topics: dict[tuple[str, DataType], _SampleTopic] = {}
         self._last_ts = math.nan
         self._last_ts_text = ""
         # discovery bookkeeping, keyed by the athlete's topic level
@@ -286,7 +307,15 @@ class MqttSink:
             self._take_roster(roster)
         self._check_files()
         self._client = self._make_client()
+        self._driver = LoopDriver(
+            self._client, attempt_failed=self._attempt_failed, after_io=self._after_io
+        )
         self._started = False
+
+    @property
+    def lost(self) -> int:
+        """QoS 0 messages whose connection closed before their bytes left."""
+        return self._client.lost
 
     # -- paho client ---------------------------------------------------------------------------
 
@@ -309,8 +338,6 @@ class MqttSink:
             clean_session=None if v5 else cfg.clean_session,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             credentials=self._credentials,
-            attempt_failed=self._attempt_failed,
-            written=self._on_written,
         )
         # paho rescans every message it holds on each ack while it holds more than its in-flight
         # limit; WINDOW already bounds what it holds, so no limit of its own.
@@ -350,7 +377,7 @@ class MqttSink:
         return client
 
     def _credentials(self) -> tuple[str | None, str | None]:
-        """Runs in paho's thread before every attempt; the password goes nowhere but paho."""
+        """Runs in a worker thread before every attempt; the password goes nowhere but paho."""
         cfg = self.config
         password: str | None = None
         if cfg.password_file is not None:
@@ -370,20 +397,19 @@ class MqttSink:
                 )
         return cfg.username, password
 
-    # paho thread -> loop ---------------------------------------------------------------------
+    # paho (inside its packet handling, on the loop) -> the sink, on the next loop turn --------
 
-    def _to_loop(self, callback: Callable[..., None], *args: Any) -> None:
+    def _later(self, callback: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing to do
-                loop.call_soon_threadsafe(callback, *args)
+            loop.call_soon(callback, *args)
 
     def _attempt_failed(self, exc: OSError) -> None:
         if isinstance(exc, _CredentialsUnreadable):
-            self._to_loop(self._link_failed, Link.NO_PASSWORD, str(exc))
+            self._later(self._link_failed, Link.NO_PASSWORD, str(exc))
             return
         detail = exc.strerror or str(exc) or type(exc).__name__
-        self._to_loop(self._link_failed, Link.UNREACHABLE, detail)
+        self._later(self._link_failed, Link.UNREACHABLE, detail)
 
     def _on_connect(
         self,
@@ -394,9 +420,9 @@ class MqttSink:
         properties: Properties | None,
     ) -> None:
         if reason.is_failure:
-            self._to_loop(self._link_failed, Link.REFUSED, self._refusal(reason))
+            self._later(self._link_failed, Link.REFUSED, self._refusal(reason))
         else:
-            self._to_loop(self._link_up, flags.session_present)
+            self._later(self._link_up, flags.session_present)
 
     def _on_disconnect(
         self,
@@ -412,7 +438,7 @@ class MqttSink:
             detail = "the connection broke (broker stopped or network down)"
         else:
             detail = str(reason)
-        self._to_loop(self._link_down, detail)
+        self._later(self._link_down, detail)
 
     def _on_publish(
         self,
@@ -422,21 +448,17 @@ class MqttSink:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        # Acks come by the thousand: queue them and wake the loop once per burst.
-        self._acks.append((mid, reason.is_failure))
-        if not self._acks_scheduled:
-            self._acks_scheduled = True
-            self._to_loop(self._take_acks)
-
-    def _on_written(self, mids: list[int]) -> None:
-        """QoS 0 messages paho has written, one call per write turn (mqtt_client.Client)."""
-        self._acks.extend((mid, False) for mid in mids)
-        if not self._acks_scheduled:
-            self._acks_scheduled = True
-            self._to_loop(self._take_acks)
+        """The acks paho's own reader handles (refusals, acks with properties, QoS 2); plain
+        PUBACKs and written QoS 0 messages are counted in bulk by `_after_io`."""
+        if reason.is_failure:
+            self.rejected += 1
+            if self.rejected == 1:
+                log.error("MQTT broker %s rejected a message (check its ACL)", self.where)
+        else:
+            self.published += 1
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
-        self._to_loop(self._discovered, message.topic, bytes(message.payload))
+        self._later(self._discovered, message.topic, bytes(message.payload))
 
     def _refusal(self, reason: ReasonCode) -> str:
         cfg = self.config
@@ -496,14 +518,10 @@ class MqttSink:
             self._report(Link.LOST, reason)
 
     def _link_up(self, session_present: bool) -> None:
-        # QoS 0 messages that were on the wire are gone (paho does not resend them); QoS 1/2
-        # ones stay in paho and are resent by it.
-        lost = [mid for mid, qos in self._pending.items() if qos == 0]
-        for mid in lost:
-            del self._pending[mid]
-        self.lost += len(lost)
+        # QoS 0 messages that were on the wire are gone (counted in `lost` by the client); QoS
+        # 1/2 ones stay in paho and are resent by it.
         self._connected = True
-        waiting = len(self._queue) + len(self._pending)
+        waiting = len(self._queue) + self._client.in_flight()
         self._report(Link.CONNECTED, "")
         log.info(
             "MQTT connected to %s as %s (MQTT %s, %s session)%s",
@@ -516,7 +534,7 @@ class MqttSink:
         # "online" goes first, ahead of whatever waited.
         self._idle.clear()
         self._retained = {
-            self.topics.status: Outgoing(self.topics.status, ONLINE, 1, True),
+            self.topics.status: Retained(ONLINE, 1),
             **{t: m for t, m in self._retained.items() if t != self.topics.status},
         }
         if self.config.discovery:
@@ -526,24 +544,37 @@ class MqttSink:
 
     # -- sending (loop) ------------------------------------------------------------------------
 
-    def _enqueue(self, message: Outgoing) -> None:
+    def _retain(self, topic: str, payload: bytes, qos: int) -> None:
+        """The latest state of `topic`, sent ahead of the samples; an older one waiting is
+        replaced (and moves to the back, as a new one would)."""
+        self._retained.pop(topic, None)
+        self._retained[topic] = Retained(payload, qos)
+        self._schedule_pump()
+
+    def _enqueue(self, messages: list[tuple[str, bytes]]) -> None:
+        """Samples (topic, payload) to the offline queue; its oldest dropped past its bound."""
+        queue = self._queue
+        excess = len(queue) + len(messages) - self.config.offline_queue
+        if excess > 0:
+            self.dropped += excess
+            from_queue = min(excess, len(queue))
+            for _ in range(from_queue):
+                queue.popleft()
+            if excess > from_queue:
+                messages = messages[excess - from_queue :]
+            if not self._dropping:
+                self._dropping = True
+                log.warning(
+                    "MQTT: %d messages waiting for %s; dropping the oldest (outputs.mqtt."
+                    "offline_queue)",
+                    self.config.offline_queue,
+                    self.where,
+                )
+        queue.extend(messages)
+        self._schedule_pump()
+
+    def _schedule_pump(self) -> None:
         self._idle.clear()
-        if message.retain:
-            self._retained.pop(message.topic, None)
-            self._retained[message.topic] = message
-        else:
-            if len(self._queue) >= self.config.offline_queue:
-                self._queue.popleft()
-                self.dropped += 1
-                if not self._dropping:
-                    self._dropping = True
-                    log.warning(
-                        "MQTT: %d messages waiting for %s; dropping the oldest (outputs.mqtt."
-                        "offline_queue)",
-                        self.config.offline_queue,
-                        self.where,
-                    )
-            self._queue.append(message)
         if not self._pump_scheduled and self._connected:
             self._pump_scheduled = True
             asyncio.get_running_loop().call_soon(self._pump)
@@ -551,114 +582,148 @@ class MqttSink:
     def _pump(self) -> None:
         """Hand waiting messages to paho while connected and paho has room."""
         self._pump_scheduled = False
-        if not self._connected:
-            return
-        with self._client.handing_over():
-            budget = self._hand_over()
-        if not budget and (self._queue or self._retained):
-            self._pump_scheduled = True
-            asyncio.get_running_loop().call_soon(self._pump)
-        self._check_idle()
+        if self._connected:
+            self._hand_over()
+            if (self._queue or self._retained) and self._client.in_flight() < WINDOW:
+                # a whole chunk went: more next turn, so a backlog never stalls the loop
+                self._pump_scheduled = True
+                asyncio.get_running_loop().call_soon(self._pump)
+        self._take_settled()
 
-    def _hand_over(self) -> int:
-        publish = self._client.publish
-        pending = self._pending
-        budget = PUMP_CHUNK
-        while budget and len(pending) < WINDOW:
-            if self._retained:
-                topic = next(iter(self._retained))
-                message = self._retained.pop(topic)
-            elif self._queue:
-                message = self._queue.popleft()
-            else:
-                break
-            info = publish(message.topic, message.payload, message.qos, message.retain)
-            rc = info.rc
-            if rc == _SUCCESS:
-                pending[info.mid] = message.qos
-                budget -= 1
-                continue
-            # NO_CONN: the link broke before we heard. paho keeps a QoS 1/2 message for the
-            # next connection but drops a QoS 0 one, which then waits here again.
-            if rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE or (
-                rc == MQTTErrorCode.MQTT_ERR_NO_CONN and message.qos == 0
-            ):
-                if message.retain:
-                    self._retained = {message.topic: message, **self._retained}
-                else:
-                    self._queue.appendleft(message)
-                break
-            if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
-                self.rejected += 1
-                log.error("MQTT: paho refused a message for %s: %s", message.topic, rc.name)
-                continue
-            pending[info.mid] = message.qos
-            budget -= 1
-        return budget
+    def _hand_over(self) -> None:
+        """Up to PUMP_CHUNK messages, retained state first, as far as the WINDOW allows."""
+        client = self._client
+        budget = min(PUMP_CHUNK, WINDOW - client.in_flight())
+        retained = self._retained
+        while retained and budget > 0:
+            # consecutive retained messages of one QoS go together
+            group: list[tuple[str, bytes]] = []
+            qos = -1
+            for topic, message in retained.items():
+                if len(group) == budget or (group and message.qos != qos):
+                    break
+                qos = message.qos
+                group.append((topic, message.payload))
+            taken = self._publish(group, qos, True)
+            for topic, _ in group[:taken]:
+                del retained[topic]
+            budget -= taken
+            if taken < len(group):
+                return  # paho is full or the link went
+        queue = self._queue
+        if queue and budget > 0:
+            batch = [queue.popleft() for _ in range(min(budget, len(queue)))]
+            taken = self._publish(batch, self.config.qos, False)
+            if taken < len(batch):
+                queue.extendleft(reversed(batch[taken:]))
 
-    def _take_acks(self) -> None:
-        self._acks_scheduled = False
-        acks = self._acks
-        while acks:
-            mid, failed = acks.popleft()
-            if self._pending.pop(mid, None) is None:
-                continue
-            if failed:
+    def _publish(self, messages: list[tuple[str, bytes]], qos: int, retain: bool) -> int:
+        """How many of `messages` the client took; a message it refuses is counted and gone."""
+        try:
+            return self._client.publish_many(messages, qos, retain)
+        except ValueError:
+            pass
+        taken = 0
+        for message in messages:  # find the one that cannot be published, keep the rest
+            try:
+                if not self._client.publish_many([message], qos, retain):
+                    break
+            except ValueError as exc:
                 self.rejected += 1
-                if self.rejected == 1:
-                    log.error("MQTT broker %s rejected a message (check its ACL)", self.where)
-            else:
-                self.published += 1
+                log.error("MQTT: not publishing to %r: %s", message[0], exc)
+            taken += 1
+        return taken
+
+    def _after_io(self) -> None:
+        """After every socket event: count what settled, refill paho past half its window."""
+        if (
+            (self._queue or self._retained)
+            and self._connected
+            and not self._pump_scheduled
+            and self._client.in_flight() <= WINDOW // 2
+        ):
+            self._pump()
+        else:
+            self._take_settled()
+
+    def _take_settled(self) -> None:
+        settled = self._client.settled
+        if settled != self._settled:
+            self.published += settled - self._settled
+            self._settled = settled
         if self._dropping and not self._queue:
             self._dropping = False
             log.info("MQTT caught up; %d messages dropped so far", self.dropped)
-        if len(self._pending) <= WINDOW // 2:
-            self._pump()  # refill in big hand-overs, not a few messages per ack
-        else:
-            self._check_idle()
-
-    def _check_idle(self) -> None:
-        if not self._queue and not self._retained and not self._pending:
+        if not self._queue and not self._retained and not self._client.in_flight():
             self._idle.set()
 
     # -- events (loop) -------------------------------------------------------------------------
 
     def _handle_batch(self, batch: list[Event]) -> None:
-        if not self.config.per_athlete:
-            for event in batch:
-                self._handle(event)
-            return
-        # One message per athlete and second: the aggregator emits a second's samples together.
+        messages = self._athletes(batch) if self.config.per_athlete else self._samples(batch)
+        if messages:
+            self._enqueue(messages)
+            if self._connected and not self._pump_scheduled:
+                self._pump()
+
+    def _samples(self, batch: list[Event]) -> list[tuple[str, bytes]]:
+        """One message per sample, on its athlete's per-type topic: `sample_payload`'s bytes,
+        from a cached head per second and a cached tail per device. This runs for every
+        published sample, hence the one loop with its lookups held in locals."""
+        messages: list[tuple[str, bytes]] = []
+        append = messages.append
+        topics = self._sample_topics
+        finite = math.isfinite
+        last_ts, head = math.nan, ""
+        for event in batch:
+            if type(event) is not Sample:
+                self._device_status(event)  # type: ignore[arg-type]
+                continue
+            uid, t, ts, val, d, device_id, source = event
+            entry = topics.get((uid, t))
+            if entry is None:
+                entry = self._sample_topic(uid, t)
+            if entry.device_id != device_id or entry.source != source:
+                entry.device_id, entry.source = device_id, source
+                entry.tail = _origin_tail(device_id, source)
+            if ts != last_ts:
+                last_ts, head = ts, _ts_head(self._ts_text(ts))
+            if d is None and type(val) is float and finite(val):
+                append((entry.topic, f'{head}"val":{val!r}{entry.tail}'.encode()))
+            else:
+                append((entry.topic, (head + _value_text(val, d) + entry.tail).encode()))
+            if t is _BATTERY:
+                self._battery(event)
+        return messages
+
+    def _sample_topic(self, uid: str, t: DataType) -> _SampleTopic:
+        if len(self._sample_topics) >= MAX_DEVICES:
+            self._sample_topics.clear()
+        entry = self._sample_topics[(uid, t)] = _SampleTopic(
+            self.topics.sample(uid, t), "", "", _origin_tail("", "")
+        )
+        if self.config.discovery:
+            self._announce(uid, t)
+        return entry
+
+    def _athletes(self, batch: list[Event]) -> list[tuple[str, bytes]]:
+        """One message per athlete and second: the aggregator emits a second's samples
+        together."""
         seconds: dict[tuple[str, float], list[Sample]] = {}
         for event in batch:
             if isinstance(event, Sample):
                 seconds.setdefault((event.uid, event.ts), []).append(event)
-                self._battery(event)
+                if event.t is _BATTERY:
+                    self._battery(event)
             else:
                 self._device_status(event)
-        qos = self.config.qos
-        for (uid, ts), samples in seconds.items():
-            payload = athlete_payload(samples, self._ts_text(ts))
-            self._enqueue(Outgoing(self.topics.athlete(uid), payload, qos, False))
-
-    def _handle(self, event: Event) -> None:
-        if isinstance(event, Sample):
-            key = (event.uid, event.t)
-            topic = self._sample_topics.get(key)
-            if topic is None:
-                if len(self._sample_topics) >= MAX_DEVICES:
-                    self._sample_topics.clear()
-                topic = self._sample_topics[key] = self.topics.sample(event.uid, event.t)
-                if self.config.discovery:
-                    self._announce(event.uid, event.t)
-            payload = sample_payload(event, self._ts_text(event.ts))
-            self._enqueue(Outgoing(topic, payload, self.config.qos, False))
-            self._battery(event)
-        else:
-            self._device_status(event)
+        return [
+            (self.topics.athlete(uid), athlete_payload(samples, self._ts_text(ts)))
+            for (uid, ts), samples in seconds.items()
+        ]
 
     def _battery(self, sample: Sample) -> None:
-        if sample.t is DataType.BATTERY and sample.device_id and sample.val is not None:
+        if sample.device_id and sample.val is not None:
             self._device_update(sample.source, sample.device_id, {"battery": sample.val})
 
     def _ts_text(self, ts: float) -> str:
@@ -699,7 +764,7 @@ class MqttSink:
         state.update(changes)
         self._devices[topic] = state
         payload = json.dumps(state, separators=(",", ":")).encode()
-        self._enqueue(Outgoing(topic, payload, self.config.qos, True))
+        self._retain(topic, payload, self.config.qos)
 
     # -- Home Assistant discovery (loop) -------------------------------------------------------
 
@@ -739,13 +804,13 @@ class MqttSink:
         )
         self._announced[topic] = (uid, t)
         self._configs.setdefault(uid_level, set()).add(topic)
-        self._enqueue(Outgoing(topic, payload, 1, True))
+        self._retain(topic, payload, 1)
 
     def _forget(self, uid_level: str) -> None:
         self._sample_topics.clear()  # so the athlete's next sample announces its sensors again
         for topic in self._configs.pop(uid_level, set()):
             self._announced.pop(topic, None)
-            self._enqueue(Outgoing(topic, b"", 1, True))
+            self._retain(topic, b"", 1)
 
     def _discovered(self, topic: str, payload: bytes) -> None:
         """A retained config of ours at the broker: left by an earlier run, or our own echo.
@@ -761,7 +826,7 @@ class MqttSink:
             self._configs.setdefault(uid_level, set()).add(topic)
             return
         log.info("MQTT discovery: removing %s (athlete no longer known)", topic)
-        self._enqueue(Outgoing(topic, b"", 1, True))
+        self._retain(topic, b"", 1)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -770,7 +835,7 @@ class MqttSink:
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
-        self._client.loop_start()
+        self._driver.start()
 
     async def run(self) -> None:
         self._start()
@@ -804,7 +869,7 @@ class MqttSink:
         return {
             "link": str(self.link),
             "queued": len(self._queue) + len(self._retained),
-            "in_flight": len(self._pending),
+            "in_flight": self._client.in_flight(),
             "published": self.published,
             "dropped": self.dropped,
             "rejected": self.rejected,
@@ -827,14 +892,15 @@ class MqttSink:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
             # "offline" last, so no sample follows it
-            self._enqueue(Outgoing(self.topics.status, OFFLINE, 1, True))
+            self._retain(self.topics.status, OFFLINE, 1)
             self._pump()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.1, deadline - loop.time()))
         self._closed = True
-        unsent = len(self._queue) + len(self._pending)
+        unsent = len(self._queue) + self._client.in_flight()
         self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        self._client.loop_write()  # the DISCONNECT now; paho closes the socket after it
+        await self._driver.stop()
         self._connected = False
         self.link = Link.CLOSED
         self._wake_link_waiters()

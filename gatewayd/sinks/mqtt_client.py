@@ -1,206 +1,274 @@
 """paho-mqtt's client, fitted to a publisher of thousands of messages a second.
 
-paho stays the MQTT implementation (sessions, QoS, resends, TLS, reconnects). This subclass
-adds what its reconnect loop lacks (why an attempt failed; credentials read afresh before every
-attempt), puts gatewayd/sinks/mqtt_wire.py's batching under its socket, and takes two costs off
-paho's per-message path that a profile of the daemon showed as the largest:
+paho stays the MQTT implementation of record: its session state (`_out_messages`, the message
+states it resets and resends after a reconnect), CONNECT/CONNACK, QoS 2, pings, refusals and
+TLS. The event loop drives it (gatewayd/sinks/mqtt_loop.py); this subclass adds what that
+needs and takes off paho's per-message path what a profile of the daemon showed as the largest
+costs:
 
-- Acknowledgements. paho reads every PUBACK on its own (three reads, a fresh state dict, a
-  decorated decoder) and builds a ReasonCode and a Properties object for each, even where the
-  packet can hold neither. The common PUBACK is four bytes, `40 02 <mid>`: with remaining
+- Connecting without blocking the loop. `prepare` (run in a worker thread) reads the
+  credentials afresh (fixing a password file takes effect without a restart) and opens the
+  connection (DNS, TCP, TLS handshake) with paho's own socket code; `connect_prepared` (on the
+  loop) hands that socket to paho's reconnect(), which resets its session state and sends
+  CONNECT as usual. Sockets are wrapped in mqtt_wire.BatchedSocket.
+- Publishing in bulk. `publish_many` writes a batch of PUBLISH packets straight into the
+  socket's output (what paho's _send_publish would write, byte for byte) and registers every
+  QoS 1/2 message in paho's `_out_messages` in the state paho's publish() leaves it in, so
+  paho resends it after a reconnect, acknowledges it and counts it in flight as its own. What
+  paho has queued itself (CONNECT, resends, pings) is written first, so the order on the wire
+  is paho's. No MQTTMessageInfo, ReasonCode or Properties object is made per message.
+- Acknowledgements in bulk. The common PUBACK is four bytes, `40 02 <mid>`: with remaining
   length 2 it carries no reason code and no properties, which MQTT 5 defines as Success
   (MQTT 5.0 §3.4.2.1; MQTT 3.1.1 has only that form); in MQTT 5 a broker may add an accepting
   reason code and no properties (`40 03 <mid> 10`: mosquitto's "No matching subscribers"). A
-  run of those at the head of the input is acknowledged here, under one hold of paho's message
-  lock, through paho's own `_do_on_publish` with a shared ReasonCode per code and one empty
-  Properties. Any other packet, and any PUBACK in another form (a refusal, properties), goes
-  through paho's reader unchanged.
-- The message info. paho gives every message an MQTTMessageInfo holding its own
-  threading.Condition, built on every publish() and used only by wait_for_publish(). `LeanInfo`
-  is the same class with one Condition shared by all messages; setting a message published
-  wakes every waiter, and each rechecks its own flag, so wait_for_publish() still works.
-  paho's module builds infos by name, so `install_lean_info()` puts LeanInfo in its place.
-- QoS 0 messages written. For each one paho builds a ReasonCode and a Properties object to call
-  on_publish, in the middle of its write loop. With `written` given, the client hides
-  on_publish from that loop (paho then only marks the message's info published) and collects
-  the written messages' ids through their LeanInfo instead, handing them to `written` in one
-  call per turn. Acknowledgements of QoS 1/2 are read, not written, and still reach on_publish.
+  run of those at the head of the input settles its messages here, as paho's _do_on_publish
+  would (popped from `_out_messages`, one fewer in flight), without calling on_publish: they
+  are counted in `settled`. Any other packet, and any PUBACK in another form (a refusal,
+  properties), goes through paho's reader and reaches on_publish unchanged.
+- QoS 0 messages are settled when the kernel has taken their bytes (BatchedSocket.sent passes
+  their end), and `lost` when their connection closes before that.
 
-Both rely on paho internals, which tests/unit/test_mqtt_client.py pins: the test fails, rather
-than the daemon misbehaving quietly, if a paho release changes them.
+All of this relies on paho internals, which tests/unit/test_mqtt_client.py pins: the test
+fails, rather than the daemon misbehaving quietly, if a paho release changes them.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
-from gatewayd.sinks.mqtt_wire import PUBACK_ACCEPTED, BatchedSocket, QuietWake
+from gatewayd.sinks.mqtt_wire import (
+    PUBLISH,
+    BatchedSocket,
+    publish_header,
+    short_headers,
+    topic_field,
+)
 
-# What paho's decoder yields for the plain PUBACKs (mqtt_wire.plain_pubacks), one shared object
-# per reason code, passed to every on_publish of the fast path (which only reads them).
-ACK_REASONS = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in PUBACK_ACCEPTED}
-ACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
-
-_SHARED = threading.Condition()
-_ORIGINAL_INFO = paho.MQTTMessageInfo
-_WRITING = threading.local()  # .mids: ids of the messages paho's write loop marks published
+Prepared = tuple[Any, str | None, str | None]  # an open socket, the username, the password
+_CONNECTED = paho._ConnectionState.MQTT_CS_CONNECTED  # type: ignore[attr-defined]
+_STATES = {1: paho.mqtt_ms_wait_for_puback, 2: paho.mqtt_ms_wait_for_pubrec}
+_MAX_TOPICS = 10_000  # remembered topic fields; forgotten all at once past this
 
 
-class LeanInfo(paho.MQTTMessageInfo):
-    """paho's MQTTMessageInfo without a Condition of its own."""
+class _NoInfo(paho.MQTTMessageInfo):
+    """The info of bulk-published messages: nobody waits for them (no wait_for_publish)."""
 
     __slots__ = ()
 
-    def __init__(self, mid: int) -> None:
-        self.mid = mid
-        self._published = False
-        self._condition = _SHARED
-        self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        self._iterpos = 0
-
     def _set_as_published(self) -> None:
-        mids = getattr(_WRITING, "mids", None)
-        if mids is not None:
-            mids.append(self.mid)
-        with _SHARED:
-            self._published = True
-            if _SHARED._waiters:  # type: ignore[attr-defined]
-                _SHARED.notify_all()
+        pass
 
 
-def install_lean_info() -> bool:
-    """Make paho build LeanInfo; False (paho's own kept) if paho's class is not the one known."""
-    current = paho.MQTTMessageInfo
-    if current is LeanInfo:
-        return True
-    if current is not _ORIGINAL_INFO or set(current.__slots__) != {
-        "_condition",
-        "_iterpos",
-        "_published",
-        "mid",
-        "rc",
-    }:
-        return False
-    paho.MQTTMessageInfo = LeanInfo  # type: ignore[misc]
-    return True
+_NO_INFO = _NoInfo(0)
+
+
+class Held(paho.MQTTMessage):
+    """A QoS 1/2 message in paho's `_out_messages`, made in one step (paho's own __init__ makes
+    an MQTTMessageInfo and then has every field set again by publish())."""
+
+    __slots__ = ()
+
+    def __init__(self, mid: int, topic: bytes, payload: bytes, qos: int, retain: bool) -> None:
+        self.timestamp = 0.0
+        self.state = _STATES[qos]
+        self.dup = False
+        self.mid = mid
+        self._topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.info = _NO_INFO
+        self.properties = None
 
 
 class Client(paho.Client):
-    """paho's client plus the reason a connection attempt failed (paho swallows the OSError),
-    credentials read afresh before every attempt (fixing a password file takes effect without a
-    restart), batched socket I/O and the fast paths of the module docstring."""
+    """paho's client plus prepared connections, bulk publishing and bulk acknowledgements."""
 
     def __init__(
-        self,
-        *args: Any,
-        credentials: Callable[[], tuple[str | None, str | None]],
-        attempt_failed: Callable[[OSError], None],
-        written: Callable[[list[int]], None] | None = None,
-        **kwargs: Any,
+        self, *args: Any, credentials: Callable[[], tuple[str | None, str | None]], **kwargs: Any
     ) -> None:
-        lean = install_lean_info()
-        self._gw_writing = False  # paho's thread is in loop_write (read by on_publish)
         super().__init__(*args, **kwargs)
         self._gw_credentials = credentials
-        self._gw_attempt_failed = attempt_failed
-        # Without LeanInfo the written messages cannot be collected: paho's on_publish it is.
-        self._gw_written = written if lean else None
-        self.fast_acks = 0  # PUBACKs taken by the fast path (tests check that it is used)
+        self._gw_ready: Any = None  # the prepared socket connect_prepared hands to reconnect()
+        self._gw_topics: dict[str, tuple[bytes, bytes]] = {}  # topic -> (field, UTF-8)
+        self._gw_qos0: deque[tuple[int, int]] = deque()  # (end offset, count) not yet sent
+        self.qos0_unsent = 0  # QoS 0 messages whose bytes the kernel has not taken yet
+        self.settled = 0  # QoS 0 written and QoS 1/2 acknowledged in bulk, since the start
+        self.lost = 0  # QoS 0 messages whose connection closed before their bytes left
+        self.fast_acks = 0  # PUBACKs taken by the bulk path (tests check that it is used)
+
+    # -- connecting --------------------------------------------------------------------------
+
+    def prepare(self) -> Prepared:
+        """Credentials and an open connection, for connect_prepared. Blocks (DNS, TCP, TLS):
+        run it in a worker thread. OSError when either fails."""
+        username, password = self._gw_credentials()
+        return super()._create_socket(), username, password
+
+    def connect_prepared(self, prepared: Prepared) -> None:
+        sock, username, password = prepared
+        if username is not None:
+            self.username_pw_set(username, password)
+        self._gw_ready = sock
+        try:
+            self.reconnect()
+        finally:
+            if self._gw_ready is not None:  # reconnect() failed before it took the socket
+                self._gw_ready = None
+                sock.close()
 
     def _create_socket(self) -> Any:
-        return BatchedSocket(super()._create_socket())  # type: ignore[arg-type]
+        sock, self._gw_ready = self._gw_ready, None
+        if sock is None:  # paho's own reconnect from its CONNACK handler (protocol downgrade)
+            sock = super()._create_socket()
+        return BatchedSocket(sock)
+
+    def _sock_close(self) -> None:
+        sock = self._sock
+        super()._sock_close()  # BatchedSocket.close writes what it can first
+        if isinstance(sock, BatchedSocket):
+            self._count_written(sock)
+            self.lost += self.qos0_unsent
+            self.qos0_unsent = 0
+            self._gw_qos0.clear()
+
+    # -- writing -----------------------------------------------------------------------------
 
     def want_write(self) -> bool:
         sock = self._sock
         return super().want_write() or (isinstance(sock, BatchedSocket) and sock.has_output())
 
-    @property
-    def on_publish(self) -> Any:
-        # Inside loop_write paho asks only to report a QoS 0 message written: see `written`.
-        return None if self._gw_writing else self._on_publish
-
-    @on_publish.setter
-    def on_publish(self, func: Any) -> None:
-        paho.Client.on_publish.fset(self, func)  # type: ignore[attr-defined]
-
     def loop_write(self) -> MQTTErrorCode:
-        written = self._gw_written
-        if written is None:
-            rc = super().loop_write()
-        else:
-            mids: list[int] = []
-            _WRITING.mids = mids
-            self._gw_writing = True
-            try:
-                rc = super().loop_write()
-            finally:
-                self._gw_writing = False
-                _WRITING.mids = None
-            if mids:
-                written(mids)
+        rc = super().loop_write()
         sock = self._sock
         if isinstance(sock, BatchedSocket):
             sock.flush()  # one send() for everything paho wrote in this turn
+            self._count_written(sock)
+            if sock.has_output():
+                self._call_socket_register_write()
         return rc
+
+    def in_flight(self) -> int:
+        """Messages handed over and not yet settled (QoS 0 unsent, QoS 1/2 unacknowledged)."""
+        return len(self._out_messages) + self.qos0_unsent
+
+    def publish_many(self, messages: list[tuple[str, bytes]], qos: int, retain: bool) -> int:
+        """Publish `messages` (topic, payload), as many as fit from the front; how many did.
+
+        Fewer when not connected (0), when the socket's output is full (0: `loop_write` makes
+        room), or, for QoS 1/2, past paho's max_queued_messages or max_inflight_messages. ValueError for a topic paho's
+        publish() refuses (wildcards, empty, too long), before anything of the batch is sent."""
+        sock = self._sock
+        if type(sock) is not BatchedSocket or self._state != _CONNECTED:
+            return 0
+        if self._out_packet:
+            self._packet_write()  # paho's own packets first, in its order
+            if self._out_packet:
+                self._call_socket_register_write()
+                return 0
+        if sock.full():
+            sock.flush()
+            if sock.full():
+                self._call_socket_register_write()
+                return 0
+        count = len(messages)
+        if qos:  # paho's bounds on what it holds and on what it has in flight
+            if self._max_queued_messages > 0:
+                count = min(count, self._max_queued_messages - len(self._out_messages))
+            if self._max_inflight_messages > 0:
+                count = min(count, self._max_inflight_messages - self._inflight_messages)
+            if count <= 0:
+                return 0
+        if count < len(messages):
+            messages = messages[:count]
+        topics = self._gw_topics
+        for topic, _ in messages:
+            if topic not in topics:
+                if len(topics) >= _MAX_TOPICS:
+                    topics.clear()
+                topics[topic] = (field := topic_field(topic), field[2:])
+        v5 = self._protocol == paho.MQTTv5
+        command = PUBLISH | qos << 1 | int(retain)
+        heads = short_headers(command)
+        out = sock.out
+        if qos == 0:
+            props = b"\x00" if v5 else b""
+            extra = len(props)
+            for topic, payload in messages:
+                field = topics[topic][0]
+                size = len(field) + extra + len(payload)
+                out += heads[size] if size < 128 else publish_header(command, size)
+                out += field
+                out += props
+                out += payload
+            self._gw_qos0.append((sock.sent + len(out), count))
+            self.qos0_unsent += count
+        else:
+            held = self._out_messages
+            mid = self._last_mid
+            # MQTT 5: the packet id and a properties length of 0 in one go
+            extra, shift = (3, 8) if v5 else (2, 0)
+            for topic, payload in messages:
+                mid = mid + 1 if mid < 65535 else 1
+                while mid in held:  # still unacknowledged since the ids last wrapped
+                    mid = mid + 1 if mid < 65535 else 1
+                field, name = topics[topic]
+                size = len(field) + extra + len(payload)
+                out += heads[size] if size < 128 else publish_header(command, size)
+                out += field
+                out += (mid << shift).to_bytes(extra, "big")
+                out += payload
+                held[mid] = Held(mid, name, payload, qos, retain)
+            self._last_mid = mid
+            self._inflight_messages += count
+        sock.flush()
+        self._count_written(sock)
+        with self._msgtime_mutex:
+            self._last_msg_out = paho.time_func()  # paho's keepalive clock
+        if sock.has_output():
+            self._call_socket_register_write()
+        return count
+
+    def _count_written(self, sock: BatchedSocket) -> None:
+        runs = self._gw_qos0
+        sent = sock.sent
+        while runs and runs[0][0] <= sent:
+            count = runs.popleft()[1]
+            self.qos0_unsent -= count
+            self.settled += count
+
+    # -- reading -----------------------------------------------------------------------------
 
     def _packet_read(self) -> MQTTErrorCode:
         sock = self._sock
-        if type(sock) is not BatchedSocket or self._in_packet["command"] != 0:
+        if (
+            type(sock) is not BatchedSocket
+            or self._in_packet["command"] != 0
+            or self._max_inflight_messages  # paho would refill its window per ack: its reader
+        ):
             return super()._packet_read()
-        acks = sock.take_pubacks(self._protocol == paho.MQTTv5)
-        if acks is None:
+        mids = sock.take_pubacks(self._protocol == paho.MQTTv5)
+        if mids is None:
             return MQTTErrorCode.MQTT_ERR_AGAIN
-        if not acks:
+        if not mids:
             return super()._packet_read()
-        self.fast_acks += len(acks)
+        self.fast_acks += len(mids)
+        held = self._out_messages
+        settled = 0
         with self._out_message_mutex:
-            out = self._out_messages
-            for mid, code in acks:
-                if mid in out:  # paho ignores an ack for a message it does not hold
-                    reason = ACK_REASONS[code]
-                    rc: MQTTErrorCode = self._do_on_publish(mid, reason, ACK_PROPERTIES)
-                    if rc:
-                        return rc
+            for mid in mids:
+                message = held.pop(mid, None)  # paho ignores an ack for a message it lacks
+                if message is not None:
+                    settled += 1
+                    if message.info is not _NO_INFO:  # one of paho's publish(): tell its info
+                        message.info._set_as_published()
+            self._inflight_messages -= settled
+        self.settled += settled
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()  # paho's keepalive clock
         return MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    @contextlib.contextmanager
-    def handing_over(self) -> Iterator[None]:
-        """Around a batch of publish() calls: paho's thread is woken once, at the end."""
-        wake = self.quiet_wake()
-        if wake is not None:
-            wake.hold()
-        try:
-            yield
-        finally:
-            if wake is not None:
-                wake.release()
-
-    def quiet_wake(self) -> QuietWake | None:
-        """paho's wake-up socket, wrapped so that a batch of publishes wakes its thread once."""
-        wake: Any = self._sockpairW
-        if wake is None or isinstance(wake, QuietWake):
-            return wake
-        quiet = QuietWake(wake)
-        self._sockpairW = quiet  # type: ignore[assignment]
-        return quiet
-
-    def reconnect(self) -> MQTTErrorCode:
-        try:
-            username, password = self._gw_credentials()
-            if username is not None:
-                self.username_pw_set(username, password)
-            return super().reconnect()
-        except OSError as exc:
-            self._gw_attempt_failed(exc)
-            raise

@@ -1,27 +1,26 @@
-"""Fewer system calls under paho: batched socket writes and reads, one wake-up per batch.
+"""The bytes under paho: batched socket I/O and the PUBLISH packet's fixed parts.
 
-paho-mqtt writes every packet with its own send(), reads every incoming packet with three or
-more recv() calls (command byte, length bytes, body), and pokes its network thread through a
-socket pair on every publish(). At a thousand messages a second those calls were most of the
-MQTT sink's CPU. These wrappers keep paho's protocol logic (sessions, QoS, resends, TLS) and
-only change how bytes cross the kernel boundary:
+paho-mqtt writes every packet with its own send() and reads every incoming packet with three or
+more recv() calls (command byte, length bytes, body). At a thousand messages a second those
+calls were most of the MQTT sink's CPU. `BatchedSocket` keeps paho's protocol logic (sessions,
+QoS, resends, TLS) and only changes how bytes cross the kernel boundary:
 
-- `BatchedSocket` collects what paho sends and writes it in one send() when paho has nothing
-  more to write (`flush`, called from the client's loop_write); it reads 64 KiB at a time and
-  serves paho's small reads from that buffer. `pending()` tells paho's loop that buffered bytes
-  are waiting, as an SSL socket does, so buffered input is never left unread. `take_pubacks`
-  hands the client (gatewayd/sinks/mqtt_client.py) the run of plain PUBACKs at the head of that
-  buffer, so a burst of acknowledgements is handled in one go instead of packet by packet.
-- `QuietWake` stands in for paho's wake-up socket while the sink hands over a batch, so the
-  network thread is woken once per batch instead of once per message.
+- What is sent is gathered in `out` and written in one send() per turn (`flush`); `sent`
+  counts the bytes the kernel has taken, so a caller that appended a packet at offset N knows it
+  left once `sent` passes N. Reads take 64 KiB at a time and serve paho's small reads from that
+  buffer; `pending()` tells paho's loop that buffered bytes are waiting, as an SSL socket does,
+  so buffered input is never left unread. `take_pubacks` hands the client
+  (gatewayd/sinks/mqtt_client.py) the run of plain PUBACKs at the head of that buffer, so a
+  burst of acknowledgements is handled in one go instead of packet by packet.
+- `publish_header` and `topic_field` are the parts of a PUBLISH packet (MQTT 5.0 §3.3, 3.1.1
+  §3.3) that the client's bulk publish puts around each payload.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import socket
 import ssl
-import threading
 from typing import Any
 
 READ_SIZE = 1 << 16
@@ -30,26 +29,62 @@ _AGAIN = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 # PUBACK reason codes that say the message was accepted (MQTT 5.0 §3.4.2.1): Success, and
 # No matching subscribers (what mosquitto answers while nobody subscribes to the topic).
 PUBACK_ACCEPTED = (0x00, 0x10)
+PUBLISH = 0x30
+MAX_TOPIC = 65535  # a UTF-8 string's two-byte length (MQTT 5.0 §1.5.4)
 
 
-def plain_pubacks(data: bytes | bytearray, v5: bool) -> tuple[list[tuple[int, int]], int]:
-    """(packet id, reason code) of the complete plain PUBACKs at the head of `data`, and the
-    bytes they take. Plain: `40 02 <id>` (no reason code: Success), or in MQTT 5 `40 03 <id>
-    <code>` with an accepting code. Stops at anything else, a PUBACK cut short included."""
-    acks: list[tuple[int, int]] = []
+def plain_pubacks(data: bytes | bytearray, v5: bool) -> tuple[list[int], int]:
+    """Packet ids of the complete plain PUBACKs at the head of `data`, and the bytes they take.
+    Plain: `40 02 <id>` (no reason code: Success), or in MQTT 5 `40 03 <id> <code>` with an
+    accepting code. Stops at anything else, a PUBACK cut short included."""
+    mids: list[int] = []
     at = 0
     end = len(data)
     while at + 4 <= end and data[at] == 0x40:
         size = data[at + 1]
         if size == 2:
-            acks.append((data[at + 2] << 8 | data[at + 3], 0))
+            mids.append(data[at + 2] << 8 | data[at + 3])
             at += 4
         elif size == 3 and v5 and at + 5 <= end and data[at + 4] in PUBACK_ACCEPTED:
-            acks.append((data[at + 2] << 8 | data[at + 3], data[at + 4]))
+            mids.append(data[at + 2] << 8 | data[at + 3])
             at += 5
         else:
             break
-    return acks, at
+    return mids, at
+
+
+def remaining_length(size: int) -> bytes:
+    """MQTT's variable byte integer (MQTT 5.0 §1.5.5): 7 bits a byte, low first."""
+    out = bytearray()
+    while True:
+        size, digit = size >> 7, size & 0x7F
+        if size:
+            out.append(digit | 0x80)
+        else:
+            out.append(digit)
+            return bytes(out)
+
+
+@functools.lru_cache(maxsize=16)
+def short_headers(command: int) -> tuple[bytes, ...]:
+    """Fixed headers `<command> <length>` of every packet whose remaining length is < 128."""
+    return tuple(bytes((command, size)) for size in range(128))
+
+
+def publish_header(command: int, size: int) -> bytes:
+    """The fixed header of a PUBLISH with `size` bytes after it."""
+    if size < 128:
+        return short_headers(command)[size]
+    return bytes((command,)) + remaining_length(size)
+
+
+def topic_field(topic: str) -> bytes:
+    """A topic name as it appears in a PUBLISH: length-prefixed UTF-8 without wildcards
+    (MQTT 5.0 §3.3.2.1). ValueError for what paho's publish() refuses too."""
+    encoded = topic.encode()
+    if not encoded or b"+" in encoded or b"#" in encoded or len(encoded) > MAX_TOPIC:
+        raise ValueError(f"invalid topic for a PUBLISH: {topic!r}")
+    return len(encoded).to_bytes(2, "big") + encoded
 
 
 class BatchedSocket:
@@ -57,44 +92,48 @@ class BatchedSocket:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._out = bytearray()
+        self.out = bytearray()  # appended to by send() and by the client's bulk publish
+        self.sent = 0  # bytes the kernel has taken, since this socket was made
         self._in = bytearray()
-        self._lock = threading.Lock()  # close() may come from the loop's thread
         self.broken: OSError | None = None
 
-    # paho reaches fileno(), setblocking(), close() and the like through here
+    # paho reaches fileno(), setblocking() and the like through here
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         if self.broken is not None:
             raise self.broken
-        if len(self._out) >= WRITE_HIGH:
+        if len(self.out) >= WRITE_HIGH:
             self.flush()
-            if len(self._out) >= WRITE_HIGH:
+            if len(self.out) >= WRITE_HIGH:
                 raise BlockingIOError  # paho keeps the packet and waits for writability
-        self._out += data
+        self.out += data
         return len(data)
 
     def has_output(self) -> bool:
-        return bool(self._out)
+        return bool(self.out)
+
+    def full(self) -> bool:
+        return len(self.out) >= WRITE_HIGH
 
     def flush(self) -> None:
         """Write what is gathered, as far as the socket takes it now.
 
         A broken socket is remembered and raised by the next recv(), where paho's read path
-        turns it into a lost connection (and its reconnect logic takes over)."""
-        with self._lock:
-            while self._out and self.broken is None:
-                try:
-                    sent = self.sock.send(self._out)
-                except _AGAIN:
-                    return
-                except OSError as exc:
-                    self.broken = exc
-                    self._out.clear()
-                    return
-                del self._out[:sent]
+        turns it into a lost connection (and the reconnect logic takes over)."""
+        out = self.out
+        while out and self.broken is None:
+            try:
+                sent = self.sock.send(out)
+            except _AGAIN:
+                return
+            except OSError as exc:
+                self.broken = exc
+                out.clear()
+                return
+            del out[:sent]
+            self.sent += sent
 
     def recv(self, size: int) -> bytes:
         if not self._in:
@@ -108,10 +147,10 @@ class BatchedSocket:
         del self._in[:size]
         return chunk
 
-    def take_pubacks(self, v5: bool) -> list[tuple[int, int]] | None:
-        """The plain PUBACKs at the head of the input (`plain_pubacks`), consumed; [] when something
-        else is next (paho reads it); None when nothing is readable now. Reads the socket once
-        if nothing is buffered."""
+    def take_pubacks(self, v5: bool) -> list[int] | None:
+        """The packet ids of the plain PUBACKs at the head of the input (`plain_pubacks`),
+        consumed; [] when something else is next (paho reads it); None when nothing is readable
+        now. Reads the socket once if nothing is buffered."""
         if not self._in:
             if self.broken is not None:
                 return []  # paho's next read raises it
@@ -125,46 +164,19 @@ class BatchedSocket:
             if not data:
                 return []  # end of stream: paho's own read sees it again
             self._in += data
-        acks, used = plain_pubacks(self._in, v5)
+        mids, used = plain_pubacks(self._in, v5)
         if used:
             del self._in[:used]
-        return acks
+        return mids
 
     def pending(self) -> int:
         inner = self.sock.pending() if isinstance(self.sock, ssl.SSLSocket) else 0
         return len(self._in) + inner + (1 if self.broken is not None else 0)
 
     def close(self) -> None:
-        with self._lock:
-            self._out.clear()
+        """Closes the socket after a last write of what is gathered (paho closes right after
+        queueing a DISCONNECT), as far as the socket takes it without waiting."""
+        self.flush()
+        self.out.clear()
         self._in.clear()
         self.sock.close()
-
-
-class QuietWake:
-    """paho's wake-up socket, silenced while `hold` is on; `release` wakes it once if needed."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.holding = False
-        self.owed = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.sock, name)
-
-    def send(self, data: bytes) -> int:
-        if self.holding:
-            self.owed = True
-            return len(data)
-        return self.sock.send(data)
-
-    def hold(self) -> None:
-        self.holding = True
-
-    def release(self) -> None:
-        self.holding = False
-        if self.owed:
-            self.owed = False
-            # full: the thread has wake-ups waiting already; closed: it is being replaced
-            with contextlib.suppress(OSError):
-                self.sock.send(b"\0")

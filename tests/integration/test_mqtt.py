@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,49 @@ async def test_qos1_samples_survive_a_broker_restart(mosquitto: Mosquitto) -> No
         ).start()
         await second_run.wait_for(lambda m: seconds(m) >= set(range(10, 40)))
         second_run.stop()
+
+
+async def test_reconnects_back_off_on_the_loop_and_start_again_at_the_minimum(
+    tmp_path: Path,
+) -> None:
+    """The event loop drives paho (gatewayd/sinks/mqtt_loop.py), no thread of paho's: failed
+    attempts wait paho's backoff, doubling from reconnect_min_s up to reconnect_max_s, and a
+    successful CONNACK resets it (paho's own bookkeeping, kept)."""
+    mosquitto = Mosquitto(tmp_path / "mosquitto")  # its port, not started yet
+    cfg = config(mosquitto, reconnect_min_s=0.02, reconnect_max_s=0.08)
+    try:
+        async with running(cfg, connect=False) as gw:
+            ours = f"paho-mqtt-client-{gw.sink.client_id}"  # paho's name for its thread
+            assert not [t for t in threading.enumerate() if t.name == ours]
+            client = gw.sink._client
+            delays: list[float | None] = []
+
+            def failed_again(sink: MqttSink) -> bool:
+                delays.append(client._reconnect_delay)
+                return sink.failed_attempts >= 5
+
+            await asyncio.wait_for(gw.sink.wait_for_link(failed_again), WAIT_S)
+            assert gw.sink.link is Link.UNREACHABLE
+            # seen as each failure is reported: the wait that follows it (None: no failure yet)
+            assert delays == [None, 0.02, 0.04, 0.08, 0.08, 0.08]
+            mosquitto.start()
+            await asyncio.wait_for(gw.sink.wait_connected(), WAIT_S)
+            assert client._reconnect_delay is None
+            for second in range(5):
+                gw.hub.publish(hr("anna", second))
+            await asyncio.wait_for(gw.sink.wait_idle(), WAIT_S)
+            mosquitto.stop()
+            await asyncio.wait_for(gw.sink.wait_for_link(lambda s: s.link is Link.LOST), WAIT_S)
+            await asyncio.wait_for(gw.sink.wait_for_link(lambda s: s.failed_attempts >= 6), WAIT_S)
+            # the minimum waited after the loss, then 0.04 after this failed attempt
+            assert client._reconnect_delay == 0.04
+            mosquitto.start()
+            await asyncio.wait_for(gw.sink.wait_connected(), WAIT_S)
+            await asyncio.wait_for(gw.sink.wait_idle(), WAIT_S)
+            assert gw.sink.published >= 7  # "online" twice and the samples
+    finally:
+        mosquitto.stop()
+    assert gw.sink.link is Link.CLOSED
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -1,16 +1,16 @@
-"""paho's client with gatewayd's fast paths (gatewayd/sinks/mqtt_client.py).
+"""paho's client with gatewayd's bulk paths (gatewayd/sinks/mqtt_client.py).
 
-The fast paths lean on paho internals. These tests hold them against paho itself: its own
-PUBACK decoder and its own reader on the same bytes, and its own MQTTMessageInfo. A paho
-release that changes what they rely on fails here, not quietly in the daemon.
+The bulk paths lean on paho internals. These tests hold them against paho itself: the bytes
+its own publish() writes, its own PUBLISH decoder on the receiving side (a second paho client
+reading what ours wrote, as a subscriber's client would), its own PUBACK reader, and its own
+resend after a reconnect. A paho release that changes what they rely on fails here, not
+quietly in the daemon.
 """
 
 from __future__ import annotations
 
 import inspect
 import socket
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -19,21 +19,15 @@ from paho.mqtt import _packet
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 
-from gatewayd.sinks.mqtt_client import (
-    ACK_PROPERTIES,
-    ACK_REASONS,
-    Client,
-    LeanInfo,
-    install_lean_info,
-)
-from gatewayd.sinks.mqtt_wire import PUBACK_ACCEPTED, BatchedSocket, plain_pubacks
+from gatewayd.sinks.mqtt_client import Client, Held
+from gatewayd.sinks.mqtt_wire import PUBACK_ACCEPTED, WRITE_HIGH, BatchedSocket, plain_pubacks
 from tests.unit.test_mqtt_wire import pair
 
 __all__ = ["pair"]  # a fixture, imported for pytest
 
 V5 = MQTTProtocolVersion.MQTTv5
 V311 = MQTTProtocolVersion.MQTTv311
-WAIT_S = 10.0  # a guard against hanging: every wait here ends early on its event
+CONNECTED = paho._ConnectionState.MQTT_CS_CONNECTED
 
 
 def puback(mid: int, *rest: int) -> bytes:
@@ -43,18 +37,16 @@ def puback(mid: int, *rest: int) -> bytes:
 
 def test_plain_pubacks_decode_as_pahos_own_decoder_does() -> None:
     packets = [puback(1), puback(2, 0x10), puback(0xFFFF, 0x00), puback(0x0100)]
-    acks, used = plain_pubacks(b"".join(packets), v5=True)
+    mids, used = plain_pubacks(b"".join(packets), v5=True)
     assert used == sum(map(len, packets))
-    assert len(acks) == len(packets)
-    for (mid, code), packet in zip(acks, packets, strict=True):
+    assert len(mids) == len(packets)
+    for mid, packet in zip(mids, packets, strict=True):
         reference = _packet.decode_puback(packet[0], packet[2:], V5)
         assert mid == reference.mid
-        assert ACK_REASONS[code].value == reference.reason.value
-        assert ACK_REASONS[code].packetType == reference.reason.packetType == PacketTypes.PUBACK
         assert not reference.reason.is_failure
-        assert ACK_PROPERTIES.pack() == reference.properties.pack() == b"\x00"
+        assert reference.properties.pack() == b"\x00"
     # MQTT 3.1.1 has only the two-byte form
-    assert plain_pubacks(puback(7), v5=False) == ([(7, 0)], 4)
+    assert plain_pubacks(puback(7), v5=False) == ([7], 4)
 
 
 @pytest.mark.parametrize(
@@ -69,34 +61,46 @@ def test_plain_pubacks_decode_as_pahos_own_decoder_does() -> None:
 )
 def test_plain_pubacks_stop_at_anything_else(tail: bytes, v5: bool) -> None:
     head = puback(1) + puback(2)
-    assert plain_pubacks(head + tail + puback(3), v5) == ([(1, 0), (2, 0)], len(head))
+    assert plain_pubacks(head + tail + puback(3), v5) == ([1, 2], len(head))
     assert plain_pubacks(tail, v5) == ([], 0)
 
 
 @pytest.mark.parametrize("cut", [puback(5)[:1], puback(5)[:3], puback(5, 0x10)[:4]])
 def test_plain_pubacks_leave_a_packet_cut_short_for_later(cut: bytes) -> None:
     head = puback(1) + puback(2)
-    assert plain_pubacks(head + cut, v5=True) == ([(1, 0), (2, 0)], len(head))
+    assert plain_pubacks(head + cut, v5=True) == ([1, 2], len(head))
 
 
 def test_accepting_codes_are_the_ones_paho_counts_as_success() -> None:
     for code in PUBACK_ACCEPTED:
-        assert not ACK_REASONS[code].is_failure
-        assert ACK_REASONS[code].getName() in ("Success", "No matching subscribers")
+        reason = _packet.decode_puback(0x40, puback(1, code)[2:], V5).reason
+        assert not reason.is_failure
+        assert reason.getName() in ("Success", "No matching subscribers")
 
 
-# -- the fast path against paho's own reader, on the same bytes ------------------------------
+# -- helpers: a client "after its CONNACK" on one end of a socket pair -----------------------
 
 
-def attached(client: paho.Client, sock: Any) -> list[tuple[int, int, int, bytes]]:
-    """`client` talking over `sock` with paho's state as after a CONNACK; its on_publish calls."""
-    calls: list[tuple[int, int, int, bytes]] = []
+def ours(protocol: MQTTProtocolVersion = V5) -> Client:
+    """Our client as the sink sets it up: no in-flight limit of paho's own."""
+    client = Client(
+        CallbackAPIVersion.VERSION2, protocol=protocol, credentials=lambda: (None, None)
+    )
+    client.max_inflight_messages_set(0)
+    return client
+
+
+def connected(client: paho.Client, sock: Any) -> list[tuple[int, int]]:
+    """`client` talking over `sock` with paho's state as after a CONNACK; its on_publish calls
+    as (mid, reason code)."""
+    calls: list[tuple[int, int]] = []
 
     def on_publish(c: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
-        calls.append((mid, reason.value, reason.packetType, properties.pack()))
+        calls.append((mid, reason.value))
 
     client.on_publish = on_publish
-    client._sock = sock
+    client._sock = BatchedSocket(sock) if isinstance(client, Client) else sock
+    client._state = CONNECTED
     return calls
 
 
@@ -107,47 +111,144 @@ def read_all(client: paho.Client) -> None:
     raise AssertionError("the reader never ran dry")
 
 
-def ours(
-    protocol: MQTTProtocolVersion, written: Callable[[list[int]], None] | None = None
-) -> Client:
-    return Client(
-        CallbackAPIVersion.VERSION2,
-        protocol=protocol,
-        credentials=lambda: (None, None),
-        attempt_failed=lambda exc: None,
-        written=written,
-    )
+def drain(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1 << 16)
+        except BlockingIOError:
+            return bytes(data)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+class Receiver:
+    """A second paho client reading, as from its broker, what ours writes: paho's own PUBLISH
+    decoder. It answers QoS 1 with PUBACK and QoS 2 with PUBREC, as a broker would."""
+
+    def __init__(self, sock: socket.socket, protocol: MQTTProtocolVersion) -> None:
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+        self.messages: list[tuple[str, bytes, int, bool, int, bool]] = []
+        self.client.on_message = self._on_message
+        self.client._sock = sock
+        self.client._state = CONNECTED
+
+    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        self.messages.append(
+            (message.topic, message.payload, message.qos, message.retain, message.mid, message.dup)
+        )
+
+    def read(self) -> None:
+        read_all(self.client)
+
+
+# Topics and payloads whose remaining lengths take one, two and three bytes.
+BATCH = [
+    ("gatewayd/gym/athletes/anna/HEART_RATE", b'{"ts":"x","val":71.0}'),
+    ("gatewayd/gym/athletes/b\u00f6b/POWER", b"p" * 200),
+    ("t", b""),
+    ("gatewayd/gym/devices/ble/C0:FF:EE", b"d" * 20_000),
+]
 
 
 @pytest.mark.parametrize("protocol", [V5, V311])
-def test_the_fast_path_tells_on_publish_what_pahos_reader_tells_it(
+@pytest.mark.parametrize(("qos", "retain"), [(0, False), (1, False), (1, True), (2, False)])
+def test_bulk_publish_writes_what_pahos_publish_writes(
+    pair: tuple[socket.socket, socket.socket],
+    protocol: MQTTProtocolVersion,
+    qos: int,
+    retain: bool,
+) -> None:
+    a, b = pair
+    reference = paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+    connected(reference, a)
+    for topic, payload in BATCH:
+        reference.publish(topic, payload, qos, retain)
+    expected = drain(b)
+    client = ours(protocol)
+    connected(client, a)
+    assert client.publish_many(BATCH, qos, retain) == len(BATCH)
+    assert drain(b) == expected
+    if qos:  # held as paho's publish() holds them: what its resend and ack handling read
+        for mid, theirs in reference._out_messages.items():
+            mine = client._out_messages[mid]
+            assert type(mine) is Held
+            for slot in ("mid", "topic", "payload", "qos", "retain", "dup", "state", "properties"):
+                assert getattr(mine, slot) == getattr(theirs, slot), slot
+        assert client._inflight_messages == reference._inflight_messages == len(BATCH)
+        assert client._last_mid == reference._last_mid
+    else:
+        assert client._out_messages == {}
+    reference._sock = None  # a paho client closes its socket when collected
+
+
+@pytest.mark.parametrize("protocol", [V5, V311])
+def test_pahos_decoder_reads_the_bulk_packets_and_its_acks_settle_them(
     pair: tuple[socket.socket, socket.socket], protocol: MQTTProtocolVersion
 ) -> None:
     a, b = pair
+    client = ours(protocol)
+    calls = connected(client, a)
+    receiver = Receiver(b, protocol)
+    assert client.publish_many(BATCH, 1, False) == len(BATCH)
+    assert client.publish_many(BATCH[:2], 0, True) == 2
+    receiver.read()
+    assert receiver.messages == [
+        *[(t, p, 1, False, mid, False) for mid, (t, p) in enumerate(BATCH, 1)],
+        *[(t, p, 0, True, 0, False) for t, p in BATCH[:2]],
+    ]
+    assert client.in_flight() == len(BATCH)  # QoS 0 settled when written, QoS 1 when acked
+    assert client.settled == 2
+    read_all(client)  # the receiver's PUBACKs
+    assert client.settled == 2 + len(BATCH) and client.fast_acks == len(BATCH)
+    assert client.in_flight() == 0 and client._inflight_messages == 0
+    assert calls == []  # plain acks are counted in bulk, not told one by one
+
+
+@pytest.mark.parametrize("protocol", [V5, V311])
+def test_refusals_and_qos2_still_go_through_paho_to_on_publish(
+    pair: tuple[socket.socket, socket.socket], protocol: MQTTProtocolVersion
+) -> None:
+    a, b = pair
+    client = ours(protocol)
+    calls = connected(client, a)
+    receiver = Receiver(b, protocol)
+    client.publish_many([("t/2", b"two")], 2, False)  # mid 1: PUBREC, PUBREL, PUBCOMP
+    client.publish_many([("t/1", b"one"), ("t/x", b"x"), ("t/y", b"y")], 1, False)  # 2, 3, 4
+    receiver.read()
+    assert [m[4] for m in receiver.messages] == [2, 3, 4]
+    assert list(receiver.client._in_messages) == [1]  # QoS 2: delivered at PUBREL
+    drain(a)  # the receiver's answers: the test answers in its place, with refusals in MQTT 5
     if protocol == V5:
-        answers = [puback(1), puback(2, 0x10), puback(3, 0x87), puback(4, 0x00, 0x00), puback(5)]
+        answers = puback(2) + puback(3, 0x87) + puback(4, 0x00, 0x00)
     else:
-        answers = [puback(1), puback(2), puback(3), puback(4), puback(5)]
-    answers.append(puback(99))  # an ack for a message the client does not hold: ignored
-    results = []
-    for client in (paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol), ours(protocol)):
-        sock = BatchedSocket(a) if isinstance(client, Client) else a
-        calls = attached(client, sock)
-        infos = [client.publish(f"t/{i}", b"x", qos=1) for i in range(6)]
-        assert [info.mid for info in infos] == [1, 2, 3, 4, 5, 6]
-        b.recv(1 << 16)  # the PUBLISH packets
-        b.sendall(b"".join(answers))
-        read_all(client)
-        if isinstance(client, Client):  # 3 (a refusal) and 4 (properties) went to paho's reader
-            assert client.fast_acks == (4 if protocol == V5 else 6)
-        results.append(
-            (calls, [info.is_published() for info in infos], sorted(client._out_messages))
-        )
-    reference, fast = results
-    assert fast == reference
-    assert reference[0][0] == (1, 0, PacketTypes.PUBACK, b"\x00")
-    assert reference[1] == [True] * 5 + [False]  # 6 was never acknowledged
-    assert reference[2] == [6]
+        answers = puback(2) + puback(3) + puback(4)
+    b.sendall(answers + b"\x50\x02\x00\x01")  # and PUBREC 1
+    receiver.client._sock = None
+    read_all(client)  # PUBREC 1 -> paho sends PUBREL 1
+    assert drain(b) == b"\x62\x02\x00\x01"
+    b.sendall(b"\x70\x02\x00\x01")  # PUBCOMP 1
+    read_all(client)
+    if protocol == V5:
+        assert calls == [(3, 0x87), (4, 0), (1, 0)]  # the refusal and the rest via paho
+        assert client.settled == 1
+    else:
+        assert calls == [(1, 0)]
+        assert client.settled == 3
+    assert client.in_flight() == 0 and client._inflight_messages == 0
+
+
+def test_an_ack_for_a_message_not_held_is_ignored(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    client = ours()
+    connected(client, a)
+    client.publish_many([("t", b"x")], 1, False)
+    b.sendall(puback(99) + puback(1) + puback(1))
+    read_all(client)
+    assert client.settled == 1 and client._inflight_messages == 0
 
 
 def test_a_puback_split_across_reads_is_finished_by_pahos_reader(
@@ -155,130 +256,184 @@ def test_a_puback_split_across_reads_is_finished_by_pahos_reader(
 ) -> None:
     a, b = pair
     client = ours(V5)
-    calls = attached(client, BatchedSocket(a))
-    for i in range(4):
-        client.publish(f"t/{i}", b"x", qos=1)
-    b.recv(1 << 16)
+    calls = connected(client, a)
+    client.publish_many([(f"t/{i}", b"x") for i in range(4)], 1, False)
     stream = puback(1) + puback(2) + puback(3) + puback(4)
     b.sendall(stream[:6])  # the second PUBACK stops after its length byte
     read_all(client)
-    assert [c[0] for c in calls] == [1]
+    assert client.settled == 1
     assert client._in_packet["command"] == 0x40  # paho holds the part it has
     b.sendall(stream[6:])
     read_all(client)
-    assert [c[0] for c in calls] == [1, 2, 3, 4]
-    assert client.fast_acks == 3  # 1, then 3 and 4 in one go; 2 by paho's reader
+    assert calls == [(2, 0)]  # finished by paho's reader
+    assert client.settled == 3 and client.fast_acks == 3
     assert client._out_messages == {}
-
-
-def test_the_paho_internals_the_fast_path_uses_are_there() -> None:
-    client = paho.Client(CallbackAPIVersion.VERSION2)
-    assert client._in_packet["command"] == 0  # no packet half read
-    assert client._out_messages == {}
-    for lock in (client._out_message_mutex, client._msgtime_mutex):
-        assert hasattr(lock, "acquire") and hasattr(lock, "release")
-    assert isinstance(client._last_bytes_received, float)
-    assert isinstance(paho.time_func(), float)
-    assert list(inspect.signature(paho.Client._do_on_publish).parameters) == [
-        "self",
-        "mid",
-        "reason_code",
-        "properties",
-    ]
-    assert list(inspect.signature(paho.Client._packet_read).parameters) == ["self"]
-
-
-# -- the message info without a Condition of its own -----------------------------------------
-
-
-def test_paho_builds_lean_infos_that_hold_what_its_own_hold() -> None:
-    ours(V5)
-    assert paho.MQTTMessageInfo is LeanInfo
-    message = paho.MQTTMessage(7, b"t")
-    assert type(message.info) is LeanInfo
-    original = paho.MQTTMessageInfo.__mro__[1](7)  # paho's own class
-    assert type(original) is not LeanInfo
-    for slot in set(original.__slots__) - {"_condition"}:
-        assert getattr(message.info, slot) == getattr(original, slot), slot
-    assert tuple(message.info) == tuple(original) == (MQTTErrorCode.MQTT_ERR_SUCCESS, 7)
-    assert not message.info.is_published()
-
-
-def test_wait_for_publish_wakes_each_waiter_for_its_own_message() -> None:
-    install_lean_info()
-    first, second = paho.MQTTMessage(1).info, paho.MQTTMessage(2).info
-    done: list[int] = []
-
-    def wait(info: paho.MQTTMessageInfo) -> None:
-        info.wait_for_publish(WAIT_S)
-        done.append(info.mid)
-
-    threads = [threading.Thread(target=wait, args=(info,)) for info in (first, second)]
-    for thread in threads:
-        thread.start()
-    second._set_as_published()
-    threads[1].join(WAIT_S)
-    assert done == [2]
-    assert threads[0].is_alive()  # its message is not published: it still waits
-    first._set_as_published()
-    threads[0].join(WAIT_S)
-    assert done == [2, 1]
-
-
-def test_an_unknown_message_info_class_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Changed:
-        __slots__ = ("mid",)
-
-    monkeypatch.setattr(paho, "MQTTMessageInfo", Changed)
-    assert install_lean_info() is False
-    assert paho.MQTTMessageInfo is Changed
-
-
-# -- QoS 0 messages written, reported in bulk ------------------------------------------------
 
 
 @pytest.mark.parametrize("protocol", [V5, V311])
-def test_qos0_writes_reach_written_and_the_rest_still_reaches_on_publish(
+def test_after_a_reconnect_paho_resends_bulk_messages_as_its_own(
     pair: tuple[socket.socket, socket.socket], protocol: MQTTProtocolVersion
 ) -> None:
-    a, b = pair
-    results = []
-    written: list[list[int]] = []
-    # both alive to the end: a paho client closes its socket when collected
-    clients = (
-        paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol),
-        ours(protocol, written.append),
-    )
-    for client in clients:
-        calls = attached(client, BatchedSocket(a) if isinstance(client, Client) else a)
-        infos = [client.publish(f"t/{i}", b"x", qos=0) for i in range(3)]
-        infos.append(client.publish("t/q1", b"y", qos=1))
-        client.loop_write()
-        wire = b.recv(1 << 16)
-        b.sendall(puback(4))
-        read_all(client)
-        done = sorted([c[0] for c in calls] + [mid for batch in written for mid in batch])
-        results.append((wire, done, [info.is_published() for info in infos]))
+    """paho's reconnect() resets what it holds and its CONNACK handler resends it: the bulk
+    messages come out exactly as paho's own publish() messages do (DUP set, same ids)."""
+    streams = []
+    for kind in ("paho", "bulk"):
+        a, b = socket.socketpair()
+        for end in (a, b):
+            end.setblocking(False)
+        client = (
+            paho.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
+            if kind == "paho"
+            else ours(protocol)
+        )
+        client.connect_async("127.0.0.1", 1)  # reconnect() needs a host
+        connected(client, a)
+        messages = [("t/1", b"one"), ("t/2", b"two" * 100)]
         if isinstance(client, Client):
-            assert [c[0] for c in calls] == [4]  # on_publish only for the QoS 1 ack
-            assert sorted(mid for batch in written for mid in batch) == [1, 2, 3]
-    reference, bulk = results
+            client.publish_many(messages, 1, False)
+        else:
+            for topic, payload in messages:
+                client.publish(topic, payload, 1)
+        drain(b)
+        c, d = socket.socketpair()
+        d.setblocking(False)
+        fresh = BatchedSocket(c) if isinstance(client, Client) else c
+        client._create_socket = lambda fresh=fresh: fresh  # type: ignore[method-assign]
+        client.reconnect()
+        client.loop_write()
+        assert drain(d)[0] == 0x10  # CONNECT
+        d.sendall(b"\x20\x03\x01\x00\x00" if protocol == V5 else b"\x20\x02\x01\x00")  # CONNACK
+        read_all(client)
+        client.loop_write()
+        receiver = Receiver(d, protocol)
+        receiver.read()
+        streams.append(receiver.messages)
+        client._sock = None
+        receiver.client._sock = None
+        for end in (a, b, c, d):
+            end.close()
+    reference, bulk = streams
     assert bulk == reference
-    assert reference[1] == [1, 2, 3, 4] and reference[2] == [True] * 4
+    assert reference == [
+        ("t/1", b"one", 1, False, 1, True),
+        ("t/2", b"two" * 100, 1, False, 2, True),
+    ]
 
 
-def test_without_lean_infos_qos0_writes_go_to_on_publish(
-    pair: tuple[socket.socket, socket.socket], monkeypatch: pytest.MonkeyPatch
+def test_a_full_output_refuses_the_batch_until_written(
+    pair: tuple[socket.socket, socket.socket],
 ) -> None:
-    class Changed(paho.MQTTMessageInfo.__mro__[-2]):  # type: ignore[misc,name-defined]
-        __slots__ = ()
+    a, b = pair
+    client = ours()
+    connected(client, a)
+    big = [("t", b"x" * 60_000)] * 20
+    taken = 0
+    while client.publish_many(big, 0, False):  # the peer does not read: everything fills up
+        taken += len(big)
+    assert client._sock.full()
+    assert client.want_write()
+    while client._sock.full():
+        drain(b)
+        client.loop_write()
+    assert client.publish_many(big[:1], 0, False) == 1
+    assert taken * 60_000 > WRITE_HIGH
 
-    monkeypatch.setattr(paho, "MQTTMessageInfo", Changed)
+
+def test_max_queued_messages_bounds_the_held_messages(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
     a, _ = pair
-    written: list[list[int]] = []
-    client = ours(V5, written.append)
-    calls = attached(client, BatchedSocket(a))
-    client.publish("t/0", b"x", qos=0)
-    client.loop_write()
-    assert written == []
-    assert [c[0] for c in calls] == [1]
+    client = ours()
+    client.max_queued_messages_set(3)
+    connected(client, a)
+    assert client.publish_many([("t", b"x")] * 5, 1, False) == 3
+    assert client.publish_many([("t", b"x")], 1, False) == 0
+    assert client.publish_many([("t", b"x")] * 2, 0, False) == 2  # QoS 0 is not held
+    windowed = ours()
+    windowed.max_inflight_messages_set(4)  # paho's in-flight window, were it set
+    connected(windowed, a)
+    assert windowed.publish_many([("t", b"x")] * 5, 1, False) == 4
+    windowed._sock = None
+
+
+def test_packet_ids_skip_those_still_unacknowledged(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, _ = pair
+    client = ours()
+    connected(client, a)
+    client.publish_many([("t", b"x")] * 2, 1, False)  # 1, 2
+    client._last_mid = 65534
+    client.publish_many([("t", b"x")] * 4, 1, False)  # 65535, (1 and 2 held) 3, 4, 5
+    assert sorted(client._out_messages) == [1, 2, 3, 4, 5, 65535]
+
+
+@pytest.mark.parametrize("topic", ["a/+/b", "a/#", ""])
+def test_a_topic_paho_refuses_is_refused_before_anything_is_sent(
+    pair: tuple[socket.socket, socket.socket], topic: str
+) -> None:
+    a, _ = pair
+    client = ours()
+    connected(client, a)
+    with pytest.raises(ValueError):
+        paho.Client(CallbackAPIVersion.VERSION2).publish(topic, b"x")
+    with pytest.raises(ValueError):
+        client.publish_many([("ok", b"x"), (topic, b"y")], 1, False)
+    assert client._out_messages == {} and not client._sock.has_output()
+
+
+def test_qos0_bytes_still_buffered_when_the_connection_closes_are_lost(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, _ = pair
+    client = ours()
+    connected(client, a)
+    batch = [("t", b"x" * 1000)] * 100
+    total = 0
+    while client.publish_many(batch, 0, False):
+        total += len(batch)
+    assert client.qos0_unsent > 0
+    client._sock_close()
+    assert client.lost + client.settled == total
+    assert client.lost > 0 and client.qos0_unsent == 0 and client.in_flight() == 0
+
+
+def test_not_connected_takes_nothing() -> None:
+    client = ours()
+    assert client.publish_many([("t", b"x")], 1, False) == 0
+
+
+# -- the paho internals the bulk paths rely on ----------------------------------------------
+
+
+def test_the_paho_internals_the_bulk_paths_use_are_there() -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    assert client._in_packet["command"] == 0  # no packet half read
+    assert client._out_messages == {} and client._inflight_messages == 0
+    assert client._last_mid == 0 and client._max_inflight_messages == 20
+    assert client._max_queued_messages == 0
+    assert client._reconnect_delay is None
+    for lock in (client._out_message_mutex, client._msgtime_mutex):
+        assert hasattr(lock, "acquire") and hasattr(lock, "release")
+    assert isinstance(client._last_bytes_received, float)
+    assert isinstance(client._last_msg_out, float)
+    assert isinstance(paho.time_func(), float)
+    assert len(client._out_packet) == 0
+    assert set(paho.MQTTMessage.__slots__) == {
+        "_topic",
+        "dup",
+        "info",
+        "mid",
+        "payload",
+        "properties",
+        "qos",
+        "retain",
+        "state",
+        "timestamp",
+    }
+    assert list(inspect.signature(paho.Client._packet_read).parameters) == ["self"]
+    assert list(inspect.signature(paho.Client._packet_write).parameters) == ["self"]
+    assert list(inspect.signature(paho.Client._sock_close).parameters) == ["self"]
+    assert list(inspect.signature(paho.Client._create_socket).parameters) == ["self"]
+    assert "_reconnect_delay = None" in inspect.getsource(paho.Client._handle_connack)
+    assert PacketTypes.PUBLISH == 3

@@ -8,10 +8,13 @@ from pathlib import Path
 import pytest
 
 from gatewayd import config as config_module
+from gatewayd.config import MqttConfig
 from gatewayd.errors import ConfigError
+from gatewayd.hub import Hub
 from gatewayd.model import DataType, Sample, format_ts
 from gatewayd.sinks.mqtt import (
     SENSORS,
+    MqttSink,
     Topics,
     athlete_payload,
     discovery_payload,
@@ -107,25 +110,47 @@ def test_bad_mqtt_config_names_the_key(
     assert hint in str(caught.value)
 
 
-@pytest.mark.parametrize(
-    "sample",
-    [
-        Sample("a", DataType.POWER, 1_800_000_000.0, val=212.5, device_id="11:7", source="ant"),
-        Sample("a", DataType.HEART_RATE, 1_800_000_001.0, val=71, device_id="X", source="ble"),
-        Sample("a", DataType.SPEED, 1_800_000_002.0, val=1e-7, device_id='é"\\', source="s"),
-        Sample("a", DataType.CALORIES, 1_800_000_003.0, val=None, device_id="", source=""),
-        Sample("a", DataType.RR_INTERVAL, 1_800_000_004.0, d=(812.0, 790.5), device_id="Z"),
-        Sample("a", DataType.POWER, 1_800_000_005.0, val=float("nan"), device_id="n"),
-    ],
-)
-def test_sample_payload_is_byte_for_byte_what_json_dumps_writes(sample: Sample) -> None:
-    # The reference: the standard library's encoder on the same record.
+PAYLOAD_CASES = [
+    Sample("a", DataType.POWER, 1_800_000_000.0, val=212.5, device_id="11:7", source="ant"),
+    Sample("a", DataType.HEART_RATE, 1_800_000_001.0, val=71, device_id="X", source="ble"),
+    Sample("a", DataType.SPEED, 1_800_000_002.0, val=1e-7, device_id='é"\\', source="s"),
+    Sample("a", DataType.CALORIES, 1_800_000_003.0, val=None, device_id="", source=""),
+    Sample("a", DataType.RR_INTERVAL, 1_800_000_004.0, d=(812.0, 790.5), device_id="Z"),
+    Sample("a", DataType.POWER, 1_800_000_005.0, val=float("nan"), device_id="n"),
+    Sample("a", DataType.POWER, 1_800_000_005.0, val=float("inf"), device_id="n"),
+    Sample("a", DataType.POWER, 1_800_000_005.0, val=-0.0, device_id="m", source="ant"),
+    Sample("b/+#", DataType.BATTERY, 1_800_000_005.0, val=87.0, device_id="n", source="ble"),
+]
+
+
+def reference_payload(sample: Sample) -> bytes:
+    """The standard library's encoder on the same record."""
     record = sample.payload()
     record["device"] = sample.device_id
     record["source"] = sample.source
-    expected = json.dumps(record, separators=(",", ":")).encode()
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("sample", PAYLOAD_CASES)
+def test_sample_payload_is_byte_for_byte_what_json_dumps_writes(sample: Sample) -> None:
+    expected = reference_payload(sample)
     assert sample_payload(sample) == expected
     assert sample_payload(sample, format_ts(sample.ts)) == expected
+
+
+async def test_the_sinks_batch_path_writes_sample_payloads_bytes_on_their_topics() -> None:
+    """MqttSink._samples caches parts of the payload per second and per device; what it queues
+    (offline: no broker) is still json.dumps's bytes, device changes on a topic included."""
+    hub = Hub()
+    sink = MqttSink(hub.subscribe("mqtt"), MqttConfig(enabled=True), hub_id="gym")
+    batch = [*PAYLOAD_CASES, *PAYLOAD_CASES[::-1]]
+    sink._handle_batch(list(batch))
+    topics = Topics("gatewayd", "gym", "homeassistant")
+    assert list(sink._queue) == [(topics.sample(s.uid, s.t), reference_payload(s)) for s in batch]
+    # the battery sample's device state, retained and apart
+    device = topics.device("ble", "n")
+    assert json.loads(sink._retained[device].payload)["battery"] == 87.0
+    assert sink._retained[device].qos == 1
 
 
 def test_athlete_payload_holds_every_type_of_the_second() -> None:

@@ -5,9 +5,18 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
-from gatewayd.sinks.mqtt_wire import READ_SIZE, WRITE_HIGH, BatchedSocket, QuietWake
+from gatewayd.sinks.mqtt_wire import (
+    READ_SIZE,
+    WRITE_HIGH,
+    BatchedSocket,
+    publish_header,
+    remaining_length,
+    topic_field,
+)
 
 
 @pytest.fixture
@@ -75,17 +84,33 @@ def test_a_full_buffer_pushes_back_and_a_broken_socket_fails_the_next_read(
     assert WRITE_HIGH > READ_SIZE
 
 
-def test_quiet_wake_wakes_once_per_batch(pair: tuple[socket.socket, socket.socket]) -> None:
+def test_sent_counts_what_the_kernel_took_and_close_writes_the_rest(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
     a, b = pair
-    wake = QuietWake(a)
-    wake.hold()
-    for _ in range(500):
-        wake.send(b"x")
-    wake.release()
-    assert b.recv(10_000) == b"\0"
-    wake.hold()
-    wake.release()  # nothing was sent while holding: no wake-up
-    with pytest.raises(BlockingIOError):
-        b.recv(10)
-    wake.send(b"x")  # not holding: straight through, as paho expects
-    assert b.recv(10) == b"x"
+    sock = BatchedSocket(a)
+    sock.send(b"\x30\x03abc")
+    sock.out += b"\xe0\x00"  # the bulk publish appends here directly
+    assert sock.sent == 0
+    sock.flush()
+    assert sock.sent == 7 and b.recv(100) == b"\x30\x03abc\xe0\x00"
+    sock.send(b"\xe0\x00")  # a DISCONNECT, which paho follows with close() at once
+    sock.close()
+    assert b.recv(100) == b"\xe0\x00"
+    assert b.recv(100) == b""
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455]
+)
+def test_remaining_length_is_what_paho_packs(size: int) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    assert remaining_length(size) == bytes(client._pack_remaining_length(bytearray(), size))
+    assert publish_header(0x32, size) == bytes([0x32]) + remaining_length(size)
+
+
+def test_topic_fields_are_length_prefixed_utf8() -> None:
+    assert topic_field("a/b\u00f6") == b"\x00\x05a/b\xc3\xb6"
+    for bad in ("", "a/+", "#", "x" * 65_536):
+        with pytest.raises(ValueError):
+            topic_field(bad)

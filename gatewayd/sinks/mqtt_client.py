@@ -161,8 +161,9 @@ class Client(paho.Client):
         """Publish `messages` (topic, payload), as many as fit from the front; how many did.
 
         Fewer when not connected (0), when the socket's output is full (0: `loop_write` makes
-        room), or, for QoS 1/2, past paho's max_queued_messages or max_inflight_messages. ValueError for a topic paho's
-        publish() refuses (wildcards, empty, too long), before anything of the batch is sent."""
+        room), or, for QoS 1/2, past paho's max_queued_messages or max_inflight_messages.
+        ValueError for a topic paho's publish() refuses (wildcards, empty, too long), before
+        anything of the batch is sent."""
         sock = self._sock
         if type(sock) is not BatchedSocket or self._state != _CONNECTED:
             return 0

@@ -143,6 +143,14 @@ class Receiver:
         read_all(self.client)
 
 
+def talking(
+    a: socket.socket, b: socket.socket, protocol: MQTTProtocolVersion
+) -> tuple[Client, list[tuple[int, int]], Receiver]:
+    """Our client on `a`, its on_publish calls, and a paho receiver on `b`."""
+    client = ours(protocol)
+    return client, connected(client, a), Receiver(b, protocol)
+
+
 # Topics and payloads whose remaining lengths take one, two and three bytes.
 BATCH = [
     ("gatewayd/gym/athletes/anna/HEART_RATE", b'{"ts":"x","val":71.0}'),
@@ -188,9 +196,7 @@ def test_pahos_decoder_reads_the_bulk_packets_and_its_acks_settle_them(
     pair: tuple[socket.socket, socket.socket], protocol: MQTTProtocolVersion
 ) -> None:
     a, b = pair
-    client = ours(protocol)
-    calls = connected(client, a)
-    receiver = Receiver(b, protocol)
+    client, calls, receiver = talking(a, b, protocol)
     assert client.publish_many(BATCH, 1, False) == len(BATCH)
     assert client.publish_many(BATCH[:2], 0, True) == 2
     receiver.read()
@@ -211,9 +217,7 @@ def test_refusals_and_qos2_still_go_through_paho_to_on_publish(
     pair: tuple[socket.socket, socket.socket], protocol: MQTTProtocolVersion
 ) -> None:
     a, b = pair
-    client = ours(protocol)
-    calls = connected(client, a)
-    receiver = Receiver(b, protocol)
+    client, calls, receiver = talking(a, b, protocol)
     client.publish_many([("t/2", b"two")], 2, False)  # mid 1: PUBREC, PUBREL, PUBCOMP
     client.publish_many([("t/1", b"one"), ("t/x", b"x"), ("t/y", b"y")], 1, False)  # 2, 3, 4
     receiver.read()

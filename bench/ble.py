@@ -1,7 +1,7 @@
 """The gateway's CPU per BLE notification: 20 fake straps notifying at 4 Hz through a fake BlueZ.
 
     .venv/bin/python bench/ble.py [--devices 20] [--hz 4] [--seconds 20] [--idle-seconds 10]
-                                  [--notify-window 0.1] [--no-pipeline] [--start-notify]
+                                  [--notify-window 0.6] [--no-pipeline] [--start-notify]
 
 A private dbus-daemon and the fake BlueZ (tests/fakes/fake_bluez.py, in its own process so its
 CPU is not counted) serve org.bluez; this process runs the real BLE source (bleak's BlueZ
@@ -79,7 +79,8 @@ class Window(NamedTuple):
     notes: int
     samples: int
     wakes: int  # event loop iterations
-    windows: int  # notification windows read (NotifyBatcher)
+    windows: int  # notification windows of the batcher's own (NotifyBatcher)
+    flushes: int  # reads of the sockets along the pipeline's wake-ups
 
 
 class CountingSelector:
@@ -110,6 +111,7 @@ async def measure(source: BleSource, pipeline: Pipeline | None, seconds: float) 
     s0 = 0 if pipeline is None else pipeline.samples
     w0 = selector.calls
     b0 = source.batcher.windows
+    f0 = source.batcher.flushes
     cpu0 = time.process_time()
     daemon0 = cpu_of(DBUS_DAEMON[0])
     wall0 = time.perf_counter()
@@ -123,6 +125,7 @@ async def measure(source: BleSource, pipeline: Pipeline | None, seconds: float) 
         0 if pipeline is None else pipeline.samples - s0,
         selector.calls - w0,
         source.batcher.windows - b0,
+        source.batcher.flushes - f0,
     )
 
 
@@ -248,7 +251,8 @@ async def bench(args: argparse.Namespace) -> None:
     print(
         f"  busy               {busy.cpu / wall * 1e3:.2f} ms CPU per s, "
         f"{busy.wakes / wall:.1f} loop wake-ups/s, {busy.windows / wall:.1f} notification "
-        f"windows/s (idle: {idle.windows / idle.wall:.1f})"
+        f"windows/s of its own + {busy.flushes / wall:.1f}/s read along the pipeline's wake-ups "
+        f"(idle: {idle.windows / idle.wall:.1f})"
     )
     print(
         f"  marginal per notification {marginal:.0f} us = {marginal / ref:.1f}x ref "
@@ -268,7 +272,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument(
-        "--notify-window", type=float, default=0.1, help="sources.ble.notify_window_s (0: off)"
+        "--notify-window",
+        type=float,
+        default=BleConfig().notify_window_s,
+        help="sources.ble.notify_window_s (0: off)",
     )
     parser.add_argument("--no-pipeline", action="store_true")
     parser.add_argument("--start-notify", action="store_true", help="D-Bus signals, not a socket")

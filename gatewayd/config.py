@@ -123,16 +123,10 @@ class BleConfig(Section):
     # Notifications over a socket (AcquireNotify) rather than D-Bus signals: ~3x cheaper. A device
     # that fails it falls back by itself; false forces StartNotify for every device.
     acquire_notify: bool = True
-    # Busy acquired sockets are read in windows of this length (ending just before each second),
-    # not with a wake-up per notification; 0 reads each notification as it arrives.
-    notify_window_s: float = Field(0.1, ge=0.0, le=0.5)
-
-    @field_validator("notify_window_s")
-    @classmethod
-    def _window(cls, value: float) -> float:
-        if value and abs(1 / value - round(1 / value)) > 1e-6:
-            raise ValueError(f"{value} must divide a second (0.05, 0.1, 0.125, 0.25 ...) or be 0")
-        return value
+    # Busy acquired sockets are read when the pipeline wakes anyway (twice a second at least), by a
+    # wake-up of their own only when they have waited this long or the second ends; 0 reads each
+    # notification as it arrives. Above the pipeline's 0.5 s, so its wake-ups read them first.
+    notify_window_s: float = Field(0.6, ge=0.0, le=1.0)
 
     @field_validator("adapters")
     @classmethod

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import NamedTuple
 
 from gatewayd.aggregate import Aggregator
@@ -42,6 +44,7 @@ class FrameQueue:
         self._waiter: asyncio.Future[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gathered = False  # every frame queued came in a source's batch: no need to wait
+        self._drains: list[Callable[[], None]] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -107,7 +110,21 @@ class FrameQueue:
     def __len__(self) -> int:
         return len(self._items)
 
+    def add_drain(self, drain: Callable[[], None]) -> None:
+        """Call `drain` whenever frames are about to be taken.
+
+        For a source that holds frames back to save wake-ups (BLE notification windows): it
+        hands them in at the pipeline's own wake-up instead of waking the process itself.
+        """
+        self._drains.append(drain)
+
+    def remove_drain(self, drain: Callable[[], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._drains.remove(drain)
+
     def take_all(self) -> list[Frame]:
+        for drain in self._drains:
+            drain()
         items = list(self._items)
         self._items.clear()
         self.gathered = False

@@ -309,6 +309,7 @@ class BleSource:
 
     async def run(self, frames: FrameQueue) -> None:
         self._frames = frames
+        frames.add_drain(self.batcher.flush)
         warned = False
         try:
             while True:
@@ -350,6 +351,7 @@ class BleSource:
                     self._bluez = None
                 await asyncio.sleep(self.timing.bluez_retry_s)
         finally:
+            frames.remove_drain(self.batcher.flush)
             await self._shutdown()
 
     async def _shutdown(self) -> None:

@@ -1,16 +1,15 @@
 """Read AcquireNotify sockets in windows, not with an event-loop wake-up per notification.
 
 bleak reads each acquired socket from a reader it registers on the event loop, so every
-notification wakes the process once; on a busy machine a wake-up costs far more CPU than the
-notification (docs/ble.md). While notifications come faster than `rate_per_window / period`,
-the sockets leave the event loop and bleak's own reader is called for each socket that
-`poll()` finds readable, once per window; when they slow down, bleak's readers go back on the
-event loop and each notification is read the moment it arrives.
-
-Windows end just before each second of the wall clock (and every `period` before that), so a
-notification is always read within the second it arrived in and the pipeline, which bins frames
-by their reception time, still counts it in that second. Within the second its time is late by
-at most `period`, about what a BLE connection interval already blurs.
+notification wakes the process once; a wake-up costs far more CPU than the notification
+(docs/ble.md). While notifications come fast enough (gatewayd/sources/ble_windows.py decides),
+the sockets leave the event loop, and bleak's own reader is called for each socket that `poll()`
+finds readable: whenever the pipeline is about to take frames (it wakes at least twice a second
+anyway, FrameQueue.add_drain), and by a timer of our own only when the pipeline has not read them
+for `period`, or just before the second of the wall clock ends. The pipeline bins frames by
+their reception time, so every notification is still counted in the second it arrived in; within
+that second its time is late by at most `period`. When the notifications slow down, bleak's
+readers go back on the event loop and each notification is read the moment it arrives.
 
 Only bleak's reader is moved, never replaced: bleak still reads the datagram, detects the end of
 the socket, closes it and calls our callback. Finding that reader needs two private attributes of
@@ -22,39 +21,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import select
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from gatewayd.sources.ble_windows import RateMeter, next_window, windowed
+
 log = logging.getLogger(__name__)
 
-MAX_ROUNDS = 16  # poll() rounds per window
-MARGIN_S = 0.002  # a window ends this long before a second of the wall clock begins
-_GONE = select.POLLHUP | select.POLLERR | select.POLLNVAL
-
-
-def window_delay(wall: float, period: float, margin: float = MARGIN_S) -> float:
-    """Seconds from `wall` to the next window: `margin` before a multiple of `period`.
-
-    `period` divides a second (0.1, 0.125, 0.25 ...), so one window ends just before every
-    second of the wall clock.
-    """
-    steps = math.floor((wall + margin) / period) + 1
-    return max(0.0, steps * period - margin - wall)
-
-
-def windowed(rate: float, period: float, batching: bool) -> bool:
-    """Should notifications arriving at `rate` per second be read in windows of `period`?
-
-    Windows cost 1/period wake-ups a second, direct reads one per notification; the gap between
-    the two thresholds keeps a rate near the boundary from flapping between the modes.
-    """
-    if batching:
-        return rate * period >= 0.5
-    return rate * period >= 1.5
+MAX_ROUNDS = 16  # poll() rounds per read: bounds what a flooding peer can hold the loop for
 
 
 class _Socket:
@@ -106,10 +83,10 @@ class NotifyBatcher:
         self._poll = select.poll()
         self._batching = False
         self._timer: asyncio.TimerHandle | None = None
-        self._second = -1  # the wall second being counted
-        self._count = 0  # notifications in it
-        self._last_rate = 0.0
-        self.windows = 0  # windows read, for the benchmark
+        self._meter = RateMeter()
+        self._last_read = 0.0  # wall time the sockets were last read while batching
+        self.windows = 0  # windows of our own (a timer's wake-up), for the benchmark
+        self.flushes = 0  # reads along the pipeline's wake-ups, for the benchmark
         self.enabled = period > 0
         self.switched = asyncio.Event()  # set at every change of mode; tests wait on it
 
@@ -192,7 +169,6 @@ class NotifyBatcher:
             return
         before = self._notes()
         entry.callback(*entry.args)
-        self._count_note(self._notes() - before)
         if self._notes() == before and _identity(fd) != entry.identity:
             # bleak read the end of the socket (or an error) and closed it
             self._forget(fd)
@@ -207,42 +183,57 @@ class NotifyBatcher:
 
     def _readable(self, fd: int) -> None:
         """A socket woke the loop (direct mode)."""
+        before = self._notes()
         self._read(fd, select.POLLIN)
+        self._meter.add(self._wall(), self._notes() - before)
         self._decide()
 
-    def _window(self) -> None:
-        self._timer = None
-        self.windows += 1
+    def _read_ready(self) -> None:
+        """Read every socket that holds a notification now (batching)."""
+        before = self._notes()
+        self._last_read = self._wall()
         ready = self._poll.poll(0)
         rounds = 1
-        # several datagrams may wait on one socket and bleak reads one per call; a bound on
-        # the rounds keeps a flooding peer from holding the loop (the rest waits a window)
+        # several datagrams may wait on one socket and bleak reads one per call; the bound on
+        # the rounds keeps a flooding peer from holding the loop (the rest waits for the next)
         while ready:
             for fd, events in ready:
                 self._read(fd, events)
             rounds += 1
             ready = self._poll.poll(0) if self._sockets and rounds <= MAX_ROUNDS else []
+        self._meter.add(self._last_read, self._notes() - before)
+
+    def flush(self) -> None:
+        """Read the sockets now: the pipeline is about to take frames (FrameQueue.add_drain).
+
+        This wake-up is the pipeline's, so it costs none of our own; the timer of our own
+        moves to `period` after it.
+        """
+        if not self._batching:
+            return
+        self.flushes += 1
+        self._read_ready()
+        self._decide()
+
+    def _window(self) -> None:
+        self._timer = None
+        self.windows += 1
+        self._read_ready()
         self._decide()
 
     # ------------------------------------------------------------------ mode
 
-    def _count_note(self, delivered: int) -> None:
-        second = int(self._wall())
-        if second != self._second:
-            self._last_rate = self._count if second == self._second + 1 else 0.0
-            self._second = second
-            self._count = 0
-        self._count += delivered
-
     def _decide(self) -> None:
-        self._count_note(0)
-        rate = max(self._last_rate, float(self._count))
+        wall = self._wall()
+        rate = self._meter.rate(wall)
         want = bool(self._sockets) and windowed(rate, self.period, self._batching)
         if want != self._batching:
             self._set_batching(want)
-        if self._batching and self._timer is None and self._loop is not None:
+        if self._batching and self._loop is not None:
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = self._loop.call_later(
-                window_delay(self._wall(), self.period), self._window
+                next_window(wall, self._last_read, self.period), self._window
             )
 
     def _set_batching(self, on: bool) -> None:
@@ -260,11 +251,12 @@ class NotifyBatcher:
                 self._poll.unregister(fd)
                 loop.add_reader(fd, self._readable, fd)
         self._batching = on
+        self._last_read = self._wall()
         self.switched.set()
         log.debug(
             "BLE: %s notification sockets read %s",
             len(self._sockets),
-            f"in {self.period:g} s windows" if on else "as they arrive",
+            f"in windows of at most {self.period:g} s" if on else "as they arrive",
         )
         if not on and self._timer is not None:
             self._timer.cancel()

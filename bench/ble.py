@@ -188,7 +188,7 @@ async def bench(args: argparse.Namespace) -> None:
                     acquire_notify=not args.start_notify,
                     notify_window_s=args.notify_window,
                 ),
-                timing=BleTiming(settle_s=0.2, tick_s=1.0),
+                timing=BleTiming(settle_s=0.2),  # the default ticks: what a gym runs
             )
             tasks.append(asyncio.create_task(source.run(queue)))
             if args.no_pipeline:

@@ -129,7 +129,10 @@ class BleTiming:
     adapter_fail_limit: int = 5
     battery_interval_s: float = 600.0
     bluez_retry_s: float = 10.0
-    tick_s: float = 1.0  # how often timers (backoff, stale adapters) are checked
+    # how often the watchdog looks (stale adapters, scanners to restart) and the longest the
+    # scheduler sleeps; backoffs and settling end on time, connects and drops wake it at once.
+    # Each wake-up of an idle process costs ~0.3 ms here: 5 s, not 1 s (docs/benchmarks.md).
+    tick_s: float = 5.0
     power_off_s: float = 1.0  # between Powered off and on
     forget_s: float = 3600.0  # an unlisted device unheard this long is forgotten
     advert_repeat_s: float = 1.0  # an unchanged HR advert is passed on at most this often

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 
 from gatewayd.clock import ManualClock
 from gatewayd.config import PipelineConfig, SimulatorConfig
@@ -13,6 +15,22 @@ from gatewayd.roster import Roster
 from gatewayd.sources.simulator import SimulatorSource
 
 START_WALL = 1_800_000_000.0
+
+
+async def until(predicate: Callable[[], bool], *events: asyncio.Event, limit: float = 30.0) -> None:
+    """Wait for the events that can make `predicate` true; the limit is only a guard."""
+    async with asyncio.timeout(limit):
+        while not predicate():
+            for event in events:
+                event.clear()
+            if predicate():
+                return
+            waiters = [asyncio.ensure_future(event.wait()) for event in events]
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
 
 
 class SteadyClock:

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from gatewayd.pipeline import FrameQueue, Pipeline
 from gatewayd.roster import Roster
 from gatewayd.sources.ble import BleSource, BleTiming, format_scan
 from tests.fakes.fake_bluez import FAILED, IN_PROGRESS, FakeBlueZ, private_system_bus
+from tests.helpers import until
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = BleTiming(
@@ -156,22 +157,6 @@ async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
             task.cancel()
         await asyncio.wait(pending, timeout=2)
     raise AssertionError(f"tasks would not stop: {pending}")
-
-
-async def until(predicate: Callable[[], bool], *events: asyncio.Event, limit: float = 30.0) -> None:
-    """Wait for the events that can make `predicate` true; the limit is only a guard."""
-    async with asyncio.timeout(limit):
-        while not predicate():
-            for event in events:
-                event.clear()
-            if predicate():
-                return
-            waiters = [asyncio.ensure_future(event.wait()) for event in events]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
 
 
 def source_for(**config: object) -> BleSource:

@@ -17,21 +17,14 @@ from gatewayd.clock import ManualClock
 from gatewayd.model import Frame
 from gatewayd.pipeline import FrameQueue
 from gatewayd.sources.ble_batch import NotifyBatcher
-from tests.helpers import START_WALL
+from tests.helpers import START_WALL, until
 
 
 class Strap:
     """One acquired notification socket with a reader shaped like bleak's: read a datagram,
     on an empty read with the peer gone remove itself and close the socket."""
 
-    def __init__(
-        self,
-        name: str,
-        queue: FrameQueue,
-        clock: ManualClock,
-        notes: list[int],
-        heard: asyncio.Event,
-    ) -> None:
+    def __init__(self, name: str, room: Room) -> None:
         self.name = name
         self.ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.fd = self.ours.detach()  # the fd alone, as bleak holds it
@@ -49,10 +42,10 @@ class Strap:
                     os.close(self.fd)
                     self.closed = True
                     return
-            notes[0] += 1
-            heard.set()
-            queue.put_quiet(
-                Frame("ble", "hci0", name, "2a37", data, clock.mono(), clock.wall(), -60)
+            room.notes += 1
+            room.heard.set()
+            room.queue.put_quiet(
+                Frame("ble", "hci0", name, "2a37", data, room.clock.mono(), room.clock.wall(), -60)
             )
 
         loop.add_reader(self.fd, on_data)
@@ -64,32 +57,29 @@ class Strap:
             os.close(self.fd)
 
 
-@pytest.fixture
-def clock() -> ManualClock:
-    # the middle of a second: the batcher's own timer is half a second away in real time
-    return ManualClock(wall=START_WALL + 0.5)
+class Room:
+    """Three straps' sockets, the queue their frames go to, and a clock that moves by hand."""
+
+    def __init__(self) -> None:
+        # the middle of a second: the batcher's own timer is half a second away in real time
+        self.clock = ManualClock(wall=START_WALL + 0.5)
+        self.queue = FrameQueue()
+        self.notes = 0  # notifications the readers delivered
+        self.heard = asyncio.Event()  # set at each
+        self.straps: list[Strap] = []
+
+    def batcher(self) -> NotifyBatcher:
+        return NotifyBatcher(1.0, self.clock.wall, lambda: self.notes)
 
 
 @pytest.fixture
-def notes() -> list[int]:
-    return [0]
-
-
-@pytest.fixture
-def heard() -> asyncio.Event:
-    return asyncio.Event()  # set at every notification a reader delivered
-
-
-@pytest.fixture
-async def straps(
-    clock: ManualClock, notes: list[int], heard: asyncio.Event
-) -> AsyncIterator[tuple[FrameQueue, list[Strap]]]:
-    queue = FrameQueue()
-    made = [Strap(f"strap{i}", queue, clock, notes, heard) for i in range(3)]
+async def room() -> AsyncIterator[Room]:
+    made = Room()
+    made.straps = [Strap(f"strap{i}", made) for i in range(3)]
     try:
-        yield queue, made
+        yield made
     finally:
-        for strap in made:
+        for strap in made.straps:
             strap.close()
 
 
@@ -99,20 +89,15 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-async def test_busy_sockets_are_read_when_the_pipeline_takes_frames(
-    straps: tuple[FrameQueue, list[Strap]],
-    clock: ManualClock,
-    notes: list[int],
-    heard: asyncio.Event,
-) -> None:
-    queue, made = straps
-    batcher = NotifyBatcher(1.0, clock.wall, lambda: notes[0])
+async def test_busy_sockets_are_read_when_the_pipeline_takes_frames(room: Room) -> None:
+    queue, made, heard = room.queue, room.straps, room.heard
+    batcher = room.batcher()
     queue.add_drain(batcher.flush)
     assert batcher.adopt({s.fd for s in made}) == 3
 
     # quiet: each notification is read as it arrives, by the reader we put on the loop
     made[0].peer.send(b"\x00\x40")
-    await until(lambda: notes[0] == 1, heard)
+    await until(lambda: room.notes == 1, heard)
     assert not batcher.batching
 
     # busy (2 per socket in this second = 6/s, at least 1.5 per 1 s window): windowed
@@ -121,14 +106,14 @@ async def test_busy_sockets_are_read_when_the_pipeline_takes_frames(
         strap.peer.send(b"\x00\x42")
     await until(lambda: batcher.batching, batcher.switched)
     queue.take_all()
-    read = notes[0]
+    read = room.notes
     assert read == 7
 
     # windowed: nothing wakes the loop for a notification ...
     for strap in made:
         strap.peer.send(b"\x00\x43")
     await settle()
-    assert notes[0] == read
+    assert room.notes == read
     # ... the pipeline's take reads them, within the same call
     taken = queue.take_all()
     assert sorted((f.device_id, f.payload) for f in taken) == [(s.name, b"\x00\x43") for s in made]
@@ -141,46 +126,27 @@ async def test_busy_sockets_are_read_when_the_pipeline_takes_frames(
 
     batcher.close()  # the readers go back on the loop: a notification wakes it again
     made[2].peer.send(b"\x00\x44")
-    await until(lambda: notes[0] == read + 4, heard)
+    await until(lambda: room.notes == read + 4, heard)
     assert [f.payload for f in queue.take_all()] == [b"\x00\x44"]
 
 
 async def test_a_window_of_its_own_reads_before_the_second_ends_without_the_pipeline(
-    straps: tuple[FrameQueue, list[Strap]],
-    clock: ManualClock,
-    notes: list[int],
-    heard: asyncio.Event,
+    room: Room,
 ) -> None:
-    queue, made = straps
-    clock.advance(0.45)  # 50 ms before the second ends: its window is due then, not in 1 s
-    batcher = NotifyBatcher(1.0, clock.wall, lambda: notes[0])
+    queue, made, heard = room.queue, room.straps, room.heard
+    room.clock.advance(0.45)  # 50 ms before the second ends: its window is due then, not in 1 s
+    batcher = room.batcher()
     batcher.adopt({s.fd for s in made})
     for strap in made:
         for _ in range(3):
             strap.peer.send(b"\x00\x50")
     await until(lambda: batcher.batching, batcher.switched)
-    await until(lambda: notes[0] == 9, heard)
+    await until(lambda: room.notes == 9, heard)
     made[0].peer.send(b"\x00\x51")
-    await until(lambda: notes[0] == 10, heard)
+    await until(lambda: room.notes == 10, heard)
     assert batcher.windows >= 1 and batcher.flushes == 0, "nobody took frames: its own window"
     assert queue.take_all()[-1].payload == b"\x00\x51"
     batcher.close()
-
-
-async def until(predicate: Callable[[], bool], *events: asyncio.Event) -> None:
-    """Wait for the events that can make `predicate` true; the limit is only a guard."""
-    async with asyncio.timeout(10):
-        while not predicate():
-            for event in events:
-                event.clear()
-            if predicate():
-                return
-            waiters = [asyncio.ensure_future(event.wait()) for event in events]
-            try:
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
 
 
 def test_a_drain_is_called_before_every_take_and_can_be_removed() -> None:

@@ -159,7 +159,7 @@ class DeviceStatus:
 def json_string(text: str) -> str:
     """A string as compact JSON with non-ASCII kept (the protocol's frames are UTF-8); cached, as
     the same few uids and type names are written for every sample."""
-    return _TYPE_NAMES.get(text) or _json_string(text)
+    return TYPE_JSON.get(text) or _json_string(text)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -167,17 +167,32 @@ def _json_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-# The data types' own, looked up without lru_cache's slower path for str subclasses.
-_TYPE_NAMES: dict[str, str] = {t: json.dumps(t.value) for t in DataType}
+# The data types' own JSON, looked up without lru_cache's slower path for str subclasses.
+TYPE_JSON: dict[str, str] = {t: json.dumps(t.value) for t in DataType}
 
 
 @functools.lru_cache(maxsize=1024)
 def format_ts(unix_seconds: float) -> str:
     """RFC 3339 UTC with milliseconds and Z (PROTOCOL.md, Timestamps).
 
-    Cached: every sample of a second has the same ts, and each output formats it again."""
-    moment = datetime.fromtimestamp(unix_seconds, tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    Cached: every sample of a second has the same ts, and each output formats it again. Each
+    per-beat RR sample has a ts of its own, hundreds a second: the calendar part comes from a
+    cache per whole second, and the fraction is rounded to the microsecond as
+    datetime.fromtimestamp rounds it (half to even), then cut to the millisecond."""
+    fraction, whole = math.modf(unix_seconds)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:
+        whole -= 1.0
+        micros += 1_000_000
+    return f"{_second_text(int(whole))}{micros // 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _second_text(second: int) -> str:
+    return datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def parse_ts(text: str) -> float:

@@ -30,6 +30,7 @@ from typing import Any
 
 from gatewayd.errors import GatewayError
 from gatewayd.model import (
+    TYPE_JSON,
     DataType,
     DeviceState,
     DeviceStatus,
@@ -276,6 +277,35 @@ def dispatch(seq: int, sample: Sample) -> str:
     )
 
 
+def dispatches(first_seq: int, samples: Sequence[Sample]) -> list[str]:
+    """dispatch() of each sample, numbered from `first_seq`: the broker's batch of a second.
+
+    A sample with a number and no `d` (nearly all) is one f-string, its second's timestamp text
+    formatted once for the run of samples that share it; any other goes through dispatch()."""
+    out: list[str] = []
+    append = out.append
+    types = TYPE_JSON
+    seq = first_seq
+    last_ts: float | None = None
+    ts_text = ""
+    for sample in samples:
+        val = sample.val
+        # a finite float or an int: its repr is its JSON (bool is not an int here, NaN goes on)
+        if sample.d is None and ((type(val) is float and math.isfinite(val)) or type(val) is int):
+            ts = sample.ts
+            if ts != last_ts:
+                last_ts, ts_text = ts, format_ts(ts)
+            uid = json_string(sample.uid)
+            t = types.get(sample.t) or json_string(sample.t)
+            append(
+                f'{{"op":5,"d":{{"ts":"{ts_text}","val":{val!r}}},"uid":{uid},"seq":{seq},"t":{t}}}'
+            )
+        else:
+            append(dispatch(seq, sample))
+        seq += 1
+    return out
+
+
 def rr_arrays(rows: Sequence[tuple[int, Sample]]) -> list[tuple[int, Sample]]:
     """The `rr_array` extension: the per-beat RR_INTERVAL rows of one athlete and second become
     one row `d = [ms, ...]` stamped with the start of that second, placed at (and carrying the seq
@@ -325,6 +355,32 @@ def submit(sample: Sample, *, with_uid: bool = False) -> str:
     if with_uid:
         return text + ',"uid":' + json_string(sample.uid) + "}"
     return text + "}"
+
+
+def submits(rows: Sequence[tuple[int, Sample]], *, with_uid: bool = False) -> list[str]:
+    """submit() of each (seq, sample) row, in order, the common sample built like dispatches()
+    builds it: the upstream sends every sample."""
+    out: list[str] = []
+    append = out.append
+    types = TYPE_JSON
+    last_ts: float | None = None
+    ts_text = ""
+    for _, sample in rows:
+        val = sample.val
+        # a finite float or an int: its repr is its JSON (bool is not an int here, NaN goes on)
+        if sample.d is None and ((type(val) is float and math.isfinite(val)) or type(val) is int):
+            ts = sample.ts
+            if ts != last_ts:
+                last_ts, ts_text = ts, format_ts(ts)
+            t = types.get(sample.t) or json_string(sample.t)
+            if with_uid:
+                uid = json_string(sample.uid)
+                append(f'{{"op":6,"d":{{"ts":"{ts_text}","val":{val!r}}},"t":{t},"uid":{uid}}}')
+            else:
+                append(f'{{"op":6,"d":{{"ts":"{ts_text}","val":{val!r}}},"t":{t}}}')
+        else:
+            append(submit(sample, with_uid=with_uid))
+    return out
 
 
 def status(event: DeviceStatus, *, with_uid: bool = False) -> str:
@@ -830,7 +886,7 @@ class ClientConnection:
         """submit() for each (marker, sample) row, in order."""
         if rows:
             self.last_marker = rows[-1][0]
-        return [submit(sample, with_uid=with_uid) for _, sample in rows]
+        return submits(rows, with_uid=with_uid)
 
     def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> Close:
         return self._close(code, reason)

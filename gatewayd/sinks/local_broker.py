@@ -45,7 +45,7 @@ from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 from gatewayd.ratelimit import ReplayPacer, SubmitLimiter, Verdict, replay_admissible
 from gatewayd.sendqueue import SendQueue
 from gatewayd.sinks.request_body import body_connection
-from gatewayd.sinks.ws_frames import ws_text_frame
+from gatewayd.sinks.ws_frames import ws_text_frame, ws_text_frames
 from gatewayd.spool import Spool
 from gatewayd.tokens import CONSUMER, PRODUCER, Grant, TokenStore
 from gatewayd.web import Page, board_url
@@ -286,51 +286,61 @@ class LocalBroker:
         if not samples and not self._status_wanted:
             return
         first = self.spool.append(samples) if samples else 0
-        frames: list[bytes] = []
-        keys: list[tuple[str, str, bool]] = []
         now = self.wall()
         observe = self.metrics.dispatch_delay.observe
         observed = None
-        seq = first
-        for event in batch:
-            if isinstance(event, Sample):
-                frames.append(ws_text_frame(p.dispatch(seq, event).encode("utf-8")))
-                keys.append((event.uid, event.t, False))
-                if event.ts != observed:
-                    # once per second of samples: they go out together, with the same delay
-                    observed = event.ts
-                    observe(max(now - event.ts - 1.0, 0.0))
-                seq += 1
-            elif self._status_wanted:
-                frames.append(ws_text_frame(p.dispatch_status(event).encode("utf-8")))
-                keys.append((event.uid, p.DEVICE_STATUS_TYPE, True))
-        if not frames or not self._consumers:
+        for sample in samples:
+            if sample.ts != observed:
+                # once per second of samples: they go out together, with the same delay
+                observed = sample.ts
+                observe(max(now - observed - 1.0, 0.0))
+        # Consumers without a filter (nearly all) get the samples' frames, device status never.
+        plain = ws_text_frames(p.dispatches(first, samples))
+        if not self._consumers:
             return
         joined: bytes | None = None
-        plain = frames
-        if self._status_wanted:
-            plain = [frame for frame, key in zip(frames, keys, strict=True) if not key[2]]
+        filtered: tuple[list[bytes], list[tuple[str, str, bool]]] | None = None
+        arrays: tuple[list[bytes], list[tuple[str, str, bool]]] | None = None
         delivered = 0
         mono = self.mono()
-        arrays: tuple[list[bytes], list[tuple[str, str, bool]]] | None = None
         for session in self._consumers:
             wanted = session.filter
             if wanted is p.EVERYTHING:
-                if joined is None:
-                    joined = b"".join(plain)
-                session.offer(plain, joined, self.metrics, mono)
-                delivered += len(plain)
+                if plain:
+                    if joined is None:
+                        joined = b"".join(plain)
+                    session.offer(plain, joined, self.metrics, mono)
+                    delivered += len(plain)
                 continue
+            if filtered is None:
+                filtered = self._with_statuses(batch, plain)
             if wanted.rr_array:
                 if arrays is None:
-                    arrays = self._rr_array_frames(batch, first, frames, keys)
+                    arrays = self._rr_array_frames(batch, first, *filtered)
                 mine = _select(*arrays, wanted)
             else:
-                mine = _select(frames, keys, wanted)
+                mine = _select(*filtered, wanted)
             if mine:
                 session.offer(mine, None, self.metrics, mono)
                 delivered += len(mine)
         self.metrics.dispatched.inc(delivered)
+
+    def _with_statuses(
+        self, batch: list[Event], sample_frames: list[bytes]
+    ) -> tuple[list[bytes], list[tuple[str, str, bool]]]:
+        """The batch's frames in its order, device status included when some consumer wants it,
+        and what each frame is (uid, type, is a status) for the consumers' filters."""
+        frames: list[bytes] = []
+        keys: list[tuple[str, str, bool]] = []
+        taken = iter(sample_frames)
+        for event in batch:
+            if isinstance(event, Sample):
+                frames.append(next(taken))
+                keys.append((event.uid, event.t, False))
+            elif self._status_wanted:
+                frames.append(ws_text_frame(p.dispatch_status(event).encode("utf-8")))
+                keys.append((event.uid, p.DEVICE_STATUS_TYPE, True))
+        return frames, keys
 
     def _rr_array_frames(
         self,

@@ -33,16 +33,37 @@ def _text_header(n: int, mask_bit: int) -> bytes:
     return struct.pack("!BBQ", _TEXT_FIN, mask_bit | 127, n)
 
 
+# The headers of payloads under 126 bytes (a sample's frame is 70-110), made once.
+_SHORT = tuple(_text_header(n, 0) for n in range(126))
+_SHORT_MASKED = tuple(_text_header(n, _MASKED) for n in range(126))
+
+
 def ws_text_frame(payload: bytes) -> bytes:
     """An unmasked, unfragmented, uncompressed text frame, as a server writes it."""
-    return _text_header(len(payload), 0) + payload
+    n = len(payload)
+    return (_SHORT[n] if n < 126 else _text_header(n, 0)) + payload
+
+
+def ws_text_frames(texts: list[str]) -> list[bytes]:
+    """ws_text_frame() of each text, UTF-8 encoded: the broker's DISPATCHes of a batch."""
+    out = []
+    short = _SHORT
+    for text in texts:
+        payload = text.encode()
+        n = len(payload)
+        out.append((short[n] if n < 126 else _text_header(n, 0)) + payload)
+    return out
 
 
 def masked_text_frames(payloads: list[bytes]) -> bytes:
     """The frames of `payloads` (UTF-8 text, each one whole message), masked, back to back."""
     keys = os.urandom(4 * len(payloads))
-    out = []
-    for i, payload in enumerate(payloads):
-        key = keys[4 * i : 4 * i + 4]
-        out.append(_text_header(len(payload), _MASKED) + key + apply_mask(payload, key))
+    out: list[bytes] = []
+    short = _SHORT_MASKED
+    at = 0
+    for payload in payloads:
+        n = len(payload)
+        key = keys[at : at + 4]
+        at += 4
+        out += (short[n] if n < 126 else _text_header(n, _MASKED), key, apply_mask(payload, key))
     return b"".join(out)

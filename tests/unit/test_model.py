@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gatewayd.model import DataType, Sample, format_ts, parse_ts
 
@@ -30,3 +34,27 @@ def test_data_types_carry_terras_names():
         "HEART_RATE", "RR_INTERVAL", "POWER", "BIKE_CADENCE", "SPEED", "DISTANCE", "STEPS",
         "STEPS_CADENCE", "CALORIES",
     }  # fmt: skip
+
+
+def _reference_ts(unix_seconds: float) -> str:
+    moment = datetime.fromtimestamp(unix_seconds, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=-2e9, max_value=4e9),
+        # half a microsecond either side of a whole one, where the rounding decides
+        st.builds(
+            lambda s, us, half: s + (us + half) / 1e6,
+            st.integers(min_value=0, max_value=4_000_000_000),
+            st.integers(min_value=-1, max_value=1_000_000),
+            st.sampled_from([-0.5, 0.0, 0.5]),
+        ),
+    )
+)
+def test_format_ts_is_what_datetime_writes(unix_seconds: float) -> None:
+    # The calendar part is cached per second and the fraction rounded by hand; datetime's own
+    # fromtimestamp (round half to even, to the microsecond) is the reference.
+    format_ts.cache_clear()
+    assert format_ts(unix_seconds) == _reference_ts(unix_seconds)

@@ -81,6 +81,34 @@ def test_dispatch_and_submit_are_what_json_dumps_writes(uid, t, ts, val, d, seq)
     )
 
 
+_SAMPLES = st.lists(
+    st.builds(
+        Sample,
+        uid=st.sampled_from(["ath1", "ath2", "Zoë", 'q"uote']),
+        t=st.sampled_from(list(DataType)),
+        # runs of samples share a second's ts, per-beat ones have their own
+        ts=st.sampled_from([1_795_000_000.0, 1_795_000_001.0]) | st.floats(0, 4e9),
+        val=_NUMBERS | st.booleans(),
+        d=st.one_of(st.none(), st.lists(st.floats(allow_nan=False), max_size=3).map(tuple)),
+    ),
+    max_size=12,
+)
+
+
+@given(samples=_SAMPLES, first=st.integers(min_value=0, max_value=2**62))
+def test_a_batch_of_dispatches_and_submits_is_each_one_built_alone(samples, first) -> None:
+    # dispatches()/submits() take a second's samples at once, with their own fast path; the
+    # one-sample builders (checked against json.dumps above) are the reference.
+    assert p.dispatches(first, samples) == [
+        p.dispatch(first + i, sample) for i, sample in enumerate(samples)
+    ]
+    rows = [(first + i, sample) for i, sample in enumerate(samples)]
+    for with_uid in (False, True):
+        assert p.submits(rows, with_uid=with_uid) == [
+            p.submit(sample, with_uid=with_uid) for sample in samples
+        ]
+
+
 def test_rr_arrays_group_beats_per_athlete_and_second_at_the_last_beat() -> None:
     t0 = parse_ts(TS)
     rows = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from gatewayd.sinks.ws_frames import masked_text_frames
+from gatewayd.sinks.ws_frames import masked_text_frames, ws_text_frame, ws_text_frames
 
 
 def _parse(data: bytes) -> list[tuple[Frame, bytes]]:
@@ -42,3 +42,22 @@ def test_every_frame_has_its_own_key():
     keys = [key for _, key in frames]
     assert len(keys) == 200 and len(set(keys)) >= 199  # 2^32 keys: a repeat is a 1 in 10^5 event
     assert masked_text_frames([]) == b""
+
+
+def test_a_servers_frames_are_unmasked_final_text_frames_of_every_length_encoding():
+    texts = ["", '{"op":5}', "é" * 62, "x" * 125, "x" * 126, "y" * 65535, "z" * 65536]
+    frames = ws_text_frames(texts)
+    assert frames == [ws_text_frame(text.encode()) for text in texts]
+    reader = StreamReader()
+    reader.feed_data(b"".join(frames))
+    reader.feed_eof()
+    parsed = []
+    for _ in texts:
+        parser = Frame.parse(reader.read_exact, mask=False, max_size=None)
+        try:
+            next(parser)
+        except StopIteration as done:
+            parsed.append(done.value)
+    assert not reader.buffer
+    assert [frame.data.decode() for frame in parsed] == texts
+    assert all(frame.opcode is Opcode.TEXT and frame.fin for frame in parsed)

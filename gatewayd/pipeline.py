@@ -41,7 +41,7 @@ class FrameQueue:
         self.dropped = 0
         self.received = 0
         self._items: deque[Frame] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[bool] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gathered = False  # every frame queued came in a source's batch: no need to wait
         self._drains: list[Callable[[], None]] = []
@@ -99,7 +99,7 @@ class FrameQueue:
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(True)
 
     def put_threadsafe(self, frame: Frame) -> None:
         loop = self._loop
@@ -137,17 +137,22 @@ class FrameQueue:
         """
         if self._items:
             return True
-        self._waiter = asyncio.get_running_loop().create_future()
-        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands just as
-        # a frame arrives, and then the pipeline would not stop at shutdown.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        # A plain timer that resolves the future, not asyncio.timeout or wait_for: this runs
+        # dozens of times a second, and a cancel (shutdown) reaches the await unchanged.
+        timer = loop.call_later(timeout, _time_up, waiter)
         try:
-            async with asyncio.timeout(timeout):
-                await self._waiter
-        except TimeoutError:
-            return False
+            return await waiter
         finally:
+            timer.cancel()
             self._waiter = None
-        return True
+
+
+def _time_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 class RateLimitedLog:

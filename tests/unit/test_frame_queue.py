@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import math
 
+import pytest
+
 from gatewayd.config import PipelineConfig
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, Frame, Sample
@@ -57,6 +59,24 @@ async def test_a_pile_of_quiet_frames_wakes_the_waiter() -> None:
     queue.put_quiet(hr_frame(60))
     assert await waiter is True
     assert len(queue) == GATHER_FRAMES
+
+
+async def test_a_cancel_ends_the_wait_even_when_a_frame_lands_with_it() -> None:
+    # Shutdown cancels the pipeline while it waits; a frame arriving in the same turn must not
+    # swallow that cancel (the pipeline would then never stop).
+    queue = FrameQueue()
+    for frame_too in (False, True):
+        waiter = asyncio.create_task(queue.wait(30))
+        await _yield_to_the_loop()
+        if frame_too:
+            queue.put(hr_frame(60))
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert queue._waiter is None
+    # and the wait's timer went with it
+    timers = asyncio.get_running_loop()._scheduled  # type: ignore[attr-defined]
+    assert all(timer.cancelled() for timer in timers)
 
 
 def test_quiet_frames_beyond_the_bound_drop_the_oldest_and_count_it() -> None:

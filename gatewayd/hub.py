@@ -118,7 +118,12 @@ class Hub:
             listener(event)
 
     def publish_many(self, events: Sequence[Event]) -> None:
-        """publish() for each event, in order, one queue at a time (a second's samples)."""
+        """publish() for each event, in order, one queue at a time (a second's samples).
+
+        Nothing to publish wakes no one: the pipeline publishes after every batch of frames,
+        and most batches close no second."""
+        if not events:
+            return
         self.published += len(events)
         for subscription in self._subscriptions:
             subscription.push_many(events)

@@ -55,3 +55,17 @@ async def test_publish_many_wakes_a_waiting_subscriber():
     await asyncio.sleep(0)
     hub.publish_many([sample(1), sample(2)])
     assert [e.ts for e in await asyncio.wait_for(waiter, 5)] == [1.0, 2.0]
+
+
+async def test_publishing_nothing_wakes_no_subscriber():
+    # The pipeline publishes after every batch of frames; a batch that closes no second must not
+    # wake every output for nothing.
+    hub = Hub()
+    subscription = hub.subscribe("s")
+    waiter = asyncio.create_task(subscription.get_batch())
+    await asyncio.sleep(0)
+    hub.publish_many([])
+    assert subscription._waiter is not None and not subscription._waiter.done()
+    hub.publish_many([sample(1)])
+    assert await waiter == [sample(1)]
+    assert hub.published == 1

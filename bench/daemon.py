@@ -591,9 +591,13 @@ def report(
 
 def show(args: argparse.Namespace, r: dict[str, Any]) -> None:
     ref = r["reference_us"]
+    if args.no_mqtt:
+        mqtt = "no MQTT"
+    else:
+        per_athlete = " (one message per athlete per second)" if args.mqtt_per_athlete else ""
+        mqtt = f"MQTT qos {args.qos}{per_athlete}"
     print(
-        f"{args.sensors} sensors, {args.consumers} consumers, MQTT qos {args.qos}"
-        f"{' (one message per athlete per second)' if args.mqtt_per_athlete else ''}, upstream "
+        f"{args.sensors} sensors, {args.consumers} consumers, {mqtt}, upstream "
         f"to a receiving gatewayd; {args.seconds:g} s windows, median of {r['runs']} run(s)"
     )
     print(f"reference (timeit sum(range(1000)))  {ref:.2f} us")

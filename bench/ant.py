@@ -48,10 +48,10 @@ from bench.machine import reference_us  # noqa: E402
 from gatewayd.clock import SystemClock  # noqa: E402
 from gatewayd.config import AntConfig, PipelineConfig  # noqa: E402
 from gatewayd.hub import Hub  # noqa: E402
-from gatewayd.model import Frame  # noqa: E402
+from gatewayd.model import DeviceStatus, Frame, Sample  # noqa: E402
 from gatewayd.pipeline import FrameQueue, Pipeline  # noqa: E402
 from gatewayd.roster import Roster  # noqa: E402
-from gatewayd.sources.ant import HANDOFF_S, AntSource  # noqa: E402
+from gatewayd.sources.ant import AntSource  # noqa: E402
 from tests.fakes.fake_ant_stick import (  # noqa: E402
     CadenceSensor,
     FakeAntStick,
@@ -184,6 +184,12 @@ class TimedPipeline(Pipeline):
         self.target = 10**12
         self.done = asyncio.Event()
         self.work_cpu = 0.0  # CPU in run_once: decode, derive, aggregate, publish, tick
+        self.closes: list[float] = []  # a second's close to its samples' publication, s
+
+    def _publish(self, samples: list[Sample], statuses: list[DeviceStatus]) -> None:
+        if samples:
+            self.closes.append(self.clock.wall() - (samples[0].ts + 1))
+        super()._publish(samples, statuses)
 
     def run_once(self) -> None:
         started = time.thread_time()
@@ -229,7 +235,7 @@ async def bench(args: argparse.Namespace) -> None:
     # (main's code before event buffering has no such key: the bench runs it too, for A/B)
     buffering = {"event_buffer_s": args.event_buffer} if args.event_buffer is not None else {}
     config = AntConfig(enabled=True, **buffering)
-    source = AntSource(config, clock, backend=backend, handoff_s=args.handoff)
+    source = AntSource(config, clock, backend=backend)
     frames.bind(asyncio.get_running_loop())
     task = asyncio.create_task(source.run(frames))
     if not await asyncio.to_thread(stick.configured.wait, 30):
@@ -275,6 +281,8 @@ async def bench(args: argparse.Namespace) -> None:
     started_wall = time.monotonic()
     started_cpu = time.process_time()
     base = pipeline.taken
+    late_before = pipeline.aggregator.late_values
+    closes_before = len(pipeline.closes)
     work_before = pipeline.work_cpu
     child.stdin.write("go\n")
     child.stdin.flush()
@@ -353,6 +361,15 @@ async def bench(args: argparse.Namespace) -> None:
             f"p99 {p99 * 1e3:.2f} ms, max {latencies[-1] * 1e3:.2f} ms"
         )
     if args.pipeline:
+        closes = sorted(pipeline.closes[closes_before:])
+        if closes:
+            print(
+                f"second's close to its samples' publish: p50 "
+                f"{statistics.median(closes) * 1e3:.0f} ms, max {closes[-1] * 1e3:.0f} ms "
+                "(the grace, then the pipeline's turn)"
+            )
+        late = pipeline.aggregator.late_values - late_before
+        print(f"late values          {late} (taken after their second was emitted)")
         print(f"hub events           {len(sink)}")
 
 
@@ -366,9 +383,6 @@ def main() -> None:
         "--event-buffer",
         type=float,
         help="sources.ant.event_buffer_s (antusb-m only; default: the config's default)",
-    )
-    parser.add_argument(
-        "--handoff", type=float, default=HANDOFF_S, help="AntSource's hand-off window, seconds"
     )
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of silence measured")
     parser.add_argument(

@@ -45,6 +45,10 @@ class FrameQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.gathered = False  # every frame queued came in a source's batch: no need to wait
         self._drains: list[Callable[[], None]] = []
+        # Batches put by sources' own threads (put_from_thread), taken at the pipeline's wakes.
+        # deque.append and popleft are atomic, so the threads share it without a lock.
+        self._inbox: deque[list[Frame]] = deque()
+        self._inbox_frames = 0  # put since the inbox was last emptied (approximate: racy)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -68,15 +72,8 @@ class FrameQueue:
 
     def put_many(self, frames: list[Frame]) -> None:
         """put() for each frame, in order, with one wake-up: a source that hears several at once."""
-        items = self._items
-        self.received += len(frames)
-        items.extend(frames)
+        self._extend(frames)
         self.gathered = False
-        excess = len(items) - self.maxsize
-        if excess > 0:
-            self.dropped += excess
-            for _ in range(excess):
-                items.popleft()
         self._wake()
 
     def put_batch(self, frames: list[Frame]) -> None:
@@ -87,6 +84,41 @@ class FrameQueue:
         gathered = self.gathered or not self._items
         self.put_many(frames)
         self.gathered = gathered
+
+    def put_from_thread(self, frames: list[Frame]) -> None:
+        """put_quiet() for a batch, from a source's own thread (openant's USB reader).
+
+        The batch waits without waking the event loop: the pipeline takes it at its next wake,
+        at most half a second later and always before it emits a second's close, so no frame
+        misses its second; a wake-up of the loop per batch cost more than the batch. A backlog
+        of GATHER_FRAMES wakes the pipeline, as with put_quiet.
+        """
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("FrameQueue.bind(loop) must run before a thread puts frames")
+        self._inbox.append(frames)
+        self._inbox_frames += len(frames)
+        if self._inbox_frames >= GATHER_FRAMES:
+            self._inbox_frames = 0
+            with contextlib.suppress(RuntimeError):  # the loop is closed: shutting down
+                loop.call_soon_threadsafe(self._wake)
+
+    def _take_inbox(self) -> None:
+        inbox = self._inbox
+        self._inbox_frames = 0
+        while inbox:
+            self._extend(inbox.popleft())
+
+    def _extend(self, frames: list[Frame]) -> None:
+        """Queue frames in order; at the bound the oldest go first, counted."""
+        items = self._items
+        self.received += len(frames)
+        items.extend(frames)
+        excess = len(items) - self.maxsize
+        if excess > 0:
+            self.dropped += excess
+            for _ in range(excess):
+                items.popleft()
 
     def _append(self, frame: Frame) -> None:
         """Queue one frame; at the bound the oldest goes first, counted."""
@@ -125,6 +157,8 @@ class FrameQueue:
     def take_all(self) -> list[Frame]:
         for drain in self._drains:
             drain()
+        if self._inbox:
+            self._take_inbox()
         items = list(self._items)
         self._items.clear()
         self.gathered = False

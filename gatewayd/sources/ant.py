@@ -8,14 +8,13 @@ one wildcard channel per ANT+ profile, which hears one device of each type.
 
 Threads: openant runs two of its own per stick (USB reader, response dispatcher) and one of ours
 runs its data loop (`node.start()` blocks). Data messages skip both of openant's queues: they
-become Frames in the USB reader thread itself, and cross to the event loop in batches. Each
-thread wake-up costs more CPU than everything else a frame needs, so there are few of them: a
-stick that can (ANTUSB-m) holds broadcasts back and sends `event_buffer_s` worth in one USB
-transfer (Configure Event Buffer, 0x74), and the reader thread hands the loop one batch per
-transfer; a stick that cannot (ANTUSB2) sends a transfer per broadcast, and the reader thread
-keeps the frames of HANDOFF_S (25 ms) together, waiting for the next transfer no longer than
-the batch may wait. Responses and channel events keep openant's path. Supervision (find
-sticks, reopen after loss, back off) is asyncio.
+become Frames in the USB reader thread itself. Each thread wake-up costs more CPU than
+everything else a frame needs, so there are few of them: a stick that can (ANTUSB-m) holds
+broadcasts back and sends `event_buffer_s` worth in one USB transfer (Configure Event Buffer,
+0x74); a stick that cannot (ANTUSB2) sends a transfer per broadcast. Each transfer's frames go
+to the FrameQueue without waking the event loop (`put_from_thread`): the pipeline takes them at
+its own wake-ups, which come before every second's close. Responses and channel events keep
+openant's path. Supervision (find sticks, reopen after loss, back off) is asyncio.
 
 Hardware trouble never raises out of run(): no stick is a warning and a background retry; an
 unplugged stick is logged once and reopened when it is back; a stick without permission or held
@@ -30,7 +29,6 @@ import contextlib
 import errno
 import functools
 import logging
-import math
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -66,11 +64,6 @@ FALLBACK_PROFILES: dict[int, tuple[str, int]] = {
     124: ("stride (SDM)", 8134),
 }
 
-# Frames of a stick without event buffering wait this long in the reader thread before the event
-# loop takes them all: at 400 frames/s one wake-up carries ~10 frames, at 4,000 ~100. Each loop
-# wake-up costs more than the frames it carries; 25 ms stays well inside the aggregator's grace
-# (<= 100 ms), so no frame comes late for it.
-HANDOFF_S = 0.025
 # Configure Event Buffer (ANT message 0x74): [0, config, size u16, time u16 in 10 ms units].
 _EVENT_BUFFER = 0x74
 _BUFFER_ALL_EVENTS = 0x01  # data messages too, not only low-priority events
@@ -83,6 +76,7 @@ _SYNC = 0xA4
 _SEARCH_FOREVER = 0xFF
 # Short enough that stopping a stick (openant polls its reader) is quick, long enough not to spin.
 _READ_TIMEOUT_MS = 250
+_TRANSFER_BYTES = 4096  # the most one USB read takes; a stick ends a transfer sooner
 _WRITE_TIMEOUT_MS = 1000
 # pyusb/libusb error codes; errno is what libusb0 gives, backend_error_code what libusb1 gives.
 _LIBUSB_ERROR_ACCESS = -3
@@ -167,19 +161,24 @@ class _UsbLink:
         if self._in is None or self._out is None:
             raise SourceUnavailable(f"{self._where} has no bulk IN/OUT endpoints")
 
-    def read(self, timeout_ms: int = _READ_TIMEOUT_MS) -> array.array[int]:
+    def read(self) -> array.array[int]:
+        buffer: array.array[int] = usb.util.create_buffer(_TRANSFER_BYTES)
+        return buffer[: self.read_into(buffer)]
+
+    def read_into(self, buffer: array.array[int]) -> int:
+        """One USB transfer into `buffer` (reused: pyusb would allocate one per read); its size."""
         if self._lost.is_set() or self._closed.is_set():
             # openant's reader calls read() in a loop until it is stopped; do not spin.
             self._closed.wait(0.05)
-            return array.array("B")
+            return 0
         try:
-            data: array.array[int] = self._in.read(4096, timeout=timeout_ms)
+            received: int = self._in.read(buffer, timeout=_READ_TIMEOUT_MS)
         except usb.core.USBTimeoutError:
             raise  # openant expects it on an idle stick
         except usb.core.USBError as exc:
             self._lose(f"reading from it failed ({exc}); unplugged?")
-            return array.array("B")
-        return data
+            return 0
+        return received
 
     def write(self, data: array.array[int]) -> None:
         # A failed write is reported as the stick's loss, never raised: raised inside openant's
@@ -298,7 +297,6 @@ class _Stick:
         clock: Clock,
         name_for: Callable[[int | None, str], str],
         loop: asyncio.AbstractEventLoop,
-        handoff_s: float = HANDOFF_S,
     ) -> None:
         self.where = describe_device(device)
         self.location = _location(device)
@@ -323,13 +321,10 @@ class _Stick:
         self._node: Any = None
         self._thread: threading.Thread | None = None
         self._lost_lock = threading.Lock()
-        self._handoff_s = handoff_s
         self._link: _UsbLink | None = None
-        # Reader thread only: the frames not yet handed to the loop, and when they must be.
+        # Reader thread only: the frames of the USB transfer being parsed, and the transfer.
         self._batch: list[Frame] = []
-        self._batch_due = 0.0
-        self._gap = 0.0  # the usual time between USB transfers (a moving average)
-        self._last_transfer = 0.0
+        self._transfer = usb.util.create_buffer(_TRANSFER_BYTES)
         self._mono = self._wall = 0.0  # when the last USB transfer arrived
         # device id, kind and RSSI by the bytes they come from (a data message's extended tail)
         self._senders: dict[bytes, tuple[str, str, int | None]] = {}
@@ -496,32 +491,23 @@ class _Stick:
     def _receive(self, buffer: array.array[int]) -> None:
         """Wait for the stick's next USB transfer (reader thread), every message before it parsed.
 
-        The frames waiting for the loop go now if the next transfer, at the usual pace, would
-        come after they are due; otherwise the wait ends when they are, so a stick that falls
-        quiet never holds a batch back (and a busy one seldom makes a read time out).
+        The previous transfer's frames go to the FrameQueue first, without waking the event
+        loop: the pipeline takes them at its own next wake, before the second closes.
         """
-        loop_time = self._loop.time  # a wake-up's time, not a stamp
-        timeout_ms = _READ_TIMEOUT_MS
         if self._batch:
-            left = self._batch_due - loop_time()
-            if left <= self._gap:
-                self._hand_off()
-            else:
-                timeout_ms = math.ceil(left * 1000)
+            self._frames.put_from_thread(self._batch)
+            self._batch = []
         assert self._link is not None
         try:
-            data = self._link.read(timeout_ms)
+            received = self._link.read_into(self._transfer)
         except usb.core.USBTimeoutError:
-            return  # nothing sent: hand over what is due, then wait again
-        if data:
+            return  # nothing sent: wait again
+        if received:
             # Every message in a transfer reached the host now (a buffering stick's waited in it
             # up to event_buffer_s).
             self._mono = self._clock.mono()
             self._wall = self._clock.wall()
-            now = loop_time()
-            self._gap += (min(now - self._last_transfer, self._handoff_s) - self._gap) / 8
-            self._last_transfer = now
-            buffer.extend(data)
+            buffer.frombytes(memoryview(self._transfer)[:received])
 
     def _on_message(self, message: Message) -> None:
         """A broadcast or acknowledged data message (openant's reader thread)."""
@@ -532,10 +518,7 @@ class _Stick:
             if sender is None:
                 return
         device_id, kind, rssi = sender
-        batch = self._batch
-        if not batch:
-            self._batch_due = self._loop.time() + self._handoff_s
-        batch.append(
+        self._batch.append(
             Frame("ant", self.adapter, device_id, kind, content[1:9], self._mono, self._wall, rssi)
         )
         self.frames_out += 1
@@ -566,15 +549,6 @@ class _Stick:
             self._senders.clear()
         sender = self._senders[content[9:]] = (device_id, kind, message.rssi)
         return sender
-
-    def _hand_off(self) -> None:
-        batch, self._batch = self._batch, []
-        with contextlib.suppress(RuntimeError):  # the event loop is closing: shutdown
-            self._loop.call_soon_threadsafe(self._take, batch)
-
-    def _take(self, batch: list[Frame]) -> None:
-        """Put a batch of the reader thread's frames into the FrameQueue (event loop)."""
-        self._frames.put_batch(batch)
 
     def _on_burst(self, content: Any) -> None:
         # ANT+ sensors do not burst their data pages; a burst is ANT-FS or a control reply.
@@ -621,12 +595,9 @@ class AntSource:
 
     name = "ant"
 
-    def __init__(
-        self, config: AntConfig, clock: Clock, *, backend: Any = None, handoff_s: float = HANDOFF_S
-    ) -> None:
+    def __init__(self, config: AntConfig, clock: Clock, *, backend: Any = None) -> None:
         self.config = config
         self._backend = backend  # a pyusb backend; None lets pyusb pick libusb
-        self._handoff_s = handoff_s
         self._clock = clock
         self.sticks: dict[str, _Stick] = {}  # open sticks by adapter name
         self._names: dict[object, str] = {}
@@ -704,7 +675,7 @@ class AntSource:
     async def _serve(
         self, device: usb.core.Device, frames: FrameQueue, loop: asyncio.AbstractEventLoop
     ) -> None:
-        stick = _Stick(device, self.config, frames, self._clock, self._name, loop, self._handoff_s)
+        stick = _Stick(device, self.config, frames, self._clock, self._name, loop)
         opening = asyncio.ensure_future(asyncio.to_thread(stick.open))
         try:
             await asyncio.shield(opening)

@@ -1090,6 +1090,10 @@ class CountingFrameQueue(FrameQueue):
         super().put_many(frames)
         self._handed_in(frames)
 
+    def put_from_thread(self, frames: list[Frame]) -> None:
+        super().put_from_thread(frames)
+        self._handed_in(frames)
+
     def _handed_in(self, frames: list[Frame]) -> None:
         with self._handed:
             self.log.extend(frames)

@@ -32,7 +32,7 @@ from gatewayd.decode import DECODERS
 from gatewayd.errors import ConfigError
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
-from gatewayd.pipeline import Pipeline
+from gatewayd.pipeline import GATHER_FRAMES, Pipeline
 from gatewayd.roster import Roster
 from gatewayd.sources.ant import AntSource
 from tests.daemon import daemon_env
@@ -111,7 +111,6 @@ class Rig:
         sticks: list[FakeAntStick] | None = None,
         *,
         plugged: bool = True,
-        handoff_s: float = 0.0,
         **ant: object,
     ) -> None:
         self.clock = ManualClock(wall=START_WALL)
@@ -133,14 +132,7 @@ class Rig:
             "retry_max_s": 0.1,
         }
         settings.update(ant)
-        # The Player waits for each broadcast to be taken: frames go to the loop at once, unless
-        # a test is about how they are batched.
-        self.source = AntSource(
-            AntConfig(**settings),
-            self.clock,
-            backend=self.backend,
-            handoff_s=handoff_s,
-        )
+        self.source = AntSource(AntConfig(**settings), self.clock, backend=self.backend)
         self.room = Room(devices)
         self.player = Player(
             self.room, self.sticks, self.clock, self.frames, self.pipeline.run_once
@@ -422,7 +414,7 @@ async def test_a_legacy_hr_strap_that_never_toggles() -> None:
 
 
 class LoopWakeups:
-    """Counts the reader threads' hand-offs: each wakes the event loop from another thread."""
+    """Counts the times a reader thread wakes the event loop to take frames."""
 
     def __init__(self) -> None:
         self.count = 0
@@ -432,7 +424,7 @@ class LoopWakeups:
         original = self._loop.call_soon_threadsafe
 
         def counting(callback: Any, *args: Any, **kwargs: Any) -> Any:
-            if getattr(callback, "__name__", "") == "_take":
+            if getattr(callback, "__name__", "") == "_wake":
                 self.count += 1
             return original(callback, *args, **kwargs)
 
@@ -443,34 +435,44 @@ class LoopWakeups:
         del self._loop.call_soon_threadsafe
 
 
-async def test_frames_reach_the_loop_in_batches() -> None:
+async def test_frames_wait_for_the_pipeline_without_waking_the_loop() -> None:
     """A stick without event buffering sends a USB transfer per broadcast; the reader thread
-    keeps their frames together for up to 25 ms and hands the loop one batch."""
+    queues each one's frame without waking the event loop, and the pipeline takes them all, in
+    order, at its own next wake-up. Only a backlog of GATHER_FRAMES wakes it."""
     devices: list[SimDevice] = [HeartRateStrap(100 + i, phase=0.0) for i in range(20)]
-    async with Rig(devices, handoff_s=0.025) as rig:
+    async with Rig(devices) as rig:
         await rig.configured()
         stick = rig.sticks[0]
         target = rig.frames.handed_in + len(devices)
-        loop = asyncio.get_running_loop()
+        processed = rig.pipeline.processed + rig.pipeline.ignored_frames
         with LoopWakeups() as wakeups:
-            started = loop.time()
-            for device in devices:  # one broadcast every ~2 ms, 40 ms in all (more if slow)
+            for device in devices:
                 stick.hear(device, device.next_page(0.0))
-                await asyncio.sleep(0.002)
-            elapsed = loop.time() - started
             assert await asyncio.to_thread(rig.frames.wait_handed_in, target, WAIT)
-        assert [f.device_id for f in rig.frames.log[-len(devices) :]] == [
-            d.device_id for d in devices
-        ]
-        windows = math.ceil(elapsed / 0.025) + 1
-        assert wakeups.count <= min(windows, len(devices) // 2), (
-            f"{wakeups.count} hand-offs for {len(devices)} frames in {elapsed * 1000:.0f} ms"
+            assert wakeups.count == 0
+            assert rig.pipeline.processed + rig.pipeline.ignored_frames == processed
+            rig.pipeline.run_once()
+            assert rig.pipeline.processed + rig.pipeline.ignored_frames == processed + 20
+            assert [f.device_id for f in rig.frames.log[-len(devices) :]] == [
+                d.device_id for d in devices
+            ]
+
+            backlog = GATHER_FRAMES // len(devices) + 1
+            target += backlog * len(devices)
+            for _ in range(backlog):
+                for device in devices:
+                    stick.hear(device, device.next_page(0.0))
+            assert await asyncio.to_thread(rig.frames.wait_handed_in, target, WAIT)
+            assert wakeups.count == 1, "a backlog wakes the pipeline"
+        rig.pipeline.run_once()
+        assert rig.pipeline.processed + rig.pipeline.ignored_frames == processed + 20 * (
+            backlog + 1
         )
 
 
 async def test_a_stick_with_event_buffering_sends_broadcasts_in_batches() -> None:
     """An ANTUSB-m can hold broadcasts back and send them in one USB transfer (0x74): one
-    wake-up of the reader thread, and one of the event loop, for many broadcasts."""
+    wake-up of the reader thread for many broadcasts, and none of the event loop."""
     straps = [HeartRateStrap(100 + i, phase=0.01 * i, bpm=60 + 6 * i) for i in range(3)]
     meters: list[SimDevice] = [PowerMeter(200 + i, phase=0.05 + 0.01 * i) for i in range(3)]
     stick = FakeAntStick(product=0x1009, event_buffering=True)
@@ -493,7 +495,7 @@ async def test_a_stick_with_event_buffering_sends_broadcasts_in_batches() -> Non
         assert [(f.device_id, f.payload) for f in got] == [(d.device_id, page) for d, page in burst]
         # 504 bytes: past 256 once, then the rest at 20 ms (and the first may have gone alone)
         assert stick.transfers - transfers <= 3
-        assert wakeups.count <= 3, "the reader thread hands the loop a batch, not each frame"
+        assert wakeups.count == 0, "the pipeline takes the frames at its own wake-up"
 
         rig.player.sync()
         await rig.player.play(5.0)

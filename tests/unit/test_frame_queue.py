@@ -1,9 +1,13 @@
-"""FrameQueue.put_quiet: frames that do not wake the pipeline still reach their own second."""
+"""FrameQueue.put_quiet and put_from_thread: frames that do not wake the pipeline still reach
+their own second."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import threading
+
+import pytest
 
 import pytest
 
@@ -108,3 +112,83 @@ async def test_the_running_pipeline_emits_a_quiet_frame_in_its_own_second() -> N
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert [(s.device_id, s.ts, s.val) for s in samples] == [(STRAP, math.floor(wall), 77)]
+
+
+# put_from_thread: a source's own thread (openant's USB reader) queues a USB transfer's frames.
+
+
+async def _from_a_thread(queue: FrameQueue, batches: list[list[Frame]]) -> None:
+    def put() -> None:
+        for batch in batches:
+            queue.put_from_thread(batch)
+
+    thread = threading.Thread(target=put)
+    thread.start()
+    await asyncio.to_thread(thread.join)
+
+
+async def test_a_threads_batches_wait_without_waking_and_are_taken_in_order() -> None:
+    queue = FrameQueue()
+    queue.bind(asyncio.get_running_loop())
+    waiter = asyncio.create_task(queue.wait(30))
+    await _yield_to_the_loop()
+    queue.put_quiet(hr_frame(59))
+    await _from_a_thread(queue, [[hr_frame(60), hr_frame(61)], [hr_frame(62)]])
+    await _yield_to_the_loop()
+    assert not waiter.done()
+    assert [f.payload[1] for f in queue.take_all()] == [59, 60, 61, 62]
+    assert queue.received == 4 and queue.take_all() == []
+    waiter.cancel()
+
+
+async def test_a_backlog_from_a_thread_wakes_the_waiter() -> None:
+    queue = FrameQueue()
+    queue.bind(asyncio.get_running_loop())
+    waiter = asyncio.create_task(queue.wait(30))
+    await _yield_to_the_loop()
+    await _from_a_thread(queue, [[hr_frame(60)] for _ in range(GATHER_FRAMES - 1)])
+    await _yield_to_the_loop()
+    assert not waiter.done()
+    await _from_a_thread(queue, [[hr_frame(61)]])
+    assert await waiter is True
+    assert len(queue.take_all()) == GATHER_FRAMES
+
+
+async def test_a_threads_frames_beyond_the_bound_drop_the_oldest_and_count_it() -> None:
+    queue = FrameQueue(maxsize=3)
+    queue.bind(asyncio.get_running_loop())
+    await _from_a_thread(queue, [[hr_frame(60), hr_frame(61)], [hr_frame(62), hr_frame(63)]])
+    assert [f.payload[1] for f in queue.take_all()] == [61, 62, 63]
+    assert queue.dropped == 1 and queue.received == 4
+
+
+def test_a_thread_cannot_put_before_the_queue_knows_its_loop() -> None:
+    with pytest.raises(RuntimeError, match="bind"):
+        FrameQueue().put_from_thread([hr_frame(60)])
+
+
+async def test_the_running_pipeline_emits_a_threads_frame_in_its_own_second() -> None:
+    # Put late in a second, from a thread, without a wake-up: the pipeline's wake at the
+    # second's close (plus the grace) takes it before it emits that second.
+    clock = SteadyClock()
+    queue = FrameQueue()
+    hub = Hub()
+    events = hub.subscribe("test", 1000)
+    pipeline = Pipeline(queue, hub, Roster([], {}), PipelineConfig(), clock)
+    queue.bind(asyncio.get_running_loop())
+    task = asyncio.create_task(pipeline.run())
+    try:
+        wall = clock.wall()
+        await _from_a_thread(queue, [[hr_frame(77, clock.mono(), wall)]])
+        samples: list[Sample] = []
+        async with asyncio.timeout(5):
+            while not samples:
+                batch = await events.get_batch()
+                samples += [
+                    e for e in batch if isinstance(e, Sample) and e.t == DataType.HEART_RATE
+                ]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert [(s.device_id, s.ts, s.val) for s in samples] == [(STRAP, math.floor(wall), 77)]
+    assert pipeline.aggregator.late_values == 0

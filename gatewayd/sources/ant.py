@@ -247,6 +247,8 @@ def _pinned(link: _UsbLink) -> Iterator[None]:
         _PinnedDriver._pending.link = None
 
 
+_BROADCAST = Message.ID.BROADCAST_DATA
+_DATA_IDS = frozenset({_BROADCAST, Message.ID.ACKNOWLEDGED_DATA})
 _DATA_EVENTS = frozenset(
     {
         Message.Code.EVENT_RX_BROADCAST,
@@ -458,12 +460,20 @@ class _Stick:
             self._lose(f"openant's data loop failed ({exc})")
 
     def _read_message(self, ant: Any) -> Message | None:
-        """The next message from the stick (openant's reader thread).
+        """The next message from the stick for openant's reader loop (openant's reader thread).
 
         openant's own formats every USB read as hex for a debug log, whether or not anything
         logs it; it also stops at the first byte out of place. This one skips to the next sync
         byte and drops a message whose checksum is wrong, or that has no content (openant's
         Message cannot hold one: it would end the reader thread).
+
+        Broadcast and acknowledged data (nearly every message) become Frames here, as openant's
+        reader loop would have them become: a broadcast identical to the message before it is
+        dropped (a repeat only marks a channel period), and the loop remembers the last
+        message's content. Its other work for them (a chain of tests, a lock, two debug calls)
+        is for sending in a channel's time slot, which a receive-only gateway never does; while
+        anything waits to be sent so, the message goes through openant's loop after all.
+        tests/unit/test_ant_openant.py pins the parts of openant this relies on.
         """
         while ant._running:
             buffer = ant._buffer
@@ -481,7 +491,13 @@ class _Stick:
                     message = Message(packet[2], packet[3:-1])
                     if message._checksum == packet[-1]:
                         del buffer[:end]
-                        return message
+                        if message._id not in _DATA_IDS or ant._message_queue:
+                            return message
+                        data = message._data
+                        if message._id != _BROADCAST or data != ant._last_data:
+                            self._on_message(message)
+                        ant._last_data = data
+                        continue
                 self.bad_bytes += 1
                 del buffer[:1]
                 continue
@@ -694,20 +710,20 @@ class AntSource:
             return
         self._failures.pop(stick.location, None)
         self._last_problem.pop(stick.location, None)
-        log.info(
-            "%s: ANT stick serial %s (%s, firmware %s) listening in %s mode%s",
-            stick.adapter,
-            stick.serial,
-            stick.where,
-            stick.version or "?",
-            stick.mode,
-            f", broadcasts batched every {stick.event_buffer_s * 1000:g} ms by the stick"
-            if stick.event_buffer_s
-            else "",
-        )
-        stick.start()
-        self.sticks[stick.adapter] = stick
+        self.sticks[stick.adapter] = stick  # listed before it is announced as listening
         try:
+            log.info(
+                "%s: ANT stick serial %s (%s, firmware %s) listening in %s mode%s",
+                stick.adapter,
+                stick.serial,
+                stick.where,
+                stick.version or "?",
+                stick.mode,
+                f", broadcasts batched every {stick.event_buffer_s * 1000:g} ms by the stick"
+                if stick.event_buffer_s
+                else "",
+            )
+            stick.start()
             await self._watch(stick)
             delay = self.config.retry_initial_s
             self._failures[stick.location] = 1

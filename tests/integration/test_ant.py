@@ -101,6 +101,13 @@ class LogWatch(logging.Handler):
         assert await asyncio.to_thread(block), f"no log record matching {pattern!r}"
         return seen()[0]
 
+    async def wait_for_count(self, pattern: str, count: int) -> None:
+        def block() -> bool:
+            with self._seen:
+                return self._seen.wait_for(lambda: len(self.matching(pattern)) >= count, WAIT)
+
+        assert await asyncio.to_thread(block), f"fewer than {count} log records match {pattern!r}"
+
 
 class Rig:
     """Sticks on a fake USB bus, the ANT source, the real pipeline and a hub subscriber."""
@@ -138,6 +145,7 @@ class Rig:
             self.room, self.sticks, self.clock, self.frames, self.pipeline.run_once
         )
         self.log = LogWatch()
+        self._opened: dict[int, int] = {}  # by stick serial: times configured() saw it open
         self._events: list[object] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -162,8 +170,11 @@ class Rig:
         assert left == [], "stopping the source stops openant's threads and ours"
 
     async def configured(self, stick: FakeAntStick | None = None) -> None:
+        """Wait until `stick` is set up (again) and the source lists it as listening."""
         stick = stick or self.sticks[0]
         assert await asyncio.to_thread(stick.configured.wait, WAIT), "the stick was never set up"
+        opened = self._opened[stick.serial] = self._opened.get(stick.serial, 0) + 1
+        await self.log.wait_for_count(rf"ANT stick serial {stick.serial} .* listening", opened)
         self.player.sync()
 
     def events(self) -> list[object]:

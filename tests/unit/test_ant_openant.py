@@ -1,0 +1,157 @@
+"""The parts of openant's internals that gatewayd.sources.ant relies on, pinned.
+
+The source replaces openant's `Ant.read_message` on the instance and handles broadcast and
+acknowledged data itself, as openant's reader loop (`Ant._worker`) would. If a new openant
+changes any of what is asserted here, these tests fail first: read `_Stick._read_message` and
+`_Stick.open` again before changing the assertions.
+"""
+
+from __future__ import annotations
+
+import array
+import collections
+import threading
+from typing import Any
+
+import pytest
+from openant.base import driver as openant_driver
+from openant.base.ant import Ant
+from openant.base.message import Message
+
+from gatewayd.sources.ant import _BROADCAST, _DATA_IDS
+
+CHANNEL = 0
+
+
+def content(page_byte: int) -> array.array[int]:
+    # channel, an 8-byte page, the extended flag byte and a channel id (device 0x1234, HR)
+    return array.array("B", [CHANNEL, 4, 0, 0, 0, 0, 0, page_byte, 60, 0x80, 0x34, 0x12, 120, 1])
+
+
+class _Written:
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def write(self, data: array.array[int]) -> None:
+        self.messages.append(bytes(data))
+
+
+def bare_ant(messages: list[Message]) -> tuple[Any, list[tuple[str, bytes]], _Written]:
+    """openant's Ant with its real reader loop, minus the USB stick: read_message gives
+    `messages` and then stops the loop, the way the source's replacement is called."""
+    ant: Any = Ant.__new__(Ant)
+    ant._driver = _Written()
+    ant._message_queue_cond = threading.Condition()
+    ant._message_queue = collections.deque()
+    ant._buffer = array.array("B")
+    ant._burst_data = array.array("B")
+    ant._last_data = array.array("B")
+    ant._running = True
+    seen: list[tuple[str, bytes]] = []
+    pending = list(messages)
+
+    def read_message() -> Message | None:
+        if not pending:
+            ant._running = False
+            return None
+        return pending.pop(0)
+
+    ant.read_message = read_message  # an instance attribute wins, as in _Stick.open
+    ant._on_broadcast = lambda m: seen.append(("broadcast", bytes(m._data)))
+    ant._on_acknowledge = lambda m: seen.append(("acknowledged", bytes(m._data)))
+    return ant, seen, ant._driver
+
+
+def test_the_reader_loop_reads_through_the_instances_read_message_until_it_gives_none() -> None:
+    ant, seen, _ = bare_ant([Message(_BROADCAST, content(1))])
+    ant._worker()
+    assert seen == [("broadcast", bytes(content(1)))]
+    assert not ant._running
+
+
+def test_a_broadcast_identical_to_the_message_before_is_dropped_an_acknowledged_one_is_not() -> (
+    None
+):
+    ack = Message.ID.ACKNOWLEDGED_DATA
+    ant, seen, _ = bare_ant(
+        [
+            Message(_BROADCAST, content(1)),
+            Message(_BROADCAST, content(1)),  # a repeat: dropped
+            Message(_BROADCAST, content(2)),
+            Message(ack, content(2)),  # the same content acknowledged: passed on
+            Message(_BROADCAST, content(2)),  # same as the acknowledged message before: dropped
+            Message(ack, content(2)),
+        ]
+    )
+    ant._worker()
+    assert seen == [
+        ("broadcast", bytes(content(1))),
+        ("broadcast", bytes(content(2))),
+        ("acknowledged", bytes(content(2))),
+        ("acknowledged", bytes(content(2))),
+    ]
+    # it remembers the last message's content, of whatever kind, in _last_data
+    assert bytes(ant._last_data) == bytes(content(2))
+
+
+def test_the_reader_loop_remembers_every_messages_content_not_only_data() -> None:
+    status = Message(Message.ID.RESPONSE_CHANNEL_STATUS, array.array("B", [CHANNEL, 3]))
+    ant, _, _ = bare_ant([Message(_BROADCAST, content(1)), status])
+    ant._events = _Events()
+    ant._worker()
+    assert bytes(ant._last_data) == bytes([CHANNEL, 3])
+
+
+class _Events:
+    def __init__(self) -> None:
+        self.items: list[object] = []
+
+    def put(self, item: object) -> None:
+        self.items.append(item)
+
+
+def test_time_slot_sends_wait_in_message_queue_and_go_after_a_broadcast() -> None:
+    # The source hands a data message back to openant's loop while anything waits here.
+    ant, _, written = bare_ant([Message(_BROADCAST, content(1))])
+    queued = Message(Message.ID.ACKNOWLEDGED_DATA, content(9))
+    ant.write_message_timeslot(queued)
+    assert list(ant._message_queue) == [queued]
+    ant._worker()
+    assert written.messages == [bytes(queued.get())]
+    assert not ant._message_queue
+
+
+def test_message_keeps_id_content_and_checksum_where_the_source_reads_them() -> None:
+    packet = bytes([0xA4, 14, _BROADCAST, *content(7)])
+    checksum = 0
+    for byte in packet:
+        checksum ^= byte
+    message = Message(packet[2], array.array("B", packet[3:]))
+    assert message._id == _BROADCAST
+    assert bytes(message._data) == bytes(content(7))
+    assert message._checksum == checksum
+    assert bytes(message.get()) == packet + bytes([checksum])
+    assert {Message.ID.BROADCAST_DATA, Message.ID.ACKNOWLEDGED_DATA} == _DATA_IDS
+    assert (Message.ID.BROADCAST_DATA, Message.ID.ACKNOWLEDGED_DATA) == (0x4E, 0x4F)
+
+
+def test_an_empty_message_cannot_be_built() -> None:
+    # why the source drops a message without content instead of handing it to openant
+    with pytest.raises(TypeError):
+        Message(0x6F, array.array("B"))
+
+
+def test_drivers_are_found_from_the_last_registered_first() -> None:
+    class Mine(openant_driver.Driver):  # type: ignore[misc]
+        @classmethod
+        def find(cls) -> bool:
+            return True
+
+        def __init__(self) -> None:
+            pass
+
+    openant_driver.drivers.append(Mine)
+    try:
+        assert isinstance(openant_driver.find_driver(), Mine)
+    finally:
+        openant_driver.drivers.remove(Mine)

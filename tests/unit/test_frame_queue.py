@@ -9,8 +9,6 @@ import threading
 
 import pytest
 
-import pytest
-
 from gatewayd.config import PipelineConfig
 from gatewayd.hub import Hub
 from gatewayd.model import DataType, Frame, Sample

@@ -65,6 +65,10 @@ class _Device:
     # The streams this device owns, by type: the per-value path skips the ownership rules while
     # it holds. Every stream removal (loss, reassignment, another device taking it) clears this.
     own: dict[DataType, _Stream] = field(default_factory=dict)
+    # The types another live device of the athlete owns (a power meter's cadence beside a
+    # cadence sensor's): dropped without asking the ownership rules again. Cleared whenever a
+    # stream goes (a loss, a reassignment), so the device may claim it then.
+    shadowed: set[DataType] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -191,8 +195,12 @@ class Aggregator:
         for t, val, d, event in derived:
             stream = own.get(t)
             if stream is None:
+                if t in device.shadowed:
+                    self.shadowed_values += 1
+                    continue
                 stream = self._claim(device, key, t)
                 if stream is None:
+                    device.shadowed.add(t)
                     self.shadowed_values += 1
                     continue
             if late:
@@ -312,6 +320,7 @@ class Aggregator:
         for stream_key in [k for k, s in self._streams.items() if s.owner == key]:
             del self._streams[stream_key]
         device.own.clear()
+        self._unshadow()
         statuses: list[DeviceStatus] = []
         if device.live:
             statuses.append(self._status(device, DeviceState.LOST, f"given to {uid}", wall))
@@ -339,7 +348,13 @@ class Aggregator:
             streams = self._streams
             for stream_key in [k for k, s in streams.items() if s.owner in lost]:
                 del streams[stream_key]
+            self._unshadow()
         return statuses
+
+    def _unshadow(self) -> None:
+        """Streams went: every device may try its shadowed types again (on their next value)."""
+        for device in self._devices.values():
+            device.shadowed.clear()
 
     def _emit_second(self, second: int, mono: float, out: list[Sample]) -> None:
         ts = float(second)

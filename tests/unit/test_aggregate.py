@@ -161,6 +161,21 @@ def test_second_device_for_the_same_type_is_shadowed_until_the_first_is_lost():
     assert room.samples[-1].device_id == "AA"
 
 
+def test_a_shadowed_device_takes_the_type_over_when_its_owner_is_given_to_another_athlete():
+    room = Room()
+    room.advance(0.1)
+    room.hear(DataType.HEART_RATE, 100, key="ant/120:1")
+    room.hear(DataType.HEART_RATE, 150, key="ble/AA")
+    room.hear(DataType.HEART_RATE, 151, key="ble/AA")
+    assert room.agg.shadowed_values == 2
+    room.agg.reassign("ant/120:1", "bob", room.wall)  # alice's strap goes to bob
+    room.hear(DataType.HEART_RATE, 152, key="ble/AA")
+    assert room.agg.shadowed_values == 2
+    room.advance(1.5)
+    [sample] = [s for s in room.samples if s.t is DataType.HEART_RATE]
+    assert (sample.uid, sample.val, sample.device_id) == ("alice", 152, "AA")
+
+
 def test_battery_only_in_seconds_it_was_reported_and_a_change_is_a_status():
     room = Room()
     room.advance(0.1)

@@ -241,6 +241,19 @@ class AntPower(SimDevice):
         )
 
 
+def _turn(
+    t: float, step: float, due: float | None, last: float, revs: int
+) -> tuple[float, float, int]:
+    """Revolutions every `step` s up to t, the first at `due` (None: now): (the next one's time,
+    the last one's time, the u16 revolution count)."""
+    due = t if due is None else due
+    while due <= t:
+        last = due
+        revs = (revs + 1) % 65536
+        due += step
+    return due, last, revs
+
+
 class AntSpeedCadence(SimDevice):
     """ANT+ type 121: crank and wheel event times (1/1024 s) and revolution counts."""
 
@@ -257,27 +270,21 @@ class AntSpeedCadence(SimDevice):
         self.crank_revs = self.wheel_revs = 0
 
     def payload(self, t: float) -> bytes:
-        # Revolutions every step up to t, the first at the next one's time (None: now); the two
-        # loops are written out, as a call each would cost more than the page.
         athlete = self.athlete
-        step = 60.0 / athlete.rpm
-        due, last, revs = self.crank_next, self.crank_time, self.crank_revs
-        due = t if due is None else due
-        while due <= t:
-            last = due
-            revs = (revs + 1) % 65536
-            due += step
-        self.crank_next, self.crank_time, self.crank_revs = due, last, revs
-        crank = int(last * 1024) & 0xFFFF, revs
-        step = DEFAULT_CIRCUMFERENCE_M / athlete.speed_ms
-        due, last, revs = self.wheel_next, self.wheel_time, self.wheel_revs
-        due = t if due is None else due
-        while due <= t:
-            last = due
-            revs = (revs + 1) % 65536
-            due += step
-        self.wheel_next, self.wheel_time, self.wheel_revs = due, last, revs
-        return _SC_PAGE.pack(*crank, int(last * 1024) & 0xFFFF, revs)
+        crank_step = 60.0 / athlete.rpm
+        wheel_step = DEFAULT_CIRCUMFERENCE_M / athlete.speed_ms
+        self.crank_next, self.crank_time, self.crank_revs = _turn(
+            t, crank_step, self.crank_next, self.crank_time, self.crank_revs
+        )
+        self.wheel_next, self.wheel_time, self.wheel_revs = _turn(
+            t, wheel_step, self.wheel_next, self.wheel_time, self.wheel_revs
+        )
+        return _SC_PAGE.pack(
+            int(self.crank_time * 1024) & 0xFFFF,
+            self.crank_revs,
+            int(self.wheel_time * 1024) & 0xFFFF,
+            self.wheel_revs,
+        )
 
 
 @dataclass

@@ -129,6 +129,7 @@ class _UsbLink:
         self._on_lost = on_lost
         self._in: Any = None
         self._out: Any = None
+        self._backend_read: Callable[[array.array[int], int], int] = self._unopened
         self._lost = threading.Event()
         self._closed = threading.Event()
 
@@ -160,6 +161,20 @@ class _UsbLink:
         )
         if self._in is None or self._out is None:
             raise SourceUnavailable(f"{self._where} has no bulk IN/OUT endpoints")
+        # pyusb's Endpoint.read settles the handle, the claim and the endpoint's type under a
+        # lock on every call (a sixth of a frame's CPU); all of that is settled by now, so reads
+        # go straight to pyusb's backend, as pyusb's core would send them.
+        # tests/unit/test_ant_libraries.py pins the pyusb internals this relies on.
+        context = device._ctx
+        interrupt = usb.util.endpoint_type(self._in.bmAttributes) == usb.util.ENDPOINT_TYPE_INTR
+        backend_read = context.backend.intr_read if interrupt else context.backend.bulk_read
+        self._backend_read = functools.partial(
+            backend_read, context.handle, self._in.bEndpointAddress, interface.bInterfaceNumber
+        )
+
+    @staticmethod
+    def _unopened(buffer: array.array[int], timeout_ms: int) -> int:
+        raise usb.core.USBError("the stick is not open")
 
     def read(self) -> array.array[int]:
         buffer: array.array[int] = usb.util.create_buffer(_TRANSFER_BYTES)
@@ -172,7 +187,7 @@ class _UsbLink:
             self._closed.wait(0.05)
             return 0
         try:
-            received: int = self._in.read(buffer, timeout=_READ_TIMEOUT_MS)
+            received: int = self._backend_read(buffer, _READ_TIMEOUT_MS)
         except usb.core.USBTimeoutError:
             raise  # openant expects it on an idle stick
         except usb.core.USBError as exc:
@@ -473,7 +488,7 @@ class _Stick:
         message's content. Its other work for them (a chain of tests, a lock, two debug calls)
         is for sending in a channel's time slot, which a receive-only gateway never does; while
         anything waits to be sent so, the message goes through openant's loop after all.
-        tests/unit/test_ant_openant.py pins the parts of openant this relies on.
+        tests/unit/test_ant_libraries.py pins the parts of openant this relies on.
         """
         while ant._running:
             buffer = ant._buffer

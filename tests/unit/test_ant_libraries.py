@@ -1,9 +1,10 @@
-"""The parts of openant's internals that gatewayd.sources.ant relies on, pinned.
+"""The internals of openant and pyusb that gatewayd.sources.ant relies on, pinned.
 
 The source replaces openant's `Ant.read_message` on the instance and handles broadcast and
-acknowledged data itself, as openant's reader loop (`Ant._worker`) would. If a new openant
-changes any of what is asserted here, these tests fail first: read `_Stick._read_message` and
-`_Stick.open` again before changing the assertions.
+acknowledged data itself, as openant's reader loop (`Ant._worker`) would; it reads the stick
+through pyusb's backend as pyusb's `Endpoint.read` would. If a new openant or pyusb changes any
+of what is asserted here, these tests fail first: read `_Stick._read_message`, `_Stick.open`
+and `_UsbLink.open` again before changing the assertions.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import threading
 from typing import Any
 
 import pytest
+import usb.core
+import usb.util
 from openant.base import driver as openant_driver
 from openant.base.ant import Ant
 from openant.base.message import Message
 
-from gatewayd.sources.ant import _BROADCAST, _DATA_IDS
+from gatewayd.sources.ant import _BROADCAST, _DATA_IDS, _UsbLink
+from tests.fakes.fake_ant_stick import FakeAntStick, FakeUsbBackend
 
 CHANNEL = 0
 
@@ -155,3 +159,46 @@ def test_drivers_are_found_from_the_last_registered_first() -> None:
         assert isinstance(openant_driver.find_driver(), Mine)
     finally:
         openant_driver.drivers.remove(Mine)
+
+
+# -- pyusb --------------------------------------------------------------------------------------
+
+
+class _RecordingBackend(FakeUsbBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[object, int, int, int, int]] = []
+
+    def bulk_read(
+        self, dev_handle: Any, ep: int, intf: int, buff: array.array[int], timeout: int
+    ) -> int:
+        self.reads.append((dev_handle, ep, intf, id(buff), timeout))
+        return super().bulk_read(dev_handle, ep, intf, buff, timeout)
+
+
+def test_endpoint_read_is_the_backends_bulk_read_with_the_claimed_handle() -> None:
+    backend = _RecordingBackend()
+    stick = FakeAntStick()
+    backend.plug(stick)
+    device = usb.core.find(idVendor=0x0FCF, backend=backend)
+    link = _UsbLink(device, "the stick", lambda reason: None)
+    link.open()
+    try:
+        context = device._ctx
+        assert context.backend is backend and context.handle is not None
+        interface = device.get_active_configuration()[(0, 0)]
+        endpoint = link._in
+        assert usb.util.endpoint_type(endpoint.bmAttributes) == usb.util.ENDPOINT_TYPE_BULK
+        buffer = usb.util.create_buffer(64)
+        stick.inject_bytes(b"\xa4\x01\x6f\x20\x5a")
+        assert endpoint.read(buffer, timeout=100) == 5  # pyusb's own path
+        stick.inject_bytes(b"\xa4\x01\x6f\x20\x5a")
+        assert link.read_into(buffer) == 5  # ours
+        assert bytes(buffer[:5]) == b"\xa4\x01\x6f\x20\x5a"
+        ours = (context.handle, endpoint.bEndpointAddress, interface.bInterfaceNumber, id(buffer))
+        assert [call[:4] for call in backend.reads] == [ours, ours]
+        with pytest.raises(usb.core.USBTimeoutError):
+            link.read_into(buffer)  # a timeout reaches openant's loop as pyusb raises it
+    finally:
+        link.close()
+        stick.close()

@@ -29,6 +29,7 @@ import contextlib
 import errno
 import functools
 import logging
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -342,6 +343,8 @@ class _Stick:
         # Reader thread only: the frames of the USB transfer being parsed, and the transfer.
         self._batch: list[Frame] = []
         self._transfer = usb.util.create_buffer(_TRANSFER_BYTES)
+        self._pending = b""  # bytes read but not yet parsed (a message may span transfers)
+        self._last_content = b""  # the last message's content, for openant's repeat rule
         self._mono = self._wall = 0.0  # when the last USB transfer arrived
         # device id, kind and RSSI by the bytes they come from (a data message's extended tail)
         self._senders: dict[bytes, tuple[str, str, int | None]] = {}
@@ -482,44 +485,63 @@ class _Stick:
         byte and drops a message whose checksum is wrong, or that has no content (openant's
         Message cannot hold one: it would end the reader thread).
 
-        Broadcast and acknowledged data (nearly every message) become Frames here, as openant's
-        reader loop would have them become: a broadcast identical to the message before it is
-        dropped (a repeat only marks a channel period), and the loop remembers the last
-        message's content. Its other work for them (a chain of tests, a lock, two debug calls)
-        is for sending in a channel's time slot, which a receive-only gateway never does; while
-        anything waits to be sent so, the message goes through openant's loop after all.
-        tests/unit/test_ant_libraries.py pins the parts of openant this relies on.
+        Broadcast and acknowledged data (nearly every message) never reach openant: they become
+        Frames here, as openant's reader loop would pass them on (a broadcast identical to the
+        message before it is dropped: a repeat only marks a channel period). openant's Message
+        and loop cost more per message than all the rest of a frame, and give a data message
+        nothing: its layout (sync, length, id, content, an XOR of all of them) is read here
+        directly, and the loop's other work (a chain of tests, a lock, two debug calls) is for
+        sending in a channel's time slot, which a receive-only gateway never does; while
+        anything waits to be sent so, data goes through openant's loop after all. Every other
+        message (responses, channel events) is openant's Message, handled by openant.
+        tests/unit/test_ant_libraries.py pins the parts of openant this relies on, and checks
+        this reading against openant's Message.
         """
+        xor = operator.xor
+        if ant._buffer:  # what openant's own read_message left before it was replaced
+            self._pending += ant._buffer.tobytes()
+            del ant._buffer[:]
         while ant._running:
-            buffer = ant._buffer
-            if buffer and buffer[0] != _SYNC:
-                start = buffer.tobytes().find(_SYNC)
-                skipped = len(buffer) if start < 0 else start
-                self.bad_bytes += skipped
-                del buffer[:skipped]
-                continue
-            if len(buffer) >= 4 and len(buffer) >= buffer[1] + 4:
-                end = buffer[1] + 4
-                if end > 4:
-                    packet = buffer[:end]
-                    # openant's Message works out the checksum anyway: compare, not recompute
-                    message = Message(packet[2], packet[3:-1])
-                    if message._checksum == packet[-1]:
-                        del buffer[:end]
-                        if message._id not in _DATA_IDS or ant._message_queue:
-                            return message
-                        data = message._data
-                        if message._id != _BROADCAST or data != ant._last_data:
-                            self._on_message(message)
-                        ant._last_data = data
-                        continue
-                self.bad_bytes += 1
-                del buffer[:1]
-                continue
-            self._receive(buffer)
+            data = self._pending
+            size = len(data)
+            pos = 0
+            message = None
+            while size - pos >= 4:
+                if data[pos] != _SYNC:
+                    start = data.find(_SYNC, pos)
+                    skipped = (size if start < 0 else start) - pos
+                    self.bad_bytes += skipped
+                    pos += skipped
+                    continue
+                end = pos + data[pos + 1] + 4
+                if end > size:
+                    break  # the rest comes in the next transfer
+                packet = data[pos:end]
+                if end == pos + 4 or functools.reduce(xor, packet):
+                    self.bad_bytes += 1  # no content, or a checksum that does not add up
+                    pos += 1
+                    continue
+                pos = end
+                content = packet[3:-1]
+                msg_id = packet[2]
+                if msg_id in _DATA_IDS and not ant._message_queue:
+                    if msg_id != _BROADCAST or content != self._last_content:
+                        self._on_data(content)
+                    self._last_content = content
+                    continue
+                # openant's loop compares a broadcast with the message before it, and then
+                # remembers this one's content itself
+                ant._last_data = array.array("B", self._last_content)
+                self._last_content = content
+                message = Message(msg_id, array.array("B", content))
+                break
+            self._pending = data[pos:] if pos else data
+            if message is not None:
+                return message
+            self._receive()
         return None
 
-    def _receive(self, buffer: array.array[int]) -> None:
+    def _receive(self) -> None:
         """Wait for the stick's next USB transfer (reader thread), every message before it parsed.
 
         The previous transfer's frames go to the FrameQueue first, without waking the event
@@ -538,11 +560,14 @@ class _Stick:
             # up to event_buffer_s).
             self._mono = self._clock.mono()
             self._wall = self._clock.wall()
-            buffer.frombytes(memoryview(self._transfer)[:received])
+            self._pending += memoryview(self._transfer)[:received]
 
     def _on_message(self, message: Message) -> None:
-        """A broadcast or acknowledged data message (openant's reader thread)."""
-        content = bytes(message._data)
+        """Data that went through openant's loop (something waited to be sent in its slot)."""
+        self._on_data(bytes(message._data))
+
+    def _on_data(self, content: bytes) -> None:
+        """A broadcast or acknowledged data message's content (openant's reader thread)."""
         sender = self._senders.get(content[9:])
         if sender is None:
             sender = self._identify(content)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import array
 import collections
+import functools
+import operator
+import random
 import threading
 from typing import Any
 
@@ -137,6 +140,20 @@ def test_message_keeps_id_content_and_checksum_where_the_source_reads_them() -> 
     assert bytes(message.get()) == packet + bytes([checksum])
     assert {Message.ID.BROADCAST_DATA, Message.ID.ACKNOWLEDGED_DATA} == _DATA_IDS
     assert (Message.ID.BROADCAST_DATA, Message.ID.ACKNOWLEDGED_DATA) == (0x4E, 0x4F)
+
+
+def test_a_messages_bytes_xor_to_zero_exactly_when_openants_checksum_matches() -> None:
+    # _read_message reads data messages without openant's Message: a message is good when the
+    # XOR of all its bytes, checksum included, is 0; its content is what Message holds.
+    rng = random.Random(17)
+    for _ in range(2000):
+        content = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 30)))
+        msg_id = rng.choice([_BROADCAST, Message.ID.ACKNOWLEDGED_DATA, 0x40, 0x52, 0x6F])
+        checksum = rng.randrange(256)
+        packet = bytes([0xA4, len(content), msg_id, *content, checksum])
+        message = Message(packet[2], array.array("B", packet[3:-1]))
+        assert (functools.reduce(operator.xor, packet) == 0) == (message._checksum == checksum)
+        assert bytes(message._data) == packet[3:-1] and message._id == packet[2]
 
 
 def test_an_empty_message_cannot_be_built() -> None:

@@ -117,7 +117,10 @@ class LoopDriver:
     def _tick(self) -> None:
         assert self._loop is not None
         self._misc = self._loop.call_later(MISC_INTERVAL_S, self._tick)
-        if self.client._sock is not None:
+        sock: Any = self.client._sock
+        if sock is not None:
+            if sock.pending():  # e.g. a write found the socket broken: the read reports it
+                self.client.loop_read()
             self.client.loop_misc()
             self._after_io()
 

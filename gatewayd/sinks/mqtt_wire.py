@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import socket
 import ssl
+import struct
 from typing import Any
 
 READ_SIZE = 1 << 16
@@ -33,10 +34,34 @@ PUBLISH = 0x30
 MAX_TOPIC = 65535  # a UTF-8 string's two-byte length (MQTT 5.0 §1.5.4)
 
 
+_SHORT_ACK = struct.Struct(">2xH")  # 40 02 <id>
+_CODED_ACK = struct.Struct(">2xHx")  # 40 03 <id> <code>
+_ACCEPTED = bytes(PUBACK_ACCEPTED)
+
+
 def plain_pubacks(data: bytes | bytearray, v5: bool) -> tuple[list[int], int]:
     """Packet ids of the complete plain PUBACKs at the head of `data`, and the bytes they take.
     Plain: `40 02 <id>` (no reason code: Success), or in MQTT 5 `40 03 <id> <code>` with an
     accepting code. Stops at anything else, a PUBACK cut short included."""
+    # A buffer of only one of the two forms (what a broker sends while it accepts everything)
+    # is checked and unpacked at C speed: if every 4th byte from the first is 40 and every
+    # 4th from the second is 02, each 4 bytes are one PUBACK, by induction from the start.
+    n = len(data) // 4
+    if n and data[: 4 * n : 4] == b"\x40" * n and data[1 : 4 * n : 4] == b"\x02" * n:
+        return [mid for (mid,) in _SHORT_ACK.iter_unpack(data[: 4 * n])], 4 * n
+    n = len(data) // 5
+    if (
+        v5
+        and n
+        and data[: 5 * n : 5] == b"\x40" * n
+        and data[1 : 5 * n : 5] == b"\x03" * n
+        and not data[4 : 5 * n : 5].translate(None, _ACCEPTED)
+    ):
+        return [mid for (mid,) in _CODED_ACK.iter_unpack(data[: 5 * n])], 5 * n
+    return _pubacks_one_by_one(data, v5)
+
+
+def _pubacks_one_by_one(data: bytes | bytearray, v5: bool) -> tuple[list[int], int]:
     mids: list[int] = []
     at = 0
     end = len(data)

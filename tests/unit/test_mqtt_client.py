@@ -10,7 +10,9 @@ quietly in the daemon.
 from __future__ import annotations
 
 import inspect
+import random
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -69,6 +71,37 @@ def test_plain_pubacks_stop_at_anything_else(tail: bytes, v5: bool) -> None:
 def test_plain_pubacks_leave_a_packet_cut_short_for_later(cut: bytes) -> None:
     head = puback(1) + puback(2)
     assert plain_pubacks(head + cut, v5=True) == ([1, 2], len(head))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_plain_pubacks_of_any_mix_and_cut_are_those_pahos_decoder_accepts(seed: int) -> None:
+    """Runs of one form (unpacked all at once) and mixes (one by one) give the same answer:
+    the ids of the leading packets that are PUBACKs paho decodes as accepted, with no
+    properties, and that are complete."""
+    rng = random.Random(seed)
+    v5 = seed % 4 != 0  # 0: MQTT 3.1.1; 1: two-byte acks only; 2: coded only; 3: mixed
+    forms: list[Callable[[int], bytes]] = [] if seed % 4 == 2 else [puback]
+    if seed % 4 >= 2:
+        forms.append(lambda mid: puback(mid, rng.choice(PUBACK_ACCEPTED)))
+    if seed % 5 == 0:  # something that is not a plain PUBACK, now and then
+        forms.append(lambda mid: rng.choice([puback(mid, 0x87), b"\xd0\x00", puback(mid, 0, 0)]))
+    packets = [rng.choice(forms)(rng.randrange(1, 65536)) for _ in range(rng.randrange(1, 60))]
+    stream = b"".join(packets)
+    stream = stream[: rng.randrange(len(stream) - 3, len(stream) + 1)]  # maybe cut short
+    expected: list[int] = []
+    at = 0
+    for packet in packets:
+        if at + len(packet) > len(stream) or packet[0] != 0x40 or not 2 <= packet[1] <= 3:
+            break
+        if packet[1] == 3 and not v5:
+            break
+        decoded = _packet.decode_puback(packet[0], packet[2:], V5 if v5 else V311)
+        if decoded.reason.is_failure:
+            break
+        expected.append(decoded.mid)
+        at += len(packet)
+    assert plain_pubacks(stream, v5) == (expected, at)
+    assert plain_pubacks(bytearray(stream), v5) == (expected, at)
 
 
 def test_accepting_codes_are_the_ones_paho_counts_as_success() -> None:

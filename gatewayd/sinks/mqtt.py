@@ -612,7 +612,11 @@ class MqttSink:
                 return  # paho is full or the link went
         queue = self._queue
         if queue and budget > 0:
-            batch = [queue.popleft() for _ in range(min(budget, len(queue)))]
+            if len(queue) <= budget:
+                batch = list(queue)
+                queue.clear()
+            else:
+                batch = [queue.popleft() for _ in range(budget)]
             taken = self._publish(batch, self.config.qos, False)
             if taken < len(batch):
                 queue.extendleft(reversed(batch[taken:]))

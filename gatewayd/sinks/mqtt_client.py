@@ -42,10 +42,11 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
 from gatewayd.sinks.mqtt_wire import (
+    MAX_HEADERS,
     PUBLISH,
     BatchedSocket,
+    headers,
     publish_header,
-    short_headers,
     topic_field,
 )
 
@@ -195,7 +196,7 @@ class Client(paho.Client):
                 topics[topic] = (field := topic_field(topic), field[2:])
         v5 = self._protocol == paho.MQTTv5
         command = PUBLISH | qos << 1 | int(retain)
-        heads = short_headers(command)
+        heads = headers(command)
         out = sock.out
         if qos == 0:
             props = b"\x00" if v5 else b""
@@ -203,7 +204,10 @@ class Client(paho.Client):
             for topic, payload in messages:
                 field = topics[topic][0]
                 size = len(field) + extra + len(payload)
-                out += heads[size] if size < 128 else publish_header(command, size)
+                head = heads.get(size)
+                if head is None:
+                    head = self._header(command, size)
+                out += head
                 out += field
                 out += props
                 out += payload
@@ -220,7 +224,10 @@ class Client(paho.Client):
                     mid = mid + 1 if mid < 65535 else 1
                 field, name = topics[topic]
                 size = len(field) + extra + len(payload)
-                out += heads[size] if size < 128 else publish_header(command, size)
+                head = heads.get(size)
+                if head is None:
+                    head = self._header(command, size)
+                out += head
                 out += field
                 out += (mid << shift).to_bytes(extra, "big")
                 out += payload
@@ -234,6 +241,14 @@ class Client(paho.Client):
         if sock.has_output():
             self._call_socket_register_write()
         return count
+
+    @staticmethod
+    def _header(command: int, size: int) -> bytes:
+        head = publish_header(command, size)
+        cache = headers(command)
+        if len(cache) < MAX_HEADERS:
+            cache[size] = head
+        return head
 
     def _count_written(self, sock: BatchedSocket) -> None:
         runs = self._gw_qos0

@@ -90,17 +90,19 @@ def remaining_length(size: int) -> bytes:
             return bytes(out)
 
 
-@functools.lru_cache(maxsize=16)
-def short_headers(command: int) -> tuple[bytes, ...]:
-    """Fixed headers `<command> <length>` of every packet whose remaining length is < 128."""
-    return tuple(bytes((command, size)) for size in range(128))
-
-
 def publish_header(command: int, size: int) -> bytes:
     """The fixed header of a PUBLISH with `size` bytes after it."""
-    if size < 128:
-        return short_headers(command)[size]
     return bytes((command,)) + remaining_length(size)
+
+
+@functools.lru_cache(maxsize=16)
+def headers(command: int) -> dict[int, bytes]:
+    """publish_header(command, size) by size, filled as sizes come (a gym's messages take a
+    few hundred sizes; past MAX_HEADERS the rest are made each time)."""
+    return {}
+
+
+MAX_HEADERS = 4096
 
 
 def topic_field(topic: str) -> bytes:

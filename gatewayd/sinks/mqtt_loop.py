@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from gatewayd.sinks.mqtt_client import Client, Prepared
+
+log = logging.getLogger(__name__)
 
 MISC_INTERVAL_S = 1.0  # paho's own loop runs loop_misc about once a second
 
@@ -140,6 +143,9 @@ class LoopDriver:
                 self.client.connect_prepared(prepared)
             except OSError as exc:
                 self._attempt_failed(exc)
+                continue
+            except Exception:  # a bug here must not end reconnecting for good
+                log.exception("MQTT: connection attempt failed unexpectedly")
                 continue
             await self._closed.wait()
             while self.client._sock is not None:  # paho opened another itself: wait on that

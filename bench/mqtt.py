@@ -5,7 +5,7 @@
 For each QoS (0 and 1) and protocol (5, 3.1.1): a fresh mosquitto on 127.0.0.1 (the test
 fixture's), the sink connected, then `--samples` samples (100 athletes x data types) pushed
 into the hub at once; timed until the broker has them all (QoS 0: written to the socket;
-QoS 1: PUBACKed). CPU is this process's (paho's thread included), per sample, also divided by
+QoS 1: PUBACKed). CPU is this process's (all threads), per sample, also divided by
 the machine-speed reference (`sum(range(1000))`, bench/machine.py) measured in the same run.
 Also: memory per message held in the offline queue while the broker is down.
 """
@@ -58,7 +58,7 @@ def samples(count: int) -> list[Sample]:
 async def throughput(
     port: int, qos: int, protocol: str, batch: list[Sample]
 ) -> tuple[float, float]:
-    """Samples/s (wall) and CPU µs per sample (this process, paho's thread included)."""
+    """Samples/s (wall) and CPU µs per sample (this process, all threads)."""
     hub = Hub()
     cfg = MqttConfig(
         enabled=True, port=port, qos=qos, protocol=protocol, offline_queue=len(batch) + 10

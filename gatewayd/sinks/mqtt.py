@@ -582,16 +582,21 @@ class MqttSink:
     def _pump(self) -> None:
         """Hand waiting messages to paho while connected and paho has room."""
         self._pump_scheduled = False
-        if self._connected:
-            self._hand_over()
-            if (self._queue or self._retained) and self._client.in_flight() < WINDOW:
-                # a whole chunk went: more next turn, so a backlog never stalls the loop
-                self._pump_scheduled = True
-                asyncio.get_running_loop().call_soon(self._pump)
+        if (
+            self._connected
+            and self._hand_over()
+            and (self._queue or self._retained)
+            and self._client.in_flight() < WINDOW
+        ):
+            # a whole chunk went: more next turn, so a backlog never stalls the loop
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
         self._take_settled()
 
-    def _hand_over(self) -> None:
-        """Up to PUMP_CHUNK messages, retained state first, as far as the WINDOW allows."""
+    def _hand_over(self) -> bool:
+        """Up to PUMP_CHUNK messages, retained state first, as far as the WINDOW allows. False
+        when the client took fewer than offered (its output is full, or the link went): the
+        next socket event pumps again (`_after_io`), not the next loop turn."""
         client = self._client
         budget = min(PUMP_CHUNK, WINDOW - client.in_flight())
         retained = self._retained
@@ -609,7 +614,7 @@ class MqttSink:
                 del retained[topic]
             budget -= taken
             if taken < len(group):
-                return  # paho is full or the link went
+                return False
         queue = self._queue
         if queue and budget > 0:
             if len(queue) <= budget:
@@ -620,6 +625,8 @@ class MqttSink:
             taken = self._publish(batch, self.config.qos, False)
             if taken < len(batch):
                 queue.extendleft(reversed(batch[taken:]))
+                return False
+        return True
 
     def _publish(self, messages: list[tuple[str, bytes]], qos: int, retain: bool) -> int:
         """How many of `messages` the client took; a message it refuses is counted and gone."""

@@ -204,9 +204,7 @@ class Client(paho.Client):
             for topic, payload in messages:
                 field = topics[topic][0]
                 size = len(field) + extra + len(payload)
-                head = heads.get(size)
-                if head is None:
-                    head = self._header(command, size)
+                head = heads.get(size) or self._header(command, size)
                 out += head
                 out += field
                 out += props
@@ -224,9 +222,7 @@ class Client(paho.Client):
                     mid = mid + 1 if mid < 65535 else 1
                 field, name = topics[topic]
                 size = len(field) + extra + len(payload)
-                head = heads.get(size)
-                if head is None:
-                    head = self._header(command, size)
+                head = heads.get(size) or self._header(command, size)
                 out += head
                 out += field
                 out += (mid << shift).to_bytes(extra, "big")

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from gatewayd.config import PipelineConfig
-from gatewayd.hub import Hub
+from gatewayd.hub import Hub, Subscription
 from gatewayd.model import DataType, Frame, Sample
 from gatewayd.pipeline import GATHER_FRAMES, FrameQueue, Pipeline
 from gatewayd.roster import Roster
@@ -89,6 +89,16 @@ def test_quiet_frames_beyond_the_bound_drop_the_oldest_and_count_it() -> None:
     assert queue.dropped == 1
 
 
+async def _first_heart_rates(events: Subscription) -> list[Sample]:
+    """The first batch of HEART_RATE samples the pipeline publishes."""
+    samples: list[Sample] = []
+    async with asyncio.timeout(5):
+        while not samples:
+            batch = await events.get_batch()
+            samples += [e for e in batch if isinstance(e, Sample) and e.t == DataType.HEART_RATE]
+    return samples
+
+
 async def test_the_running_pipeline_emits_a_quiet_frame_in_its_own_second() -> None:
     clock = SteadyClock()
     queue = FrameQueue()
@@ -99,13 +109,7 @@ async def test_the_running_pipeline_emits_a_quiet_frame_in_its_own_second() -> N
     try:
         wall = clock.wall()
         queue.put_quiet(hr_frame(77, clock.mono(), wall))
-        samples: list[Sample] = []
-        async with asyncio.timeout(5):
-            while not samples:
-                batch = await events.get_batch()
-                samples += [
-                    e for e in batch if isinstance(e, Sample) and e.t == DataType.HEART_RATE
-                ]
+        samples = await _first_heart_rates(events)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -178,13 +182,7 @@ async def test_the_running_pipeline_emits_a_threads_frame_in_its_own_second() ->
     try:
         wall = clock.wall()
         await _from_a_thread(queue, [[hr_frame(77, clock.mono(), wall)]])
-        samples: list[Sample] = []
-        async with asyncio.timeout(5):
-            while not samples:
-                batch = await events.get_batch()
-                samples += [
-                    e for e in batch if isinstance(e, Sample) and e.t == DataType.HEART_RATE
-                ]
+        samples = await _first_heart_rates(events)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

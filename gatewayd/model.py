@@ -127,13 +127,8 @@ class Sample(NamedTuple):
         """payload() as compact JSON, exactly what json.dumps writes, built without it: every
         sample is written this way for each consumer-facing output."""
         if self.d is not None:
-            values = json.dumps(list(self.d), separators=(",", ":"))
-            return f'{{"ts":"{format_ts(self.ts)}","d":{values}}}'
-        val = self.val
-        kind = type(val)
-        if kind is int or (kind is float and math.isfinite(val)):  # type: ignore[arg-type]
-            return f'{{"ts":"{format_ts(self.ts)}","val":{val!r}}}'
-        return f'{{"ts":"{format_ts(self.ts)}","val":{json.dumps(val)}}}'
+            return f'{{"ts":"{format_ts(self.ts)}","d":{json_list(self.d)}}}'
+        return f'{{"ts":"{format_ts(self.ts)}","val":{json_number(self.val)}}}'
 
 
 class DeviceState(enum.StrEnum):
@@ -154,6 +149,20 @@ class DeviceStatus:
     battery: float | None = None
     rssi: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+
+def json_number(value: float | None) -> str:
+    """A sample's value as json.dumps writes it: a finite float's or an int's repr is its JSON
+    (bool is not an int here), anything else (None, NaN) goes through json.dumps."""
+    kind = type(value)
+    if kind is int or (kind is float and math.isfinite(value)):  # type: ignore[arg-type]
+        return repr(value)
+    return json.dumps(value)
+
+
+def json_list(values: tuple[float, ...]) -> str:
+    """A sample's `d` as compact JSON."""
+    return json.dumps(list(values), separators=(",", ":"))
 
 
 def json_string(text: str) -> str:

@@ -46,7 +46,15 @@ from gatewayd import __version__
 from gatewayd.config import MqttConfig
 from gatewayd.errors import ConfigError
 from gatewayd.hub import Event, Subscription
-from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, format_ts
+from gatewayd.model import (
+    DataType,
+    DeviceState,
+    DeviceStatus,
+    Sample,
+    format_ts,
+    json_list,
+    json_number,
+)
 from gatewayd.roster import Roster
 from gatewayd.sinks.mqtt_client import Client
 from gatewayd.sinks.mqtt_loop import LoopDriver
@@ -154,7 +162,7 @@ def _ts_head(ts_text: str) -> str:
 
 
 def _value_text(val: float | None, d: tuple[float, ...] | None) -> str:
-    return '"d":' + _json_list(d) if d is not None else '"val":' + _json_number(val)
+    return '"d":' + json_list(d) if d is not None else '"val":' + json_number(val)
 
 
 def _origin_tail(device_id: str, source: str) -> str:
@@ -165,19 +173,9 @@ def athlete_payload(samples: list[Sample], ts_text: str) -> bytes:
     """One athlete's second (`per_athlete`): `{"ts":..,"HEART_RATE":72.0,"RR_INTERVAL":[..]}`."""
     parts = [f'{{"ts":"{ts_text}"']
     for sample in samples:
-        value = _json_list(sample.d) if sample.d is not None else _json_number(sample.val)
+        value = json_list(sample.d) if sample.d is not None else json_number(sample.val)
         parts.append(f'"{sample.t}":{value}')
     return (",".join(parts) + "}").encode()
-
-
-def _json_number(value: float | None) -> str:
-    if type(value) is float and math.isfinite(value):
-        return repr(value)  # what json.dumps writes for a finite float
-    return json.dumps(value)
-
-
-def _json_list(values: tuple[float, ...]) -> str:
-    return json.dumps(list(values), separators=(",", ":"))
 
 
 @functools.lru_cache(maxsize=4096)

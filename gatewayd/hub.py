@@ -76,7 +76,11 @@ class Subscription:
             finally:
                 self._waiter = None
         items = self._items
-        batch = [items.popleft() for _ in range(min(limit, len(items)))]
+        if len(items) <= limit:  # the usual case: all of it, without a call per item
+            batch = list(items)
+            items.clear()
+        else:
+            batch = [items.popleft() for _ in range(limit)]
         self.delivered += len(batch)
         if self._dropping and not items:
             self._dropping = False

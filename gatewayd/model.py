@@ -160,6 +160,38 @@ def json_number(value: float | None) -> str:
     return json.dumps(value)
 
 
+def float_text(value: float) -> str:
+    """A finite float's JSON (its repr), which every output writes for every sample (DISPATCH,
+    SUBMIT, MQTT): the callers look it up in FLOAT_TEXT first, so a value seen before costs a
+    dict lookup instead of a repr. Zero is never stored: 0.0 == -0.0, but their texts differ."""
+    text = repr(value)
+    if value:
+        if len(FLOAT_TEXT) >= TEXT_CACHE_MAX:
+            FLOAT_TEXT.clear()
+        FLOAT_TEXT[value] = text
+    return text
+
+
+def plain_value(val: float | None, d: tuple[float, ...] | None) -> str | None:
+    """The JSON of a sample's `val` when it is a plain number (a finite float or an int, and no
+    `d`): what the outputs' fast paths write, the miss of their FLOAT_TEXT lookup. None for
+    anything else (a `d` list, None, NaN, a bool), which takes the general path."""
+    if d is None:
+        kind = type(val)
+        if kind is float and math.isfinite(val):  # type: ignore[arg-type]
+            return float_text(val)  # type: ignore[arg-type]
+        if kind is int:
+            return repr(val)
+    return None
+
+
+# Values repeat across athletes and seconds (whole bpm, rpm and W; RR in 1/1024 s steps), and
+# uids in every sample: their texts are kept, up to this many of each (then started afresh).
+FLOAT_TEXT: dict[float, str] = {}
+STRING_JSON: dict[str, str] = {}
+TEXT_CACHE_MAX = 4096
+
+
 def json_list(values: tuple[float, ...]) -> str:
     """A sample's `d` as compact JSON."""
     return json.dumps(list(values), separators=(",", ":"))
@@ -167,16 +199,18 @@ def json_list(values: tuple[float, ...]) -> str:
 
 def json_string(text: str) -> str:
     """A string as compact JSON with non-ASCII kept (the protocol's frames are UTF-8); cached, as
-    the same few uids and type names are written for every sample."""
-    return TYPE_JSON.get(text) or _json_string(text)
+    the same few uids and type names are written for every sample (hot loops look STRING_JSON
+    up first themselves)."""
+    known = TYPE_JSON.get(text) or STRING_JSON.get(text)
+    if known is None:
+        known = json.dumps(text, ensure_ascii=False)
+        if len(STRING_JSON) >= TEXT_CACHE_MAX:
+            STRING_JSON.clear()
+        STRING_JSON[text] = known
+    return known
 
 
-@functools.lru_cache(maxsize=4096)
-def _json_string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)
-
-
-# The data types' own JSON, looked up without lru_cache's slower path for str subclasses.
+# The data types' own JSON, never forgotten.
 TYPE_JSON: dict[str, str] = {t: json.dumps(t.value) for t in DataType}
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 from gatewayd.errors import GatewayError
 from gatewayd.model import (
+    FLOAT_TEXT,
+    STRING_JSON,
     TYPE_JSON,
     DataType,
     DeviceState,
@@ -38,6 +40,7 @@ from gatewayd.model import (
     format_ts,
     json_string,
     parse_ts,
+    plain_value,
 )
 
 HEARTBEAT_INTERVAL_MS = 40_000
@@ -280,29 +283,33 @@ def dispatch(seq: int, sample: Sample) -> str:
 def dispatches(first_seq: int, samples: Sequence[Sample]) -> list[str]:
     """dispatch() of each sample, numbered from `first_seq`: the broker's batch of a second.
 
-    A sample with a number and no `d` (nearly all) is one f-string, its second's timestamp text
-    formatted once for the run of samples that share it; any other goes through dispatch()."""
+    A sample with a plain number (nearly all) is one f-string of cached parts: its second's
+    timestamp text formatted once for the run of samples that share it, its value's and uid's
+    texts from the caches every output shares; any other goes through dispatch()."""
     out: list[str] = []
     append = out.append
-    types = TYPE_JSON
-    seq = first_seq
+    types, strings, texts = TYPE_JSON, STRING_JSON, FLOAT_TEXT
+    seq = first_seq - 1
     last_ts: float | None = None
     ts_text = ""
     for sample in samples:
-        val = sample.val
-        # a finite float or an int: its repr is its JSON (bool is not an int here, NaN goes on)
-        if sample.d is None and ((type(val) is float and math.isfinite(val)) or type(val) is int):
-            ts = sample.ts
-            if ts != last_ts:
-                last_ts, ts_text = ts, format_ts(ts)
-            uid = json_string(sample.uid)
-            t = types.get(sample.t) or json_string(sample.t)
-            append(
-                f'{{"op":5,"d":{{"ts":"{ts_text}","val":{val!r}}},"uid":{uid},"seq":{seq},"t":{t}}}'
-            )
-        else:
-            append(dispatch(seq, sample))
         seq += 1
+        uid, t, ts, val, d, _, _ = sample
+        # A float's lookup finds only finite values; an int must not meet a float's text.
+        value = texts.get(val) if type(val) is float and d is None else None
+        if value is None:
+            value = plain_value(val, d)
+            if value is None:
+                append(dispatch(seq, sample))
+                continue
+        if ts != last_ts:
+            last_ts, ts_text = ts, format_ts(ts)
+        uid_json = strings.get(uid) or json_string(uid)
+        t_json = types.get(t) or json_string(t)
+        append(
+            f'{{"op":5,"d":{{"ts":"{ts_text}","val":{value}}},"uid":{uid_json},"seq":{seq},'
+            f'"t":{t_json}}}'
+        )
     return out
 
 
@@ -362,24 +369,27 @@ def submits(rows: Sequence[tuple[int, Sample]], *, with_uid: bool = False) -> li
     builds it: the upstream sends every sample."""
     out: list[str] = []
     append = out.append
-    types = TYPE_JSON
+    types, strings, texts = TYPE_JSON, STRING_JSON, FLOAT_TEXT
     last_ts: float | None = None
     ts_text = ""
     for _, sample in rows:
-        val = sample.val
-        # a finite float or an int: its repr is its JSON (bool is not an int here, NaN goes on)
-        if sample.d is None and ((type(val) is float and math.isfinite(val)) or type(val) is int):
-            ts = sample.ts
-            if ts != last_ts:
-                last_ts, ts_text = ts, format_ts(ts)
-            t = types.get(sample.t) or json_string(sample.t)
-            if with_uid:
-                uid = json_string(sample.uid)
-                append(f'{{"op":6,"d":{{"ts":"{ts_text}","val":{val!r}}},"t":{t},"uid":{uid}}}')
-            else:
-                append(f'{{"op":6,"d":{{"ts":"{ts_text}","val":{val!r}}},"t":{t}}}')
+        uid, t, ts, val, d, _, _ = sample
+        value = texts.get(val) if type(val) is float and d is None else None
+        if value is None:
+            value = plain_value(val, d)
+            if value is None:
+                append(submit(sample, with_uid=with_uid))
+                continue
+        if ts != last_ts:
+            last_ts, ts_text = ts, format_ts(ts)
+        t_json = types.get(t) or json_string(t)
+        if with_uid:
+            uid_json = strings.get(uid) or json_string(uid)
+            append(
+                f'{{"op":6,"d":{{"ts":"{ts_text}","val":{value}}},"t":{t_json},"uid":{uid_json}}}'
+            )
         else:
-            append(submit(sample, with_uid=with_uid))
+            append(f'{{"op":6,"d":{{"ts":"{ts_text}","val":{value}}},"t":{t_json}}}')
     return out
 
 

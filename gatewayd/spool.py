@@ -325,7 +325,12 @@ class Spool:
         db = self._db
         try:
             rows = [
-                (first, first + len(samples) - 1, wall, codec.encode(samples, self._stream_id))
+                (
+                    first,
+                    first + len(samples) - 1,
+                    wall,
+                    codec.encode(samples, self._stream_id, self._stream_ids),
+                )
                 for first, wall, samples in blocks
             ]
             db.execute("BEGIN")

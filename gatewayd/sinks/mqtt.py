@@ -47,10 +47,12 @@ from gatewayd.config import MqttConfig
 from gatewayd.errors import ConfigError
 from gatewayd.hub import Event, Subscription
 from gatewayd.model import (
+    FLOAT_TEXT,
     DataType,
     DeviceState,
     DeviceStatus,
     Sample,
+    float_text,
     format_ts,
     json_list,
     json_number,
@@ -683,6 +685,7 @@ class MqttSink:
         append = messages.append
         topics = self._sample_topics
         finite = math.isfinite
+        texts = FLOAT_TEXT
         last_ts, head = math.nan, ""
         for event in batch:
             if type(event) is not Sample:
@@ -698,7 +701,8 @@ class MqttSink:
             if ts != last_ts:
                 last_ts, head = ts, _ts_head(self._ts_text(ts))
             if d is None and type(val) is float and finite(val):
-                append((entry.topic, f'{head}"val":{val!r}{entry.tail}'.encode()))
+                value = texts.get(val) or float_text(val)
+                append((entry.topic, f'{head}"val":{value}{entry.tail}'.encode()))
             else:
                 append((entry.topic, (head + _value_text(val, d) + entry.tail).encode()))
             if t is _BATTERY:

@@ -153,6 +153,19 @@ async def test_the_sinks_batch_path_writes_sample_payloads_bytes_on_their_topics
     assert sink._retained[device].qos == 1
 
 
+async def test_values_from_the_shared_text_cache_are_json_dumps_bytes() -> None:
+    """The value texts come from a cache all outputs share (model.FLOAT_TEXT): values equal in
+    Python but written differently (71 and 71.0, 0.0 and -0.0) never take each other's text."""
+    sink = MqttSink(Hub().subscribe("mqtt"), MqttConfig(enabled=True), hub_id="gym")
+    values = [71.0, 71, 0.0, -0.0, 1.0, True, 2.5, float("nan"), None, 1e16]
+    batch = [
+        Sample("a", DataType.POWER, 1_800_000_005.0, val=v, device_id="n", source="ant")
+        for v in [*values, *values[::-1]]
+    ]
+    sink._handle_batch(list(batch))
+    assert [payload for _, payload in sink._queue] == [reference_payload(s) for s in batch]
+
+
 def test_athlete_payload_holds_every_type_of_the_second() -> None:
     ts = 1_800_000_000.0
     samples = [

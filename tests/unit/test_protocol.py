@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gatewayd import model
 from gatewayd import protocol as p
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample, parse_ts
 
@@ -107,6 +108,49 @@ def test_a_batch_of_dispatches_and_submits_is_each_one_built_alone(samples, firs
         assert p.submits(rows, with_uid=with_uid) == [
             p.submit(sample, with_uid=with_uid) for sample in samples
         ]
+
+
+# Values that compare equal but are written differently (71 and 71.0, 0.0 and -0.0, True and
+# 1), and ones that must never be taken from a cache (NaN, infinities, None).
+CLASHING_VALUES = [71, 71.0, 1, 1.0, True, False, 0, 0.0, -0.0, 2.5, 1e16, -3.25]
+ODD_VALUES = [float("nan"), float("inf"), -float("inf"), None]
+
+
+@given(
+    st.lists(
+        st.builds(
+            Sample,
+            uid=st.sampled_from(["ath1", "Zoë", 'q"uote', "HEART_RATE"]),
+            t=st.sampled_from(list(DataType)),
+            ts=st.sampled_from([1_795_000_000.0, 1_795_000_000.25]),
+            val=st.sampled_from(CLASHING_VALUES + ODD_VALUES),
+            d=st.none() | st.just((1.0, 2.0)),
+        ),
+        max_size=20,
+    ),
+    st.integers(min_value=1, max_value=3),
+)
+def test_the_shared_text_caches_never_change_a_byte(samples: list[Sample], size: int) -> None:
+    # Every output takes a value's and a uid's text from caches shared by all of them
+    # (model.FLOAT_TEXT, STRING_JSON); json.dumps is the reference, with caches that are cleared
+    # every few entries and filled by the same values in other types first.
+    def dumps(obj: dict[str, object]) -> str:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "TEXT_CACHE_MAX", size)
+        model.FLOAT_TEXT.clear()
+        model.STRING_JSON.clear()
+        for _ in range(2):  # the second round finds what the first one left in the caches
+            rows = list(enumerate(samples, 1))
+            assert p.dispatches(1, samples) == [
+                dumps({"op": 5, "d": s.payload(), "uid": s.uid, "seq": n, "t": str(s.t)})
+                for n, s in rows
+            ]
+            assert p.submits(rows, with_uid=True) == [
+                dumps({"op": 6, "d": s.payload(), "t": str(s.t), "uid": s.uid}) for s in samples
+            ]
+            assert len(model.FLOAT_TEXT) <= size and len(model.STRING_JSON) <= size
 
 
 def test_rr_arrays_group_beats_per_athlete_and_second_at_the_last_beat() -> None:

@@ -52,10 +52,10 @@ from gatewayd.model import (
     DeviceState,
     DeviceStatus,
     Sample,
-    float_text,
     format_ts,
     json_list,
     json_number,
+    plain_value,
 )
 from gatewayd.roster import Roster
 from gatewayd.sinks.mqtt_client import Client
@@ -684,7 +684,6 @@ class MqttSink:
         messages: list[tuple[str, bytes]] = []
         append = messages.append
         topics = self._sample_topics
-        finite = math.isfinite
         texts = FLOAT_TEXT
         last_ts, head = math.nan, ""
         for event in batch:
@@ -698,10 +697,13 @@ class MqttSink:
             if entry.device_id != device_id or entry.source != source:
                 entry.device_id, entry.source = device_id, source
                 entry.tail = _origin_tail(device_id, source)
-            if ts != last_ts:
-                last_ts, head = ts, _ts_head(self._ts_text(ts))
-            if d is None and type(val) is float and finite(val):
-                value = texts.get(val) or float_text(val)
+            if ts != last_ts:  # per second, and per beat for RR_INTERVAL
+                last_ts, head = ts, _ts_head(format_ts(ts))
+            # A float's lookup finds only finite values; an int must not meet a float's text.
+            value = texts.get(val) if type(val) is float and d is None else None
+            if value is None:
+                value = plain_value(val, d)
+            if value is not None:
                 append((entry.topic, f'{head}"val":{value}{entry.tail}'.encode()))
             else:
                 append((entry.topic, (head + _value_text(val, d) + entry.tail).encode()))

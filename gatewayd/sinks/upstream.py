@@ -352,7 +352,7 @@ class Lane:
                 # between marking and writing, so a later HEARTBEAT's ACK vouches exactly for
                 # them. Anything websockets has queued goes first, to keep the order.
                 texts = conn.submit_many(rows[start : start + SEND_BATCH], with_uid=with_uid)
-                frames = masked_text_frames([text.encode() for text in texts])
+                frames = masked_text_frames(texts)
                 ws.transport.write(b"".join([*protocol.data_to_send(), frames]))
                 await ws.drain()  # the socket's flow control paces a backlog
             self.submitted += len(rows)

@@ -55,13 +55,14 @@ def ws_text_frames(texts: list[str]) -> list[bytes]:
     return out
 
 
-def masked_text_frames(payloads: list[bytes]) -> bytes:
-    """The frames of `payloads` (UTF-8 text, each one whole message), masked, back to back."""
-    keys = os.urandom(4 * len(payloads))
+def masked_text_frames(texts: list[str]) -> bytes:
+    """The frames of `texts` (each one whole message), UTF-8 encoded and masked, back to back."""
+    keys = os.urandom(4 * len(texts))
     out: list[bytes] = []
     short = _SHORT_MASKED
     at = 0
-    for payload in payloads:
+    for text in texts:
+        payload = text.encode()
         n = len(payload)
         key = keys[at : at + 4]
         at += 4

@@ -307,6 +307,26 @@ def test_a_puback_split_across_reads_is_finished_by_pahos_reader(
     assert client._out_messages == {}
 
 
+def test_a_bulk_ack_of_a_message_of_pahos_own_publish_tells_its_info(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Acks taken in bulk settle paho's own publish() messages too, as its reader would: their
+    MQTTMessageInfo says published, and an ack for an unknown id is ignored."""
+    a, b = pair
+    client = ours()
+    connected(client, a)
+    client.publish_many([("t/1", b"one")], 1, False)
+    info = client.publish("t/2", b"two", 1)
+    client.publish_many([("t/3", b"three")], 1, False)
+    drain(b)
+    assert sorted(client._out_messages) == [1, 2, 3] and not info.is_published()
+    b.sendall(b"".join(b"\x40\x02" + mid.to_bytes(2, "big") for mid in (1, 2, 9, 3)))
+    read_all(client)
+    assert info.is_published()
+    assert client._out_messages == {}
+    assert client.settled == 3 and client.fast_acks == 4 and client._inflight_messages == 0
+
+
 @pytest.mark.parametrize("protocol", [V5, V311])
 def test_after_a_reconnect_paho_resends_bulk_messages_as_its_own(
     pair: tuple[socket.socket, socket.socket], protocol: MQTTProtocolVersion

@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import struct
-from collections import deque
 from dataclasses import dataclass
 
 from gatewayd.clock import Clock
@@ -23,6 +22,7 @@ from gatewayd.roster import DEFAULT_CIRCUMFERENCE_M, AthleteInfo
 
 log = logging.getLogger(__name__)
 _new = tuple.__new__
+_sin = math.sin
 
 ANT_HR_PERIOD = 8070 / 32768
 ANT_POWER_PERIOD = 8182 / 32768
@@ -51,7 +51,10 @@ class AthleteModel:
 
     __slots__ = (
         "_plan_phase",
+        "_random",
+        "_span",
         "ftp",
+        "next_step",
         "hr",
         "rest_hr",
         "rng",
@@ -68,7 +71,10 @@ class AthleteModel:
         self.threshold_hr = rng.uniform(155, 182)
         self.ftp = rng.uniform(160, 320)
         self.hr = self.rest_hr + rng.uniform(10, 40)
+        self._span = self.threshold_hr - self.rest_hr
+        self._random = rng.random
         self.t = 0.0
+        self.next_step = STEP_S  # t + STEP_S: emit_due advances the athlete from then on
         self._plan_phase = rng.uniform(0, 600)
         self._pedal(self.effort(0.0))
 
@@ -81,30 +87,30 @@ class AthleteModel:
     def advance_to(self, t: float) -> None:
         # effort(), noise() and _pedal() written out, the same arithmetic in the same order (the
         # same seed gives the same bytes): this runs four times a second for every athlete.
-        step_t = self.t
-        if step_t + STEP_S > t:
+        # Rewritten without a changed bit: min()/max() as comparisons (they return the same
+        # float), `* STEP_S / 30.0` as `/ 120.0` (times 0.25 is exact, so both round x/120 once)
+        # and the threshold - rest span kept from __init__.
+        next_step = self.next_step
+        if next_step > t:
             return
-        random = self.rng.random
-        rest_hr, threshold_hr, plan_phase, hr = (
-            self.rest_hr,
-            self.threshold_hr,
-            self._plan_phase,
-            self.hr,
-        )
-        effort = 0.0
-        while step_t + STEP_S <= t:
-            step_t += STEP_S
-            base = 0.85 if (step_t + plan_phase) % 360 < 240 else 0.35
-            effort = min(1.0, base + 0.08 * math.sin(step_t / 23.0))
-            target = rest_hr + (threshold_hr - rest_hr) * effort
-            hr += (target - hr) * STEP_S / 30.0 + (
+        random = self._random
+        rest_hr, span, plan_phase, hr = self.rest_hr, self._span, self._plan_phase, self.hr
+        step_t = effort = 0.0
+        while next_step <= t:
+            step_t = next_step
+            next_step = step_t + STEP_S
+            effort = (0.85 if (step_t + plan_phase) % 360 < 240 else 0.35) + 0.08 * _sin(
+                step_t / 23.0
+            )
+            effort = effort if effort < 1.0 else 1.0
+            hr += (rest_hr + span * effort - hr) / 120.0 + (
                 random() + random() - 1.0
             ) * _TRIANGLE_SCALE * 0.15
-        self.t, self.hr = step_t, hr
-        self.watts = max(
-            0.0,
-            self.ftp * (0.35 + 0.75 * effort) + (random() + random() - 1.0) * _TRIANGLE_SCALE * 8.0,
+        self.t, self.next_step, self.hr = step_t, next_step, hr
+        watts = (
+            self.ftp * (0.35 + 0.75 * effort) + (random() + random() - 1.0) * _TRIANGLE_SCALE * 8.0
         )
+        self.watts = watts if watts > 0.0 else 0.0
         self.rpm = 72 + 20 * effort + (random() + random() - 1.0) * _TRIANGLE_SCALE * 1.5
         self.speed_ms = 4.0 + 7.0 * effort
 
@@ -124,9 +130,9 @@ class SimDevice:
     """One simulated sensor. `payload(t)` advances its state to simulation time t and returns
     the bytes it sends then. Each kind keeps its counters in attributes and packs its page with
     a precompiled Struct: the daemon decodes a frame in a few µs, and making one must not cost
-    more."""
+    more. emit_due has moved the athlete to t already."""
 
-    __slots__ = ("athlete", "device_id", "due", "head", "silent_from")
+    __slots__ = ("athlete", "device_id", "due", "silent_from")
     source = ""
     kind = ""
     period = 1.0
@@ -135,9 +141,7 @@ class SimDevice:
         self.athlete = athlete
         self.device_id = device_id
         self.due = 0.0  # simulation time of the next message
-        self.silent_from: float | None = None  # drop_after_s: no messages from then on
-        # The Frame fields before the payload, the same for every frame of this device.
-        self.head = (self.source, "sim", device_id, self.kind)
+        self.silent_from = math.inf  # drop_after_s: no messages from then on
 
     def payload(self, t: float) -> bytes:
         raise NotImplementedError
@@ -146,33 +150,46 @@ class SimDevice:
 class _Heart(SimDevice):
     """A strap: beats at the athlete's current heart rate, counted and timed as straps do."""
 
-    __slots__ = ("beats", "last_beat", "next_beat", "prev_beat")
+    __slots__ = ("beats", "interval", "last_beat", "next_beat", "prev_beat")
 
     def __init__(self, athlete: AthleteModel, device_id: str) -> None:
         super().__init__(athlete, device_id)
         self.next_beat: float | None = None
         self.last_beat = 0.0
         self.prev_beat = 0.0
+        self.interval = 1.0
         self.beats = 0
 
-    def _advance(self, t: float) -> list[float]:
-        """Beats that happened up to t; returns their intervals in seconds."""
+    def _advance(self, t: float) -> int:
+        """The beats up to t (the first at t, if none yet): how many, each `self.interval` s
+        after the one before. The athlete's HR does not change within one call, so neither does
+        the interval: it is computed once and the beats are counted without a list."""
         next_beat = t if self.next_beat is None else self.next_beat
-        intervals = []
+        if next_beat > t:
+            return 0
+        hr = self.athlete.hr
+        interval = 60.0 / (hr if hr > 30.0 else 30.0)  # max(30.0, hr)
+        last = next_beat
+        count = 0
         while next_beat <= t:
-            interval = 60.0 / max(30.0, self.athlete.hr)
-            self.last_beat = next_beat
-            self.prev_beat = next_beat - interval
-            self.beats = (self.beats + 1) % 256
-            intervals.append(interval)
+            last = next_beat
             next_beat += interval
-        self.next_beat = next_beat
-        return intervals
+            count += 1
+        self.next_beat, self.last_beat, self.prev_beat = next_beat, last, last - interval
+        self.interval = interval
+        self.beats = (self.beats + count) % 256
+        return count
 
 
 _HR_PAGE = struct.Struct("<BBHHBB")  # page | toggle, byte 1, bytes 2-3, beat time, count, HR
 _POWER_PAGE = struct.Struct("<BBBBHH")  # 0x10, events, balance, cadence, accumulated, power
 _SC_PAGE = struct.Struct("<HHHH")  # crank time, crank revs, wheel time, wheel revs
+# 0x2A37 with RR intervals: flags, u8 HR and 0 to 4 u16 intervals.
+_BLE_RR_PAGES = tuple(struct.Struct(f"<BB{n}H") for n in range(5))
+_pack_hr, _pack_power, _pack_sc = _HR_PAGE.pack, _POWER_PAGE.pack, _SC_PAGE.pack
+# round() and int() of a float without the builtins' argument handling: 18 and 12 ns instead of
+# 53 and 40, and a frame takes two or three of them.
+_round, _trunc = float.__round__, float.__trunc__
 
 
 class AntHeartRate(_Heart):
@@ -189,20 +206,23 @@ class AntHeartRate(_Heart):
         self.messages = 0
 
     def payload(self, t: float) -> bytes:
-        self._advance(t)
+        next_beat = self.next_beat
+        if next_beat is None or next_beat <= t:  # else no beat since the last message
+            self._advance(t)
         n = self.messages
         self.messages = n + 1
-        toggle = 0x80 if (n // 4) % 2 else 0x00
-        beat_ticks = int(self.last_beat * 1024) & 0xFFFF
-        hr = round(self.athlete.hr)
+        toggle = (n & 4) << 5  # 0x80 on messages 4-7 of every 8
+        beat_ticks = _trunc(self.last_beat * 1024) & 0xFFFF
+        hr = _round(self.athlete.hr)
         if n % 68 >= 64:  # battery page: 87 %, then the operating time bytes
-            return _HR_PAGE.pack(7 | toggle, 87, 0x3380, beat_ticks, self.beats, hr)
-        previous = int(self.prev_beat * 1024) & 0xFFFF
-        return _HR_PAGE.pack(4 | toggle, 0xFF, previous, beat_ticks, self.beats, hr)
+            return _pack_hr(7 | toggle, 87, 0x3380, beat_ticks, self.beats, hr)
+        previous = _trunc(self.prev_beat * 1024) & 0xFFFF
+        return _pack_hr(4 | toggle, 0xFF, previous, beat_ticks, self.beats, hr)
 
 
 class BleHeartRate(_Heart):
-    """0x2A37 once a second: sensor contact detected, u8 HR, the RR intervals of the beats."""
+    """0x2A37 once a second: sensor contact detected, u8 HR, the RR intervals of the last (at
+    most four) beats."""
 
     __slots__ = ()
     source = "ble"
@@ -210,12 +230,13 @@ class BleHeartRate(_Heart):
     period = BLE_HR_PERIOD
 
     def payload(self, t: float) -> bytes:
-        intervals = self._advance(t)[-4:]
-        hr = round(self.athlete.hr)
-        if not intervals:
+        beats = self._advance(t)
+        hr = _round(self.athlete.hr)
+        if not beats:
             return bytes((0x06, hr))
-        rr = [round(interval * 1024) & 0xFFFF for interval in intervals]
-        return struct.pack(f"<BB{len(rr)}H", 0x16, hr, *rr)  # flag 0x10: RR present
+        beats = min(beats, 4)
+        rr = _round(self.interval * 1024) & 0xFFFF
+        return _BLE_RR_PAGES[beats].pack(0x16, hr, *(rr,) * beats)  # flag 0x10: RR present
 
 
 class AntPower(SimDevice):
@@ -236,8 +257,13 @@ class AntPower(SimDevice):
         power = athlete.watts
         self.events = events = (self.events + 1) % 256
         self.accumulated = accumulated = (self.accumulated + power) % 65536
-        return _POWER_PAGE.pack(
-            0x10, events, 0xFF, round(athlete.rpm), int(accumulated) & 0xFFFF, round(power) & 0xFFFF
+        return _pack_power(
+            0x10,
+            events,
+            0xFF,
+            _round(athlete.rpm),
+            _trunc(accumulated) & 0xFFFF,
+            _round(power) & 0xFFFF,
         )
 
 
@@ -270,19 +296,27 @@ class AntSpeedCadence(SimDevice):
         self.crank_revs = self.wheel_revs = 0
 
     def payload(self, t: float) -> bytes:
+        # A frame comes every 0.25 s and the crank turns every 0.6-0.8 s: most frames have no
+        # new crank revolution, and then the counters stay as they are without a call.
         athlete = self.athlete
-        crank_step = 60.0 / athlete.rpm
-        wheel_step = DEFAULT_CIRCUMFERENCE_M / athlete.speed_ms
-        self.crank_next, self.crank_time, self.crank_revs = _turn(
-            t, crank_step, self.crank_next, self.crank_time, self.crank_revs
-        )
-        self.wheel_next, self.wheel_time, self.wheel_revs = _turn(
-            t, wheel_step, self.wheel_next, self.wheel_time, self.wheel_revs
-        )
-        return _SC_PAGE.pack(
-            int(self.crank_time * 1024) & 0xFFFF,
+        crank_next = self.crank_next
+        if crank_next is None or crank_next <= t:
+            self.crank_next, self.crank_time, self.crank_revs = _turn(
+                t, 60.0 / athlete.rpm, crank_next, self.crank_time, self.crank_revs
+            )
+        wheel_next = self.wheel_next
+        if wheel_next is None or wheel_next <= t:
+            self.wheel_next, self.wheel_time, self.wheel_revs = _turn(
+                t,
+                DEFAULT_CIRCUMFERENCE_M / athlete.speed_ms,
+                wheel_next,
+                self.wheel_time,
+                self.wheel_revs,
+            )
+        return _pack_sc(
+            _trunc(self.crank_time * 1024) & 0xFFFF,
             self.crank_revs,
-            int(self.wheel_time * 1024) & 0xFFFF,
+            _trunc(self.wheel_time * 1024) & 0xFFFF,
             self.wheel_revs,
         )
 
@@ -332,6 +366,19 @@ def _ant_id(rng: random.Random, device_type: int) -> str:
     return f"{device_type}:{rng.randrange(1, 1 << 20)}"
 
 
+class _Lane:
+    """The devices of one kind in the order they are due, `next` the first due. A device goes
+    to the end once it has sent (see SimulatorSource._schedule), so the order never changes and
+    the lane is a ring walked by an index; a silent device leaves it."""
+
+    __slots__ = ("devices", "kind", "next", "period", "source")
+
+    def __init__(self, kind: type[SimDevice], devices: list[SimDevice]) -> None:
+        self.devices = devices
+        self.next = 0
+        self.period, self.source, self.kind = kind.period, kind.source, kind.kind
+
+
 class SimulatorSource:
     name = "simulator"
 
@@ -351,18 +398,19 @@ class SimulatorSource:
     def device_count(self) -> int:
         return sum(len(athlete.devices) for athlete in self.room)
 
-    def _schedule(self) -> list[deque[SimDevice]]:
-        """Devices by period, each lane in the order they are due. Devices start spread over
+    def _schedule(self) -> list[_Lane]:
+        """Devices by kind, each lane in the order they are due. Devices start spread over
         their first period, as real ones do, so a lane's dues all lie within one period: the
-        device that just sent is due last, and goes to the end (no heap, no sorting)."""
+        device that just sent is due last, after all the others (no heap, no sorting)."""
         spread = random.Random(self.config.seed + 1)
-        lanes: dict[float, list[SimDevice]] = {}
+        lanes: dict[type[SimDevice], list[SimDevice]] = {}
         for athlete in self.room:
             for device in athlete.devices:
                 device.due = spread.uniform(0, device.period)
-                device.silent_from = athlete.drop_after_s
-                lanes.setdefault(device.period, []).append(device)
-        return [deque(sorted(lane, key=lambda d: d.due)) for lane in lanes.values()]
+                if athlete.drop_after_s is not None:
+                    device.silent_from = athlete.drop_after_s
+                lanes.setdefault(type(device), []).append(device)
+        return [_Lane(kind, sorted(lane, key=lambda d: d.due)) for kind, lane in lanes.items()]
 
     def emit_due(self, elapsed: float, frames: FrameQueue) -> float | None:
         """Emit every frame due by `elapsed` seconds of simulation; returns the next due time."""
@@ -371,25 +419,43 @@ class SimulatorSource:
         batch: list[Frame] = []
         append = batch.append
         for lane in self._lanes:
-            if not lane:
+            devices, i = lane.devices, lane.next
+            n = len(devices)
+            if not n:
                 continue
-            period = lane[0].period  # one lane, one period
-            while lane and lane[0].due <= elapsed:
-                device = lane.popleft()
+            period, source, kind = lane.period, lane.source, lane.kind
+            while True:
+                device = devices[i]
                 due = device.due
-                if device.silent_from is not None and due >= device.silent_from:
-                    continue  # this athlete's devices went silent
+                if due > elapsed:
+                    break
+                if due >= device.silent_from:  # this athlete's devices went silent
+                    del devices[i]
+                    n -= 1
+                    if not n:
+                        break
+                    if i == n:
+                        i = 0
+                    continue
                 athlete = device.athlete
-                if athlete.t + STEP_S <= due:
+                if athlete.next_step <= due:
                     athlete.advance_to(due)
                 # tuple.__new__ with every field: NamedTuple's __new__ is a Python call.
-                append(_new(Frame, (*device.head, device.payload(due), mono, wall, -60)))
+                payload = device.payload(due)
+                append(
+                    _new(Frame, (source, "sim", device.device_id, kind, payload, mono, wall, -60))
+                )
                 device.due = due + period
-                lane.append(device)
+                i += 1
+                if i == n:
+                    i = 0
+            lane.next = i
         if batch:
             self.frames_sent += len(batch)
             frames.put_batch(batch)  # gathered already: the pipeline need not wait for more
-        return min((lane[0].due for lane in self._lanes if lane), default=None)
+        return min(
+            (lane.devices[lane.next].due for lane in self._lanes if lane.devices), default=None
+        )
 
     async def run(self, frames: FrameQueue) -> None:
         start = self.clock.mono()

@@ -132,7 +132,7 @@ class SimDevice:
     a precompiled Struct: the daemon decodes a frame in a few µs, and making one must not cost
     more. emit_due has moved the athlete to t already."""
 
-    __slots__ = ("athlete", "device_id", "due", "silent_from")
+    __slots__ = ("athlete", "device_id", "silent_from")
     source = ""
     kind = ""
     period = 1.0
@@ -140,7 +140,6 @@ class SimDevice:
     def __init__(self, athlete: AthleteModel, device_id: str) -> None:
         self.athlete = athlete
         self.device_id = device_id
-        self.due = 0.0  # simulation time of the next message
         self.silent_from = math.inf  # drop_after_s: no messages from then on
 
     def payload(self, t: float) -> bytes:
@@ -369,14 +368,29 @@ def _ant_id(rng: random.Random, device_type: int) -> str:
 class _Lane:
     """The devices of one kind in the order they are due, `next` the first due. A device goes
     to the end once it has sent (see SimulatorSource._schedule), so the order never changes and
-    the lane is a ring walked by an index; a silent device leaves it."""
+    the lane is a ring walked by an index; a silent device leaves it.
 
-    __slots__ = ("devices", "kind", "next", "period", "source")
+    What emit_due reads of every device (its due time, athlete, id) is kept in lists beside
+    the devices: the four kinds are four classes, and an attribute read at one place in the code
+    from objects of changing classes is a slow, unspecialized lookup in CPython."""
 
-    def __init__(self, kind: type[SimDevice], devices: list[SimDevice]) -> None:
-        self.devices = devices
+    __slots__ = ("athletes", "devices", "dues", "ids", "kind", "next", "payload", "period")
+    __slots__ += ("quiet", "source")
+
+    def __init__(self, kind: type[SimDevice], devices: list[tuple[float, SimDevice]]) -> None:
+        self.dues = [due for due, _ in devices]
+        self.devices = [device for _, device in devices]
+        self.athletes = [device.athlete for device in self.devices]
+        self.ids = [device.device_id for device in self.devices]
         self.next = 0
         self.period, self.source, self.kind = kind.period, kind.source, kind.kind
+        self.payload = kind.payload
+        # The first time from which a device of this lane may be silent (drop_after_s).
+        self.quiet = min((device.silent_from for device in self.devices), default=math.inf)
+
+    def remove(self, i: int) -> None:
+        for column in (self.dues, self.devices, self.athletes, self.ids):
+            del column[i]
 
 
 class SimulatorSource:
@@ -403,14 +417,15 @@ class SimulatorSource:
         their first period, as real ones do, so a lane's dues all lie within one period: the
         device that just sent is due last, after all the others (no heap, no sorting)."""
         spread = random.Random(self.config.seed + 1)
-        lanes: dict[type[SimDevice], list[SimDevice]] = {}
+        lanes: dict[type[SimDevice], list[tuple[float, SimDevice]]] = {}
         for athlete in self.room:
             for device in athlete.devices:
-                device.due = spread.uniform(0, device.period)
                 if athlete.drop_after_s is not None:
                     device.silent_from = athlete.drop_after_s
-                lanes.setdefault(type(device), []).append(device)
-        return [_Lane(kind, sorted(lane, key=lambda d: d.due)) for kind, lane in lanes.items()]
+                lanes.setdefault(type(device), []).append(
+                    (spread.uniform(0, device.period), device)
+                )
+        return [_Lane(kind, sorted(lane, key=lambda pair: pair[0])) for kind, lane in lanes.items()]
 
     def emit_due(self, elapsed: float, frames: FrameQueue) -> float | None:
         """Emit every frame due by `elapsed` seconds of simulation; returns the next due time."""
@@ -419,33 +434,31 @@ class SimulatorSource:
         batch: list[Frame] = []
         append = batch.append
         for lane in self._lanes:
-            devices, i = lane.devices, lane.next
-            n = len(devices)
+            dues, i = lane.dues, lane.next
+            n = len(dues)
             if not n:
                 continue
-            period, source, kind = lane.period, lane.source, lane.kind
+            devices, athletes, ids, payload = lane.devices, lane.athletes, lane.ids, lane.payload
+            period, source, kind, quiet = lane.period, lane.source, lane.kind, lane.quiet
             while True:
-                device = devices[i]
-                due = device.due
+                due = dues[i]
                 if due > elapsed:
                     break
-                if due >= device.silent_from:  # this athlete's devices went silent
-                    del devices[i]
+                if due >= quiet and due >= devices[i].silent_from:  # the athlete went silent
+                    lane.remove(i)
                     n -= 1
                     if not n:
                         break
                     if i == n:
                         i = 0
                     continue
-                athlete = device.athlete
+                athlete = athletes[i]
                 if athlete.next_step <= due:
                     athlete.advance_to(due)
                 # tuple.__new__ with every field: NamedTuple's __new__ is a Python call.
-                payload = device.payload(due)
-                append(
-                    _new(Frame, (source, "sim", device.device_id, kind, payload, mono, wall, -60))
-                )
-                device.due = due + period
+                frame = (source, "sim", ids[i], kind, payload(devices[i], due), mono, wall, -60)
+                append(_new(Frame, frame))
+                dues[i] = due + period
                 i += 1
                 if i == n:
                     i = 0
@@ -453,9 +466,7 @@ class SimulatorSource:
         if batch:
             self.frames_sent += len(batch)
             frames.put_batch(batch)  # gathered already: the pipeline need not wait for more
-        return min(
-            (lane.devices[lane.next].due for lane in self._lanes if lane.devices), default=None
-        )
+        return min((lane.dues[lane.next] for lane in self._lanes if lane.dues), default=None)
 
     async def run(self, frames: FrameQueue) -> None:
         start = self.clock.mono()

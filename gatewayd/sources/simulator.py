@@ -374,8 +374,18 @@ class _Lane:
     the devices: the four kinds are four classes, and an attribute read at one place in the code
     from objects of changing classes is a slow, unspecialized lookup in CPython."""
 
-    __slots__ = ("athletes", "devices", "dues", "ids", "kind", "next", "payload", "period")
-    __slots__ += ("quiet", "source")
+    __slots__ = (
+        "athletes",
+        "devices",
+        "dues",
+        "ids",
+        "kind",
+        "next",
+        "payload",
+        "period",
+        "quiet",
+        "source",
+    )
 
     def __init__(self, kind: type[SimDevice], devices: list[tuple[float, SimDevice]]) -> None:
         self.dues = [due for due, _ in devices]

@@ -89,7 +89,9 @@ class AthleteModel:
         # same seed gives the same bytes): this runs four times a second for every athlete.
         # Rewritten without a changed bit: min()/max() as comparisons (they return the same
         # float), `* STEP_S / 30.0` as `/ 120.0` (times 0.25 is exact, so both round x/120 once)
-        # and the threshold - rest span kept from __init__.
+        # and the threshold - rest span kept from __init__. Constants are floats where they meet
+        # floats: the result is the same (an int converts exactly), but CPython adds, multiplies
+        # and compares two floats without the generic path.
         next_step = self.next_step
         if next_step > t:
             return
@@ -99,7 +101,7 @@ class AthleteModel:
         while next_step <= t:
             step_t = next_step
             next_step = step_t + STEP_S
-            effort = (0.85 if (step_t + plan_phase) % 360 < 240 else 0.35) + 0.08 * _sin(
+            effort = (0.85 if (step_t + plan_phase) % 360.0 < 240.0 else 0.35) + 0.08 * _sin(
                 step_t / 23.0
             )
             effort = effort if effort < 1.0 else 1.0
@@ -111,7 +113,7 @@ class AthleteModel:
             self.ftp * (0.35 + 0.75 * effort) + (random() + random() - 1.0) * _TRIANGLE_SCALE * 8.0
         )
         self.watts = watts if watts > 0.0 else 0.0
-        self.rpm = 72 + 20 * effort + (random() + random() - 1.0) * _TRIANGLE_SCALE * 1.5
+        self.rpm = 72.0 + 20.0 * effort + (random() + random() - 1.0) * _TRIANGLE_SCALE * 1.5
         self.speed_ms = 4.0 + 7.0 * effort
 
     def _pedal(self, effort: float) -> None:
@@ -211,11 +213,11 @@ class AntHeartRate(_Heart):
         n = self.messages
         self.messages = n + 1
         toggle = (n & 4) << 5  # 0x80 on messages 4-7 of every 8
-        beat_ticks = _trunc(self.last_beat * 1024) & 0xFFFF
+        beat_ticks = _trunc(self.last_beat * 1024.0) & 0xFFFF
         hr = _round(self.athlete.hr)
         if n % 68 >= 64:  # battery page: 87 %, then the operating time bytes
             return _pack_hr(7 | toggle, 87, 0x3380, beat_ticks, self.beats, hr)
-        previous = _trunc(self.prev_beat * 1024) & 0xFFFF
+        previous = _trunc(self.prev_beat * 1024.0) & 0xFFFF
         return _pack_hr(4 | toggle, 0xFF, previous, beat_ticks, self.beats, hr)
 
 
@@ -234,7 +236,7 @@ class BleHeartRate(_Heart):
         if not beats:
             return bytes((0x06, hr))
         beats = min(beats, 4)
-        rr = _round(self.interval * 1024) & 0xFFFF
+        rr = _round(self.interval * 1024.0) & 0xFFFF
         return _BLE_RR_PAGES[beats].pack(0x16, hr, *(rr,) * beats)  # flag 0x10: RR present
 
 
@@ -255,7 +257,7 @@ class AntPower(SimDevice):
         athlete = self.athlete
         power = athlete.watts
         self.events = events = (self.events + 1) % 256
-        self.accumulated = accumulated = (self.accumulated + power) % 65536
+        self.accumulated = accumulated = (self.accumulated + power) % 65536.0
         return _pack_power(
             0x10,
             events,
@@ -266,23 +268,29 @@ class AntPower(SimDevice):
         )
 
 
-def _turn(
-    t: float, step: float, due: float | None, last: float, revs: int
-) -> tuple[float, float, int]:
-    """Revolutions every `step` s up to t, the first at `due` (None: now): (the next one's time,
-    the last one's time, the u16 revolution count)."""
+def _turn(t: float, step: float, due: float | None, revs: int) -> tuple[float, int, int]:
+    """Revolutions every `step` s up to t, the first at `due` (None: now), at least one due:
+    (the next one's time, the last one's time in u16 1/1024 s, the u16 revolution count)."""
     due = t if due is None else due
+    last = due
     while due <= t:
         last = due
         revs = (revs + 1) % 65536
         due += step
-    return due, last, revs
+    return due, _trunc(last * 1024.0) & 0xFFFF, revs
 
 
 class AntSpeedCadence(SimDevice):
     """ANT+ type 121: crank and wheel event times (1/1024 s) and revolution counts."""
 
-    __slots__ = ("crank_next", "crank_revs", "crank_time", "wheel_next", "wheel_revs", "wheel_time")
+    __slots__ = (
+        "crank_next",
+        "crank_revs",
+        "crank_ticks",
+        "wheel_next",
+        "wheel_revs",
+        "wheel_ticks",
+    )
     source = "ant"
     kind = "ant:121"
     period = ANT_SC_PERIOD
@@ -291,33 +299,24 @@ class AntSpeedCadence(SimDevice):
         super().__init__(athlete, device_id)
         self.crank_next: float | None = None
         self.wheel_next: float | None = None
-        self.crank_time = self.wheel_time = 0.0
+        self.crank_ticks = self.wheel_ticks = 0
         self.crank_revs = self.wheel_revs = 0
 
     def payload(self, t: float) -> bytes:
         # A frame comes every 0.25 s and the crank turns every 0.6-0.8 s: most frames have no
-        # new crank revolution, and then the counters stay as they are without a call.
+        # new crank revolution, and then its counters stay as they are without a call.
         athlete = self.athlete
-        crank_next = self.crank_next
-        if crank_next is None or crank_next <= t:
-            self.crank_next, self.crank_time, self.crank_revs = _turn(
-                t, 60.0 / athlete.rpm, crank_next, self.crank_time, self.crank_revs
+        due = self.crank_next
+        if due is None or due <= t:
+            self.crank_next, self.crank_ticks, self.crank_revs = _turn(
+                t, 60.0 / athlete.rpm, due, self.crank_revs
             )
-        wheel_next = self.wheel_next
-        if wheel_next is None or wheel_next <= t:
-            self.wheel_next, self.wheel_time, self.wheel_revs = _turn(
-                t,
-                DEFAULT_CIRCUMFERENCE_M / athlete.speed_ms,
-                wheel_next,
-                self.wheel_time,
-                self.wheel_revs,
+        due = self.wheel_next
+        if due is None or due <= t:
+            self.wheel_next, self.wheel_ticks, self.wheel_revs = _turn(
+                t, DEFAULT_CIRCUMFERENCE_M / athlete.speed_ms, due, self.wheel_revs
             )
-        return _pack_sc(
-            _trunc(self.crank_time * 1024) & 0xFFFF,
-            self.crank_revs,
-            _trunc(self.wheel_time * 1024) & 0xFFFF,
-            self.wheel_revs,
-        )
+        return _pack_sc(self.crank_ticks, self.crank_revs, self.wheel_ticks, self.wheel_revs)
 
 
 @dataclass

@@ -388,6 +388,26 @@ async def test_http_healthz_metrics_and_404(harness: Harness) -> None:
     assert status == 404
 
 
+async def test_the_dispatch_delay_is_observed_once_per_second_of_samples(
+    harness: Harness,
+) -> None:
+    # docs/broker.md: once per second of samples dispatched together. Per-beat RR samples carry
+    # their beat's time within the second and interleave with the others in a batch.
+    assert harness.broker is not None
+    beat = [
+        Sample("a1", DataType.RR_INTERVAL, T0 + s + f, val=800.0, device_id="d", source="ble")
+        for s, f in ((5, 0.1), (5, 0.7), (6, 0.3))
+    ]
+    harness.broker.dispatch([hr(5), beat[0], hr(5, "a2"), beat[1], hr(6), beat[2], hr(6, "a2")])
+    observed = {
+        sample.name: sample.value
+        for sample in harness.broker.metrics.dispatch_delay.collect()[0].samples
+    }
+    assert observed["gatewayd_dispatch_delay_seconds_count"] == 2
+    # the wall clock is at T0 + 60: seconds 5 and 6 ended 54 and 53 s before
+    assert observed["gatewayd_dispatch_delay_seconds_sum"] == 54.0 + 53.0
+
+
 # ---------------------------------------------------------------- REPLAY
 
 

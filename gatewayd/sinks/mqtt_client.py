@@ -36,7 +36,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from itertools import repeat
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -86,10 +85,6 @@ class Held(paho.MQTTMessage):
         self.retain = retain
         self.info = _NO_INFO
         self.properties = None
-
-
-# What publish_many registers (and an ack for nothing): no MQTTMessageInfo to tell.
-_ONLY_BULK = frozenset({Held, type(None)})
 
 
 class Client(paho.Client):
@@ -275,14 +270,15 @@ class Client(paho.Client):
         if not mids:
             return super()._packet_read()
         self.fast_acks += len(mids)
+        held = self._out_messages
+        settled = 0
         with self._out_message_mutex:
-            # paho ignores an ack for a message it lacks (None here)
-            popped = list(map(self._out_messages.pop, mids, repeat(None)))
-            settled = len(popped) - popped.count(None)
-            if not _ONLY_BULK.issuperset(map(type, popped)):
-                for message in popped:
-                    if message is not None and message.info is not _NO_INFO:
-                        message.info._set_as_published()  # one of paho's publish()
+            for mid in mids:
+                message = held.pop(mid, None)  # paho ignores an ack for a message it lacks
+                if message is not None:
+                    settled += 1
+                    if message.info is not _NO_INFO:  # one of paho's publish(): tell its info
+                        message.info._set_as_published()
             self._inflight_messages -= settled
         self.settled += settled
         with self._msgtime_mutex:

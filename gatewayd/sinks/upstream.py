@@ -55,6 +55,7 @@ from gatewayd.spool import Spool
 log = logging.getLogger(__name__)
 
 ALL = "*"  # the one lane of gatewayd mode
+_SAMPLE_ONLY = frozenset({Sample})
 READ_CHUNK = 2000
 SEND_BATCH = 500
 # While a lane is connecting, the reader runs at most this far past the first row it had to skip
@@ -918,6 +919,8 @@ class UpstreamSink:
                 batch = await self.subscription.get_batch(5000)
                 if self.append:
                     self._append(batch)
+                if _SAMPLE_ONLY.issuperset(map(type, batch)):
+                    continue  # the usual batch: samples, which reach the upstream by the spool
                 for event in batch:
                     if isinstance(event, DeviceStatus):
                         await self._status(event)

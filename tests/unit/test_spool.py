@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gatewayd import protocol as p
+from gatewayd import spool_codec as codec
 from gatewayd.clock import ManualClock
 from gatewayd.model import DataType, Sample
 from gatewayd.spool import RESERVE_BLOCK, Spool, read_only
@@ -429,3 +430,36 @@ def write_v1(path: Path) -> None:
     )
     db.commit()
     db.close()
+
+
+@given(
+    st.lists(
+        st.builds(
+            Sample,
+            uid=st.sampled_from(["a", "b"]),
+            t=st.sampled_from([DataType.HEART_RATE, DataType.RR_INTERVAL]),
+            ts=st.sampled_from([1_795_000_000.0, 1_795_000_000.5]),
+            val=st.sampled_from([71, 71.0, 812.5, None]),
+            d=st.none() | st.just((800.0, 790.5)),
+            device_id=st.sampled_from(["d1", "d2"]),
+        ).map(lambda s: s._replace(val=None) if s.d is not None else s),  # a value or a list
+        max_size=30,
+    ),
+    st.sets(st.sampled_from([("a", "HEART_RATE", "d1", ""), ("b", "RR_INTERVAL", "d2", "")])),
+)
+def test_a_block_encoded_with_the_known_streams_is_the_same_block(
+    samples: list[Sample], known_keys: set[tuple[str, str, str, str]]
+) -> None:
+    # The flush passes the streams interned so far, to skip a call per sample; the bytes (and
+    # what decode gives back) must be those of the call per sample.
+    def interner() -> tuple[dict[tuple[str, str, str, str], int], Any]:
+        ids = {key: n for n, key in enumerate(sorted(known_keys))}
+        return ids, lambda key: ids.setdefault(key, len(ids))
+
+    ids, stream_id = interner()
+    fast = codec.encode(samples, stream_id, ids)
+    ids_again, stream_id_again = interner()
+    assert fast == codec.encode(samples, stream_id_again)
+    assert ids == ids_again
+    streams = [(uid, DataType(t), device, source) for (uid, t, device, source) in ids]
+    assert codec.decode(fast, streams) == samples

@@ -84,6 +84,11 @@ class _Stream:
     # Per-beat types: when each interval in `pending` ended (unix s, whole ms), and the last one.
     beats: dict[int, list[float]] = field(default_factory=dict)
     last_beat: float = 0.0
+    # The second the last value went to, and its bucket in `pending`: nearly every value goes to
+    # the same second as the one before it, and this finds it without a dict lookup. A second
+    # that is emitted or cleared from `pending` is forgotten here too.
+    second: int = -1
+    bucket: list[float] = field(default_factory=list)
 
 
 class Aggregator:
@@ -205,12 +210,18 @@ class Aggregator:
                     continue
             if late:
                 self.late_values += 1
-            pending = stream.pending
-            bucket = pending.get(second)
-            if bucket is None:
-                if stream.first_second is None:
-                    stream.first_second = second
-                bucket = pending[second] = []
+            if stream.second == second:
+                bucket = stream.bucket
+            else:
+                pending = stream.pending
+                if second in pending:
+                    bucket = pending[second]
+                else:
+                    if stream.first_second is None:
+                        stream.first_second = second
+                    bucket = pending[second] = []
+                stream.second = second
+                stream.bucket = bucket
             if d is not None:
                 bucket.extend(d)
                 if t in _PER_BEAT:
@@ -262,6 +273,7 @@ class Aggregator:
                 stream.pending.clear()
                 stream.beats.clear()
                 stream.first_second = None
+                stream.second = -1
             self._next_second = closable + 1
             return [], statuses
         samples: list[Sample] = []
@@ -365,6 +377,8 @@ class Aggregator:
             if first is None or second < first:
                 continue  # a stream starts with the second of its first value
             bucket = stream.pending.pop(second, None)
+            if stream.second == second:
+                stream.second = -1
             if t in _PER_BEAT:
                 times = stream.beats.pop(second, [])
                 for interval, at in zip(bucket or (), times, strict=True):

@@ -54,6 +54,7 @@ _new = tuple.__new__
 _BIKE_CADENCE = DataType.BIKE_CADENCE
 _SPEED = DataType.SPEED
 _POWER = DataType.POWER
+_RR_INTERVAL = DataType.RR_INTERVAL
 _CRANK_REVS = Measure.CRANK_REVS
 
 
@@ -66,9 +67,11 @@ class _Stream:
     zeroed: bool = False  # the stop (a zero) was already reported since the last event
 
 
-# A rate handler gets the baseline (None when there is none yet, or it is too old) and the new
-# reading. It returns None when nothing happened (a repeat of the same event), else the values.
-_Handler = Callable[["Deriver", Reading | None, Reading], list[Derived] | None]
+# A rate handler gets the baseline (None when there is none yet, or it is too old), the new
+# reading and the frame's values so far. It appends what the reading gives (a baseline or an
+# unusable delta gives nothing) and returns False only when nothing happened (a repeat of the
+# same event). Appending in place rather than returning a list: most readings give one value.
+_Handler = Callable[["Deriver", Reading | None, Reading, list[Derived]], bool]
 
 
 class Deriver:
@@ -130,18 +133,14 @@ class Deriver:
                     if stream is not None and _same_event(stream.reading, reading):
                         continue  # still repeating an event too old to be a baseline
                     self._streams[key] = _Stream(reading, mono)
-                    got = handler(self, None, reading)
-                elif (got := handler(self, stream.reading, reading)) is None:
-                    if not stream.zeroed and mono - stream.event_mono >= self.stop_after:
-                        stream.zeroed = True
-                        out += [Derived(t, 0.0) for t in _STOPPED.get(measure, ())]
-                    continue
-                else:
+                    handler(self, None, reading, out)
+                elif handler(self, stream.reading, reading, out):
                     stream.reading = reading
                     stream.event_mono = mono
                     stream.zeroed = False
-                if got:
-                    out += got
+                elif not stream.zeroed and mono - stream.event_mono >= self.stop_after:
+                    stream.zeroed = True
+                    out += [_new(Derived, (t, 0.0, None, True)) for t in _STOPPED.get(measure, ())]
                 continue
             t = _DIRECT.get(measure)
             if t is not None:
@@ -154,76 +153,78 @@ class Deriver:
                 continue
             route = _ROUTES.get(measure)
             if route is not None:
-                out += route(self, reading, mono)
+                route(self, reading, out)
         return out
 
-    def _rr_intervals(self, reading: Reading, mono: float) -> list[Derived]:
-        return [Derived(DataType.RR_INTERVAL, d=reading.values)] if reading.values else []
+    def _rr_intervals(self, reading: Reading, out: list[Derived]) -> None:
+        if reading.values:
+            out.append(_new(Derived, (_RR_INTERVAL, None, reading.values, True)))
 
-    def _steps_cadence(self, reading: Reading, mono: float) -> list[Derived]:
+    def _steps_cadence(self, reading: Reading, out: list[Derived]) -> None:
         # Terra's STEPS_CADENCE is steps per second; devices report per minute.
-        return [Derived(DataType.STEPS_CADENCE, val=reading.value / 60.0)]
+        out.append(Derived(DataType.STEPS_CADENCE, val=reading.value / 60.0))
 
-    def _page_toggle(self, reading: Reading, mono: float) -> list[Derived]:
-        self._see_toggle(int(reading.value))
-        return []
-
-    def _remember_previous_beat(self, reading: Reading, mono: float) -> list[Derived]:
-        self._previous_beat = reading
-        return []
-
-    def _see_toggle(self, bit: int) -> None:
+    def _page_toggle(self, reading: Reading, out: list[Derived]) -> None:
         # Legacy straps never flip bit 7, and their bytes 1-3 are not page data: trust pages only
         # once the bit has been seen to change on this device.
+        bit = int(reading.value)
         if self._toggle is None:
             self._toggle = bit
         elif bit != self._toggle:
             self._pages_trusted = True
 
-    def _rotations(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
-        """Crank revolutions -> BIKE_CADENCE (rpm), wheel revolutions -> SPEED (m/s); None if
-        nothing turned, [] without a baseline or when the delta is unusable."""
+    def _remember_previous_beat(self, reading: Reading, out: list[Derived]) -> None:
+        self._previous_beat = reading
+
+    def _rotations(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
+        """Crank revolutions -> BIKE_CADENCE (rpm), wheel revolutions -> SPEED (m/s); nothing
+        without a baseline or when the delta is unusable; False if nothing turned."""
         if prev is None:
-            return []
+            return True
         revs = (cur.count - prev.count) % cur.count_mod  # delta(), inlined: several per frame
         if revs == 0:
-            return None
+            return False
         dt = (cur.time - prev.time) % cur.time_mod
         # A wide counter jumping by more than half its range went backwards: a sensor reset.
         if dt == 0 or (cur.count_mod >= _U16 and revs > cur.count_mod // 2):
-            return []
+            return True
         if cur.measure is _CRANK_REVS:
-            return [_new(Derived, (_BIKE_CADENCE, 60.0 * revs * cur.tick_hz / dt, None, True))]
-        speed = self.circumference_m * revs * cur.tick_hz / dt
-        return [_new(Derived, (_SPEED, speed, None, True))]
+            out.append(_new(Derived, (_BIKE_CADENCE, 60.0 * revs * cur.tick_hz / dt, None, True)))
+        else:
+            speed = self.circumference_m * revs * cur.tick_hz / dt
+            out.append(_new(Derived, (_SPEED, speed, None, True)))
+        return True
 
-    def _beats(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+    def _beats(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
         # ANT+ repeats each beat ~4 times: exactly one RR per new beat count, preferring page 4's
         # previous beat time (exact even after missed messages) over the consecutive-beat delta.
         previous_beat, self._previous_beat = self._previous_beat, None
         beats = None
         if prev is not None:
-            beats = delta(cur.count, prev.count, cur.count_mod)
+            beats = (cur.count - prev.count) % cur.count_mod  # delta(), inlined
             if beats == 0:
-                return None
+                return False
         if previous_beat is not None and previous_beat.count == cur.count:
-            rr = delta(cur.time, previous_beat.time, cur.time_mod)
+            rr = (cur.time - previous_beat.time) % cur.time_mod
         elif beats == 1 and prev is not None:
             # After a missed beat the time delta would be two RRs summed: dropped, not guessed.
-            rr = delta(cur.time, prev.time, cur.time_mod)
+            rr = (cur.time - prev.time) % cur.time_mod
         else:
-            return []
-        return [Derived(DataType.RR_INTERVAL, d=(rr * 1000.0 / cur.tick_hz,))] if rr else []
+            return True
+        if rr:
+            out.append(_new(Derived, (_RR_INTERVAL, None, (rr * 1000.0 / cur.tick_hz,), True)))
+        return True
 
-    def _power_events(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+    def _power_events(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
         if prev is None:
-            return []
+            return True
         events = (cur.count - prev.count) % cur.count_mod  # delta(), inlined
         if events == 0:
-            return None
+            return False
         # Skipped events (events > 1) still give the exact average over the events missed.
         energy = (cur.accum - prev.accum) % cur.accum_mod
-        return [_new(Derived, (_POWER, energy / events, None, True))]
+        out.append(_new(Derived, (_POWER, energy / events, None, True)))
+        return True
 
     def _torque(self, prev: Reading | None, cur: Reading) -> tuple[float, int, int] | None:
         """(power W, events, period ticks); None if no event; period 0 if unusable."""
@@ -240,42 +241,44 @@ class Deriver:
         # events cancelling between the torque per event and the revolutions: 128*pi*dTq/dPer.
         return 128.0 * math.pi * torque / period, events, period
 
-    def _crank_torque(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+    def _crank_torque(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
         got = self._torque(prev, cur)
         if got is None:
-            return None
+            return False
         power, events, period = got
-        if period == 0:
-            return []
-        cadence = 60.0 * events * cur.tick_hz / period
-        return [Derived(DataType.POWER, val=power), Derived(DataType.BIKE_CADENCE, val=cadence)]
+        if period:
+            cadence = 60.0 * events * cur.tick_hz / period
+            out += [Derived(DataType.POWER, val=power), Derived(DataType.BIKE_CADENCE, val=cadence)]
+        return True
 
-    def _wheel_torque(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+    def _wheel_torque(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
         got = self._torque(prev, cur)
         if got is None:
-            return None
+            return False
         power, events, period = got
-        if period == 0:
-            return []
-        speed = self.circumference_m * events * cur.tick_hz / period
-        return [Derived(DataType.POWER, val=power), Derived(DataType.SPEED, val=speed)]
+        if period:
+            speed = self.circumference_m * events * cur.tick_hz / period
+            out += [Derived(DataType.POWER, val=power), Derived(DataType.SPEED, val=speed)]
+        return True
 
-    def _wrapped_total(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+    def _wrapped_total(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
         if prev is None:
-            return []
+            return True
         step = (cur.value - prev.value) % cur.count_mod
         t = _WRAPPED_TOTALS[cur.measure]
         total = self._totals.get(t, 0.0) + step
         self._totals[t] = total
-        return [Derived(t, val=total, event=step > 0)]
+        out.append(Derived(t, val=total, event=step > 0))
+        return True
 
-    def _wrapped_strides(self, prev: Reading | None, cur: Reading) -> list[Derived] | None:
+    def _wrapped_strides(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
         if prev is None:
-            return []
+            return True
         step = delta(cur.count, prev.count, cur.count_mod)
         self._strides_total += step
         # An ANT+ SDM stride is two footfalls; Terra's STEPS counts footfalls.
-        return [Derived(DataType.STEPS, val=2.0 * self._strides_total, event=step > 0)]
+        out.append(Derived(DataType.STEPS, val=2.0 * self._strides_total, event=step > 0))
+        return True
 
 
 # Accumulators that wrap at a small modulus (ANT+ u8 metres, kcal): the total since first seen.
@@ -311,7 +314,7 @@ _STOPPED: dict[Measure, tuple[DataType, ...]] = {
 }
 
 
-_Route = Callable[[Deriver, Reading, float], list[Derived]]
+_Route = Callable[[Deriver, Reading, list[Derived]], None]
 
 # Measures that are neither a counter (_COUNTERS) nor a plain value (_DIRECT).
 _ROUTES: dict[Measure, _Route] = {

@@ -7,6 +7,7 @@ event times) are passed on raw, with their moduli, for decode/counters.py.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,6 +53,15 @@ def _exact(profile: str, data: bytes, end: int) -> None:
         raise DecodeError(profile, f"{len(data) - end} bytes past the last field", data)
 
 
+# The heart rate characteristic is the one BLE straps notify every second: its Readings are built
+# with tuple.__new__ and all eleven fields in order (measure, value, values, count, count_mod,
+# time, time_mod, tick_hz, accum, accum_mod, paged), as antplus.py does for its common pages.
+_new = tuple.__new__
+_HEART_RATE = Measure.HEART_RATE
+_CONTACT = Measure.CONTACT
+_RR_INTERVALS = Measure.RR_INTERVALS
+
+
 def heart_rate_measurement(data: bytes) -> list[Reading]:
     """0x2A37 Heart Rate Measurement: HR u8|u16, contact, energy (kJ -> kcal), RR intervals."""
     profile = "hrm"
@@ -64,20 +74,23 @@ def heart_rate_measurement(data: bytes) -> list[Reading]:
     else:
         hr = data[1]
         pos = 2
-    readings = [Reading(Measure.HEART_RATE, value=float(hr))]
+    readings = [_new(Reading, (_HEART_RATE, float(hr), (), 0, 0, 0, 0, 0.0, 0, 0, False))]
     contact_bits = (flags >> 1) & 0x03
     if contact_bits >= 2:  # 0 and 1 mean "contact detection not supported"
-        readings.append(Reading(Measure.CONTACT, value=float(contact_bits == 3)))
+        contact = float(contact_bits == 3)
+        readings.append(_new(Reading, (_CONTACT, contact, (), 0, 0, 0, 0, 0.0, 0, 0, False)))
     if flags & 0x08:
         _need(profile, data, pos + 2, "flags say energy expended")
         readings.append(Reading(Measure.ENERGY, value=_u16(data, pos) * _KJ_TO_KCAL))
         pos += 2
     if flags & 0x10:
-        if (len(data) - pos) % 2:
+        size = len(data) - pos
+        if size % 2:
             raise DecodeError(profile, "RR intervals are not whole u16 values", data)
-        rr = tuple(_u16(data, i) * 1000.0 / 1024.0 for i in range(pos, len(data), 2))
-        if rr:
-            readings.append(Reading(Measure.RR_INTERVALS, values=rr))
+        if size:
+            raw = struct.unpack_from(f"<{size // 2}H", data, pos)
+            rr = tuple([ticks * 1000.0 / 1024.0 for ticks in raw])
+            readings.append(_new(Reading, (_RR_INTERVALS, 0.0, rr, 0, 0, 0, 0, 0.0, 0, 0, False)))
     else:
         _exact(profile, data, pos)
     return readings

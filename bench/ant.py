@@ -209,9 +209,10 @@ class TimedPipeline(Pipeline):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.done.wait(), timeout)
 
-    def process(self, frame: Frame) -> None:
-        self.took(frame)
-        super().process(frame)
+    def process_all(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self.took(frame)
+        super().process_all(frames)
 
 
 async def _drain(frames: FrameQueue, consumer: TimedPipeline) -> None:

@@ -35,6 +35,12 @@ class Derived(NamedTuple):
     event: bool = True  # False for values that say nothing new happened (held, not refreshed)
 
 
+# Derived's fields as a plain tuple: what derive_all() gives the aggregator for every frame. A
+# plain tuple is built in one step, a NamedTuple's (even through tuple.__new__) in three; the
+# aggregator only unpacks them, and derive() gives Derived for everyone else.
+Value = tuple[DataType, float | None, tuple[float, ...] | None, bool]
+
+
 _DIRECT: dict[Measure, DataType] = {
     Measure.HEART_RATE: DataType.HEART_RATE,
     Measure.POWER: DataType.POWER,
@@ -48,8 +54,6 @@ _DIRECT: dict[Measure, DataType] = {
 
 
 _U16 = 1 << 16
-# Derived values on the hot path are built with tuple.__new__ and all four fields: NamedTuple's
-# own __new__ is a Python call per value.
 _new = tuple.__new__
 _BIKE_CADENCE = DataType.BIKE_CADENCE
 _SPEED = DataType.SPEED
@@ -71,7 +75,7 @@ class _Stream:
 # reading and the frame's values so far. It appends what the reading gives (a baseline or an
 # unusable delta gives nothing) and returns False only when nothing happened (a repeat of the
 # same event). Appending in place rather than returning a list: most readings give one value.
-_Handler = Callable[["Deriver", Reading | None, Reading, list[Derived]], bool]
+_Handler = Callable[["Deriver", Reading | None, Reading, list[Value]], bool]
 
 
 class Deriver:
@@ -114,13 +118,13 @@ class Deriver:
         self._hr_counter: int | None = None
 
     def derive(self, reading: Reading, mono: float) -> list[Derived]:
-        return self.derive_all((reading,), mono)
+        return [_new(Derived, value) for value in self.derive_all((reading,), mono)]
 
-    def derive_all(self, readings: Iterable[Reading], mono: float) -> list[Derived]:
+    def derive_all(self, readings: Iterable[Reading], mono: float) -> list[Value]:
         """The values of one frame's Readings, in order (a page toggle or a previous beat steers
         the Readings after it). One call per frame: this is the pipeline's hot path, so the
         common routes (counters, plain values) are taken here without a call of their own."""
-        out: list[Derived] = []
+        out: list[Value] = []
         for reading in readings:
             if reading.paged and not self._pages_trusted:
                 continue
@@ -140,31 +144,31 @@ class Deriver:
                     stream.zeroed = False
                 elif not stream.zeroed and mono - stream.event_mono >= self.stop_after:
                     stream.zeroed = True
-                    out += [_new(Derived, (t, 0.0, None, True)) for t in _STOPPED.get(measure, ())]
+                    out += [(t, 0.0, None, True) for t in _STOPPED.get(measure, ())]
                 continue
             t = _DIRECT.get(measure)
             if t is not None:
                 if reading.count_mod:  # a frame counter says whether this value is new
                     fresh = reading.count != self._hr_counter
                     self._hr_counter = reading.count
-                    out.append(_new(Derived, (t, reading.value, None, fresh)))
+                    out.append((t, reading.value, None, fresh))
                 else:
-                    out.append(_new(Derived, (t, reading.value, None, True)))
+                    out.append((t, reading.value, None, True))
                 continue
             route = _ROUTES.get(measure)
             if route is not None:
                 route(self, reading, out)
         return out
 
-    def _rr_intervals(self, reading: Reading, out: list[Derived]) -> None:
+    def _rr_intervals(self, reading: Reading, out: list[Value]) -> None:
         if reading.values:
-            out.append(_new(Derived, (_RR_INTERVAL, None, reading.values, True)))
+            out.append((_RR_INTERVAL, None, reading.values, True))
 
-    def _steps_cadence(self, reading: Reading, out: list[Derived]) -> None:
+    def _steps_cadence(self, reading: Reading, out: list[Value]) -> None:
         # Terra's STEPS_CADENCE is steps per second; devices report per minute.
-        out.append(Derived(DataType.STEPS_CADENCE, val=reading.value / 60.0))
+        out.append((DataType.STEPS_CADENCE, reading.value / 60.0, None, True))
 
-    def _page_toggle(self, reading: Reading, out: list[Derived]) -> None:
+    def _page_toggle(self, reading: Reading, out: list[Value]) -> None:
         # Legacy straps never flip bit 7, and their bytes 1-3 are not page data: trust pages only
         # once the bit has been seen to change on this device.
         bit = int(reading.value)
@@ -173,10 +177,10 @@ class Deriver:
         elif bit != self._toggle:
             self._pages_trusted = True
 
-    def _remember_previous_beat(self, reading: Reading, out: list[Derived]) -> None:
+    def _remember_previous_beat(self, reading: Reading, out: list[Value]) -> None:
         self._previous_beat = reading
 
-    def _rotations(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
+    def _rotations(self, prev: Reading | None, cur: Reading, out: list[Value]) -> bool:
         """Crank revolutions -> BIKE_CADENCE (rpm), wheel revolutions -> SPEED (m/s); nothing
         without a baseline or when the delta is unusable; False if nothing turned."""
         if prev is None:
@@ -189,13 +193,13 @@ class Deriver:
         if dt == 0 or (cur.count_mod >= _U16 and revs > cur.count_mod // 2):
             return True
         if cur.measure is _CRANK_REVS:
-            out.append(_new(Derived, (_BIKE_CADENCE, 60.0 * revs * cur.tick_hz / dt, None, True)))
+            out.append((_BIKE_CADENCE, 60.0 * revs * cur.tick_hz / dt, None, True))
         else:
             speed = self.circumference_m * revs * cur.tick_hz / dt
-            out.append(_new(Derived, (_SPEED, speed, None, True)))
+            out.append((_SPEED, speed, None, True))
         return True
 
-    def _beats(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
+    def _beats(self, prev: Reading | None, cur: Reading, out: list[Value]) -> bool:
         # ANT+ repeats each beat ~4 times: exactly one RR per new beat count, preferring page 4's
         # previous beat time (exact even after missed messages) over the consecutive-beat delta.
         previous_beat, self._previous_beat = self._previous_beat, None
@@ -212,10 +216,10 @@ class Deriver:
         else:
             return True
         if rr:
-            out.append(_new(Derived, (_RR_INTERVAL, None, (rr * 1000.0 / cur.tick_hz,), True)))
+            out.append((_RR_INTERVAL, None, (rr * 1000.0 / cur.tick_hz,), True))
         return True
 
-    def _power_events(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
+    def _power_events(self, prev: Reading | None, cur: Reading, out: list[Value]) -> bool:
         if prev is None:
             return True
         events = (cur.count - prev.count) % cur.count_mod  # delta(), inlined
@@ -223,7 +227,7 @@ class Deriver:
             return False
         # Skipped events (events > 1) still give the exact average over the events missed.
         energy = (cur.accum - prev.accum) % cur.accum_mod
-        out.append(_new(Derived, (_POWER, energy / events, None, True)))
+        out.append((_POWER, energy / events, None, True))
         return True
 
     def _torque(self, prev: Reading | None, cur: Reading) -> tuple[float, int, int] | None:
@@ -241,43 +245,43 @@ class Deriver:
         # events cancelling between the torque per event and the revolutions: 128*pi*dTq/dPer.
         return 128.0 * math.pi * torque / period, events, period
 
-    def _crank_torque(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
+    def _crank_torque(self, prev: Reading | None, cur: Reading, out: list[Value]) -> bool:
         got = self._torque(prev, cur)
         if got is None:
             return False
         power, events, period = got
         if period:
             cadence = 60.0 * events * cur.tick_hz / period
-            out += [Derived(DataType.POWER, val=power), Derived(DataType.BIKE_CADENCE, val=cadence)]
+            out += [(_POWER, power, None, True), (_BIKE_CADENCE, cadence, None, True)]
         return True
 
-    def _wheel_torque(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
+    def _wheel_torque(self, prev: Reading | None, cur: Reading, out: list[Value]) -> bool:
         got = self._torque(prev, cur)
         if got is None:
             return False
         power, events, period = got
         if period:
             speed = self.circumference_m * events * cur.tick_hz / period
-            out += [Derived(DataType.POWER, val=power), Derived(DataType.SPEED, val=speed)]
+            out += [(_POWER, power, None, True), (_SPEED, speed, None, True)]
         return True
 
-    def _wrapped_total(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
+    def _wrapped_total(self, prev: Reading | None, cur: Reading, out: list[Value]) -> bool:
         if prev is None:
             return True
         step = (cur.value - prev.value) % cur.count_mod
         t = _WRAPPED_TOTALS[cur.measure]
         total = self._totals.get(t, 0.0) + step
         self._totals[t] = total
-        out.append(Derived(t, val=total, event=step > 0))
+        out.append((t, total, None, step > 0))
         return True
 
-    def _wrapped_strides(self, prev: Reading | None, cur: Reading, out: list[Derived]) -> bool:
+    def _wrapped_strides(self, prev: Reading | None, cur: Reading, out: list[Value]) -> bool:
         if prev is None:
             return True
         step = delta(cur.count, prev.count, cur.count_mod)
         self._strides_total += step
         # An ANT+ SDM stride is two footfalls; Terra's STEPS counts footfalls.
-        out.append(Derived(DataType.STEPS, val=2.0 * self._strides_total, event=step > 0))
+        out.append((DataType.STEPS, 2.0 * self._strides_total, None, step > 0))
         return True
 
 
@@ -314,7 +318,7 @@ _STOPPED: dict[Measure, tuple[DataType, ...]] = {
 }
 
 
-_Route = Callable[[Deriver, Reading, list[Derived]], None]
+_Route = Callable[[Deriver, Reading, list[Value]], None]
 
 # Measures that are neither a counter (_COUNTERS) nor a plain value (_DIRECT).
 _ROUTES: dict[Measure, _Route] = {

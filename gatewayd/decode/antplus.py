@@ -16,6 +16,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gatewayd.decode.tables import whole_values
 from gatewayd.errors import DecodeError
 from gatewayd.model import Measure, Reading
 
@@ -49,16 +50,17 @@ def _toggle(page: bytes) -> Reading:
 
 
 # The pages a gym hears most (heart rate, power, speed and cadence: four a second per sensor)
-# build their Readings with tuple.__new__ and all eleven fields in order (measure, value, values,
-# count, count_mod, time, time_mod, tick_hz, accum, accum_mod, paged), and read their fields with
-# one precompiled Struct: NamedTuple's keyword-parsing __new__ and a shift-and-or per u16 field
-# were most of their decoding time.
+# take their plain Readings from tables (decode/tables.py), build the others with tuple.__new__
+# and all eleven fields in order (measure, value, values, count, count_mod, time, time_mod,
+# tick_hz, accum, accum_mod, paged), and read their fields with one precompiled Struct:
+# NamedTuple's keyword-parsing __new__ and a shift-and-or per u16 field were most of their
+# decoding time.
 _new = tuple.__new__
-_TOGGLE = Measure.PAGE_TOGGLE
-_HEART_RATE = Measure.HEART_RATE
+_TOGGLES = whole_values(Measure.PAGE_TOGGLE, 2)
+_HEART_RATES = whole_values(Measure.HEART_RATE)  # a u8
+_CADENCES = whole_values(Measure.CADENCE)  # a u8
 _PREVIOUS_BEAT = Measure.PREVIOUS_BEAT
 _HEART_BEATS = Measure.HEART_BEATS
-_CADENCE = Measure.CADENCE
 _POWER_EVENTS = Measure.POWER_EVENTS
 _CRANK_REVS = Measure.CRANK_REVS
 _WHEEL_REVS = Measure.WHEEL_REVS
@@ -76,8 +78,8 @@ def heart_rate(data: bytes) -> list[Reading]:
     first, byte1, previous, beat_time, count, hr = _HR_PAGE(page)
     number = first & 0x7F
     readings = [
-        _new(Reading, (_TOGGLE, float(first >> 7), (), 0, 0, 0, 0, 0.0, 0, 0, False)),
-        _new(Reading, (_HEART_RATE, float(hr), (), 0, 0, 0, 0, 0.0, 0, 0, False)),
+        _TOGGLES[first >> 7],
+        _HEART_RATES[hr],
     ]
     if number == 4:
         # Must come before HEART_BEATS: the Deriver pairs it with the beat of the same count.
@@ -122,7 +124,7 @@ def bike_power(data: bytes) -> list[Reading]:
             else:
                 readings.append(Reading(Measure.BALANCE, value=percent, count=0))
         if rpm != 0xFF:
-            readings.append(_new(Reading, (_CADENCE, float(rpm), (), 0, 0, 0, 0, 0.0, 0, 0, False)))
+            readings.append(_CADENCES[rpm])
         readings.append(
             _new(
                 Reading,

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gatewayd.decode.tables import whole_values
 from gatewayd.errors import DecodeError
 from gatewayd.model import Measure, Reading
 
@@ -53,12 +54,14 @@ def _exact(profile: str, data: bytes, end: int) -> None:
         raise DecodeError(profile, f"{len(data) - end} bytes past the last field", data)
 
 
-# The heart rate characteristic is the one BLE straps notify every second: its Readings are built
-# with tuple.__new__ and all eleven fields in order (measure, value, values, count, count_mod,
-# time, time_mod, tick_hz, accum, accum_mod, paged), as antplus.py does for its common pages.
+# The heart rate characteristic is the one BLE straps notify every second: its Readings come from
+# tables (decode/tables.py) or are built with tuple.__new__ and all eleven fields in order
+# (measure, value, values, count, count_mod, time, time_mod, tick_hz, accum, accum_mod, paged),
+# as antplus.py does for its common pages.
 _new = tuple.__new__
 _HEART_RATE = Measure.HEART_RATE
-_CONTACT = Measure.CONTACT
+_HEART_RATES = whole_values(Measure.HEART_RATE)  # a u8 heart rate
+_CONTACTS = whole_values(Measure.CONTACT, 2)  # 1.0: skin contact
 _RR_INTERVALS = Measure.RR_INTERVALS
 
 
@@ -74,11 +77,13 @@ def heart_rate_measurement(data: bytes) -> list[Reading]:
     else:
         hr = data[1]
         pos = 2
-    readings = [_new(Reading, (_HEART_RATE, float(hr), (), 0, 0, 0, 0, 0.0, 0, 0, False))]
+    if hr < 256:
+        readings = [_HEART_RATES[hr]]
+    else:
+        readings = [_new(Reading, (_HEART_RATE, float(hr), (), 0, 0, 0, 0, 0.0, 0, 0, False))]
     contact_bits = (flags >> 1) & 0x03
     if contact_bits >= 2:  # 0 and 1 mean "contact detection not supported"
-        contact = float(contact_bits == 3)
-        readings.append(_new(Reading, (_CONTACT, contact, (), 0, 0, 0, 0, 0.0, 0, 0, False)))
+        readings.append(_CONTACTS[contact_bits == 3])
     if flags & 0x08:
         _need(profile, data, pos + 2, "flags say energy expended")
         readings.append(Reading(Measure.ENERGY, value=_u16(data, pos) * _KJ_TO_KCAL))

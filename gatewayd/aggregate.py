@@ -346,8 +346,9 @@ class Aggregator:
     def _detect_lost(self, mono: float, wall: float) -> list[DeviceStatus]:
         statuses = []
         lost = set()
+        lost_after = self.lost_after  # every device, four times a second: keep the loop lean
         for key, device in self._devices.items():
-            if device.live and mono - device.last_mono > self.lost_after:
+            if device.live and mono - device.last_mono > lost_after:
                 device.live = False
                 silent = mono - device.last_mono
                 reason = f"silent for {silent:.1f} s"
@@ -416,6 +417,12 @@ def _beat_times(stream: _Stream, intervals_ms: tuple[float, ...], wall: float) -
     """When each interval ended: the last when the reading arrived (`wall`), each earlier one
     where the next began; whole ms, and strictly after the stream's previous beat (arrival jitter
     must not reorder beats, or a receiver that drops re-sent samples by time would drop one)."""
+    if len(intervals_ms) == 1:  # ANT+ straps: one beat per reading, ending when it arrived
+        at = math.floor(wall * 1000.0) / 1000.0
+        if at <= stream.last_beat:
+            at = round(stream.last_beat + 0.001, 3)
+        stream.last_beat = at
+        return [at]
     ends = []
     end = wall
     for interval in reversed(intervals_ms):

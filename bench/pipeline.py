@@ -3,7 +3,8 @@
     .venv/bin/python bench/pipeline.py [--sensors 1000] [--seconds 30]
 
 Frames are generated first (by the simulator's real encoders), then timed through
-Pipeline.process_all (the daemon's loop over each batch the queue gives) and the ticks. Prints frames/s, microseconds per frame and peak RSS.
+Pipeline.process_all (the daemon's loop over each batch the queue gives) and the ticks. Prints
+frames/s, microseconds per frame and peak RSS.
 """
 
 from __future__ import annotations

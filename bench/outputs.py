@@ -82,8 +82,7 @@ def second_batches(sensors: int, seconds: int, wall: float) -> list[list[Sample]
         elapsed += step
         clock.advance(step)
         sim.emit_due(elapsed, queue)
-        for frame in queue.take_all():
-            pipeline.process(frame)
+        pipeline.process_all(queue.take_all())
         pipeline.tick()
         batch = [e for e in taken.get_nowait() if isinstance(e, Sample)]
         if batch:

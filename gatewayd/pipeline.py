@@ -274,39 +274,12 @@ class Pipeline:
         return self.directory.listing(self.aggregator.heard(), self.roster.owner)
 
     def process(self, frame: Frame) -> None:
-        """One frame: decode, derive, aggregate. The plain form of process_all(), which the
-        pipeline runs; a test holds the two to the same samples and statuses."""
-        source, _, device_id, _, _, mono, wall, rssi = frame
-        try:
-            route = self._routes[(source, device_id)]
-        except KeyError:
-            route = self._route(frame)
-        if route is None:
-            self._ignore(frame)
-            return
-        self.processed += 1
-        try:
-            readings = decode(frame)
-        except DecodeError as exc:
-            self._bad_frame(route.key, exc, mono)
-            return
-        statuses = self.aggregator.add_frame(
-            route.key,
-            route.uid,
-            source,
-            device_id,
-            mono,
-            wall,
-            rssi,
-            route.deriver.derive_all(readings, mono),
-        )
-        if statuses:
-            for status in statuses:
-                self.hub.publish(status)
+        """One frame: decode, derive, aggregate (process_all of a batch of one)."""
+        self.process_all([frame])
 
     def process_all(self, frames: list[Frame]) -> None:
-        """process() for each frame, in order: the hot path, a loop per batch rather than a
-        call per frame, with what every frame needs looked up once."""
+        """Decode, derive and aggregate each frame, in order: the hot path, one loop per batch
+        rather than a call per frame, with what every frame needs looked up once."""
         routes = self._routes
         decoders = DECODERS
         add_frame = self.aggregator.add_frame

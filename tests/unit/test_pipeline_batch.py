@@ -1,7 +1,8 @@
-"""Pipeline.process_all (the batch loop run_once uses) against process (one frame at a time).
+"""Pipeline.process_all over whole batches (as run_once takes them) against process (one frame
+at a time, a batch of one).
 
 The batch loop looks routes and decoders up once per batch and keeps them in locals; this holds
-it to exactly the samples, statuses and counters of the plain per-frame path, over a long room
+it to exactly the samples, statuses and counters of frames taken one by one, over a long room
 with everything that changes the state under it: devices lost and heard again, a device given to
 another athlete mid-run, values too late for their second, bad and unknown frames, RR intervals
 and battery pages.

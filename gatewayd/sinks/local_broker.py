@@ -39,7 +39,7 @@ from gatewayd import protocol as p
 from gatewayd.clock import Clock
 from gatewayd.config import LocalBrokerConfig
 from gatewayd.errors import ConfigError, SpoolError
-from gatewayd.hub import Event, Subscription
+from gatewayd.hub import Event, Subscription, only_samples
 from gatewayd.lockout import GuessBrake
 from gatewayd.metrics import CONTENT_TYPE, Metrics
 from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 _WS_LOG = logging.getLogger(f"{__name__}.websockets")
 _WS_LOG.setLevel(logging.WARNING)
 
-_SAMPLE_ONLY = frozenset({Sample})
 _TS = operator.itemgetter(2)  # Sample.ts
 REPLAY_CHUNK = 500
 FLUSH_EVERY_S = 1.0
@@ -285,7 +284,7 @@ class LocalBroker:
 
     def dispatch(self, batch: list[Event]) -> None:
         """Sequence, spool and send a batch of hub events. Synchronous: never waits on a client."""
-        if _SAMPLE_ONLY.issuperset(map(type, batch)):  # nearly always: no device status
+        if only_samples(batch):
             samples: list[Sample] = batch  # type: ignore[assignment]
         else:
             samples = [e for e in batch if isinstance(e, Sample)]

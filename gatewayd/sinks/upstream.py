@@ -47,7 +47,7 @@ from gatewayd import protocol as p
 from gatewayd.clock import Clock
 from gatewayd.config import UpstreamConfig
 from gatewayd.errors import ConfigError, SinkBroken, SpoolError
-from gatewayd.hub import Subscription
+from gatewayd.hub import Subscription, only_samples
 from gatewayd.model import DataType, DeviceStatus, Sample
 from gatewayd.sinks.ws_frames import masked_text_frames
 from gatewayd.spool import Spool
@@ -55,7 +55,6 @@ from gatewayd.spool import Spool
 log = logging.getLogger(__name__)
 
 ALL = "*"  # the one lane of gatewayd mode
-_SAMPLE_ONLY = frozenset({Sample})
 READ_CHUNK = 2000
 SEND_BATCH = 500
 # While a lane is connecting, the reader runs at most this far past the first row it had to skip
@@ -919,7 +918,7 @@ class UpstreamSink:
                 batch = await self.subscription.get_batch(5000)
                 if self.append:
                     self._append(batch)
-                if _SAMPLE_ONLY.issuperset(map(type, batch)):
+                if only_samples(batch):
                     continue  # the usual batch: samples, which reach the upstream by the spool
                 for event in batch:
                     if isinstance(event, DeviceStatus):

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gatewayd.hub import Hub
-from gatewayd.model import DataType, Sample
+from gatewayd.hub import Hub, only_samples
+from gatewayd.model import DataType, DeviceState, DeviceStatus, Sample
 
 
 def sample(i: int) -> Sample:
@@ -69,3 +69,11 @@ async def test_publishing_nothing_wakes_no_subscriber():
     hub.publish_many([sample(1)])
     assert await waiter == [sample(1)]
     assert hub.published == 1
+
+
+def test_only_samples_is_false_as_soon_as_one_device_status_is_in_the_batch():
+    status = DeviceStatus("a", "120:1", "ant", DeviceState.LOST, 0.0, reason="silent")
+    assert only_samples([])
+    assert only_samples([sample(1), sample(2)])
+    assert not only_samples([sample(1), status, sample(2)])
+    assert not only_samples([status])

@@ -154,10 +154,8 @@ class DeviceStatus:
 def json_number(value: float | None) -> str:
     """A sample's value as json.dumps writes it: a finite float's or an int's repr is its JSON
     (bool is not an int here), anything else (None, NaN) goes through json.dumps."""
-    kind = type(value)
-    if kind is int or (kind is float and math.isfinite(value)):  # type: ignore[arg-type]
-        return repr(value)
-    return json.dumps(value)
+    text = plain_value(value, None)
+    return json.dumps(value) if text is None else text
 
 
 def float_text(value: float) -> str:

@@ -418,21 +418,19 @@ def _beat_times(stream: _Stream, intervals_ms: tuple[float, ...], wall: float) -
     where the next began; whole ms, and strictly after the stream's previous beat (arrival jitter
     must not reorder beats, or a receiver that drops re-sent samples by time would drop one)."""
     if len(intervals_ms) == 1:  # ANT+ straps: one beat per reading, ending when it arrived
-        at = math.floor(wall * 1000.0) / 1000.0
-        if at <= stream.last_beat:
-            at = round(stream.last_beat + 0.001, 3)
-        stream.last_beat = at
-        return [at]
+        return [_next_beat(stream, wall)]
     ends = []
     end = wall
     for interval in reversed(intervals_ms):
         ends.append(end)
         end -= interval / 1000.0
-    out = []
-    for estimate in reversed(ends):
-        at = math.floor(estimate * 1000.0) / 1000.0
-        if at <= stream.last_beat:
-            at = round(stream.last_beat + 0.001, 3)
-        stream.last_beat = at
-        out.append(at)
-    return out
+    return [_next_beat(stream, estimate) for estimate in reversed(ends)]
+
+
+def _next_beat(stream: _Stream, estimate: float) -> float:
+    """A beat's time from its estimate: whole ms, strictly after the stream's previous beat."""
+    at = math.floor(estimate * 1000.0) / 1000.0
+    if at <= stream.last_beat:
+        at = round(stream.last_beat + 0.001, 3)
+    stream.last_beat = at
+    return at
